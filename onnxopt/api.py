@@ -1,0 +1,142 @@
+"""The Python entry points: ``optimize`` for a post-export step, ``optimize_model`` for the full result."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxopt import ir
+from onnxopt.errors import OnnxoptError, UserError, VerificationError
+from onnxopt.manager import PassManager, Report
+from onnxopt.pass_infra import Pass, PassContext, Target
+from onnxopt.registry import default_registry, parse_pipeline
+from onnxopt.verify import reference_run, run_model, verify_models
+
+__all__ = ["OptimizationResult", "optimize", "optimize_model"]
+
+
+@dataclass
+class OptimizationResult:
+    model: onnx.ModelProto
+    report: Report
+
+
+def _parse_target(target: str | Target) -> Target:
+    try:
+        return Target(target)
+    except ValueError:
+        choices = ", ".join(t.value for t in Target)
+        raise UserError(f"unknown target '{target}' (choose one of: {choices})") from None
+
+
+def _parse_verify(verify: bool | str) -> str:
+    if verify in (True, "end", "final"):
+        return "end"
+    if verify in (False, None, "none", "off"):
+        return "off"
+    if verify == "each":
+        return "each"
+    raise UserError(f"verify must be True, False or 'each', not {verify!r}")
+
+
+def _full_check_passes(model: onnx.ModelProto) -> bool:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        return True
+    except Exception:  # noqa: BLE001 - only asking whether the original passes
+        return False
+
+
+def optimize_model(
+    model: str | os.PathLike | onnx.ModelProto,
+    passes: str | Sequence[str | Pass | type[Pass]] | None = None,
+    target: str | Target = Target.GENERIC,
+    verify: bool | str = True,
+    *,
+    input_shapes: dict[str, list[int]] | None = None,
+    inputs: dict[str, np.ndarray] | None = None,
+    max_iterations: int = 10,
+    plugins: Iterable[str | os.PathLike] = (),
+    instruments: Sequence[object] = (),
+) -> OptimizationResult:
+    """Optimizes a model and returns it with the run's report.
+
+    ``passes`` is a pipeline spec (``"fuse,fold,dce"``), a list of names or pass objects, or ``None`` for
+    the default pipeline. With ``verify`` (the default) the result is compared with the original in
+    onnxruntime and ``VerificationError`` is raised if any output differs beyond tolerance;
+    ``verify="each"`` checks after every pass and names the pass that changed the outputs.
+    """
+    from onnxopt.passes import DEFAULT_PIPELINE
+
+    mode = _parse_verify(verify)
+    registry = default_registry(plugins)
+    pipeline = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE, registry)
+    ctx = PassContext(target=_parse_target(target), input_shapes=dict(input_shapes or {}))
+    original = ir.load_model(model)
+    reference = None
+    if mode != "off":
+        if inputs is not None:
+            reference = (inputs, _run_reference(original, inputs))
+        else:
+            reference = reference_run(original, ctx.input_shapes)
+    manager = PassManager(pipeline, max_iterations=max_iterations, verify_each=mode == "each", instruments=instruments)
+    optimized, report = manager.run(original, ctx, reference)
+    _check_output(original, optimized)
+    if mode != "off":
+        report.verification = verify_models(original, optimized, inputs=reference[0], expected=reference[1])
+        if not report.verification.ok:
+            error = VerificationError(
+                f"the optimized model computes different outputs: {report.verification.summary()}",
+                report.verification,
+            )
+            error.report = report
+            raise error
+    return OptimizationResult(optimized, report)
+
+
+def _run_reference(original: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
+    declared = {vi.name for vi in original.graph.input} - {t.name for t in original.graph.initializer}
+    missing = sorted(declared - set(inputs))
+    if missing:
+        raise UserError(f"the given inputs lack {missing}")
+    try:
+        return run_model(original, inputs)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"the original model does not run on the given inputs: {str(error).splitlines()[0]}") from None
+
+
+def _check_output(original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    """Runs onnx.checker on the result: the full check when the original passes it."""
+    if ir.model_weight_bytes(optimized) > ir.PROTOBUF_LIMIT_BYTES // 2:
+        return
+    full = _full_check_passes(original)
+    try:
+        onnx.checker.check_model(optimized, full_check=full)
+    except Exception as error:  # noqa: BLE001
+        raise OnnxoptError(f"the optimized model fails onnx.checker: {str(error).strip().splitlines()[0]}") from None
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    passes: str | Sequence[str | Pass | type[Pass]] | None = None,
+    target: str | Target = Target.GENERIC,
+    verify: bool | str = True,
+    **options,
+) -> onnx.ModelProto:
+    """Optimizes a model (a path or a ModelProto) and returns the optimized ``onnx.ModelProto``.
+
+    The input is never changed. See ``optimize_model`` for the options and the report.
+    """
+    return optimize_model(model, passes, target, verify, **options).model
+
+
+def default_output_path(model_path: str | os.PathLike) -> Path:
+    """``model.onnx`` becomes ``model.opt.onnx`` beside it."""
+    path = Path(model_path)
+    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
+    return path.with_name(f"{stem}.opt.onnx")

@@ -1,0 +1,295 @@
+"""The ``onnxopt`` command line: a thin layer over the public API that owns the terminal.
+
+Exit codes: 0 success, 1 the optimized model failed verification or a pass failed internally (nothing
+is written), 2 bad input (one line on stderr, no traceback, nothing written), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+import onnx
+from rich.console import Console
+from rich.table import Table
+
+from onnxopt import ir
+from onnxopt.api import default_output_path, optimize_model
+from onnxopt.errors import OnnxoptError, UserError, VerificationError
+from onnxopt.manager import PassRecord, Report
+from onnxopt.pass_infra import Pass, Target
+from onnxopt.registry import default_registry
+from onnxopt.verify import load_inputs, parse_input_shapes
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    sys.exit(code)
+
+
+def friendly_errors(command):
+    """Turns onnxopt's errors into one line and an exit code; other exceptions are internal errors."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except UserError as error:
+            _fail(str(error), 2)
+        except VerificationError as error:
+            report = getattr(error, "report", None)
+            if report is not None:
+                _print_report(report)
+                _write_report(kwargs.get("report_path"), report)
+            _fail(f"{error} (nothing was written)", 1)
+        except OnnxoptError as error:
+            if debug:
+                raise
+            _fail(f"{error} (the input is untouched; nothing was written)", 1)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except Exception as error:  # noqa: BLE001 - anything else is our bug: say so without a traceback
+            if debug:
+                raise
+            _fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug for a traceback; "
+                  "the input is untouched)", 1)
+
+    return wrapper
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _signed(value: int, bytes_: bool = False) -> str:
+    if value == 0:
+        return "0"
+    text = _human_bytes(abs(value)) if bytes_ else str(abs(value))
+    return ("+" if value > 0 else "-") + text
+
+
+def _print_report(report: Report) -> None:
+    table = Table(title="onnxopt: what each pass did", title_justify="left")
+    for column, justify in (("pass", "left"), ("runs", "right"), ("time", "right"), ("nodes", "right"),
+                            ("initializers", "right"), ("bytes", "right"), ("details", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for row in report.per_pass():
+        details = "\n".join(f"{k}={v}" for k, v in row["stats"].items() if v)
+        table.add_row(row["pass"], str(row["runs"]), f"{row['seconds'] * 1000:.1f} ms", _signed(row["nodes"]),
+                      _signed(row["initializers"]), _signed(row["bytes"], True), details)
+    before, after = report.before, report.after
+    table.add_section()
+    table.add_row(
+        "total", str(report.iterations) + " it", f"{report.seconds * 1000:.1f} ms",
+        f"{before.get('nodes', 0)} → {after.get('nodes', 0)}",
+        f"{before.get('initializers', 0)} → {after.get('initializers', 0)}",
+        f"{_human_bytes(before.get('bytes', 0))} → {_human_bytes(after.get('bytes', 0))}",
+        "" if report.converged else "stopped at --max-iterations before a fixed point",
+    )
+    out.print(table)
+    if report.verification is not None:
+        verification = report.verification
+        if verification.skipped:
+            out.print(f"[yellow]verification skipped:[/] {verification.skipped}")
+        elif verification.ok:
+            out.print(f"[green]verified[/] in onnxruntime: {verification.summary()[len('verified: '):]}")
+        else:
+            diff = Table(title="outputs that differ", title_justify="left")
+            for column in ("output", "dtype", "max abs diff", "max rel diff", "atol", "rtol", "problem"):
+                diff.add_column(column)
+            for o in verification.outputs:
+                if not o.ok:
+                    diff.add_row(o.name, o.dtype, f"{o.max_abs_diff:.3g}", f"{o.max_rel_diff:.3g}", f"{o.atol:.3g}",
+                                 f"{o.rtol:.3g}", o.problem)
+            out.print(diff)
+
+
+def _write_report(path: str | None, report: Report) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report.to_dict(), indent=2))
+
+
+class ProgressInstrument:
+    """Shows the pass being run on stderr while the pipeline works."""
+
+    def __init__(self, status) -> None:
+        self.status = status
+
+    def before_pass(self, pass_: Pass, iteration: int) -> None:
+        self.status.update(f"iteration {iteration}: running [bold]{pass_.spec()}[/]")
+
+    def after_pass(self, record: PassRecord) -> None:
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxopt")
+def main() -> None:
+    """onnxopt: optimize ONNX models, verified in onnxruntime."""
+
+
+@main.command("run")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--passes", "passes", default=None,
+              help="Comma-separated pipeline, e.g. 'fuse,fold,dce' or 'fold{max_growth=4MiB},dce'. "
+                   "Default: fold,fuse,dce repeated to a fixed point.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output path (default: MODEL.opt.onnx beside the input).")
+@click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True,
+              help="Engine the output is for; 'generic' keeps only standard ONNX operators.")
+@click.option("--verify", "verify_mode", type=click.Choice(["end", "each"]), default="end", show_default=True,
+              help="Compare outputs with the original at the end, or after each pass.")
+@click.option("--no-verify", is_flag=True, help="Skip the numeric comparison with the original.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Shape for an input with dynamic dimensions, e.g. input:1x3x224x224 (repeatable).")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+              help="An .npz file of real inputs for verification.")
+@click.option("--report", "report_path", type=click.Path(), default=None, help="Write the run's report as JSON.")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+              help="A Python file defining extra passes (repeatable).")
+@click.option("--max-iterations", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Repeat the pipeline at most this many times.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Store weights in MODEL.data (default: as the input did, or when over 2 GiB).")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
+@friendly_errors
+def run_command(model, passes, output, target, verify_mode, no_verify, input_shapes, inputs_path, report_path,
+                plugins, max_iterations, external_data, quiet, debug):
+    """Optimize MODEL and write the result.
+
+    \b
+    Example:
+      onnxopt run model.onnx --passes fuse,fold,dce -o model.small.onnx --report report.json
+    """
+    loaded = ir.read_model(model)
+    shapes = parse_input_shapes(input_shapes)
+    inputs = load_inputs(inputs_path) if inputs_path else None
+    output = output or default_output_path(model)
+    instruments = []
+    status = None
+    if not quiet:
+        status = err.status("optimizing", spinner="dots")
+        status.start()
+        instruments.append(ProgressInstrument(status))
+    try:
+        result = optimize_model(
+            loaded.model, passes, target, False if no_verify else verify_mode, input_shapes=shapes, inputs=inputs,
+            max_iterations=max_iterations, plugins=plugins, instruments=instruments,
+        )
+    finally:
+        if status is not None:
+            status.stop()
+    result.report.input_path, result.report.output_path = str(model), str(output)
+    written = ir.save_model(result.model, output,
+                            external_data=loaded.external_data if external_data is None else external_data)
+    if not quiet:
+        _print_report(result.report)
+        out.print(f"wrote {', '.join(str(p) for p in written)}")
+    _write_report(report_path, result.report)
+
+
+@main.command("passes")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+              help="Also list the passes of this plugin file.")
+@friendly_errors
+def passes_command(plugins):
+    """List every pass with its description, options and origin.
+
+    \b
+    Example:
+      onnxopt passes --plugin my_rules.py
+    """
+    registry = default_registry(plugins)
+    table = Table(title="passes", title_justify="left")
+    for column in ("name", "description", "options", "origin"):
+        table.add_column(column)
+    for name in registry.names():
+        pass_class = registry.get(name)
+        options = ", ".join(f"{f.name}={f.default}" for f in pass_class.option_fields())
+        table.add_row(name, pass_class.description(), options, registry.origin(name))
+    out.print(table)
+
+
+def _dims(type_proto: onnx.TypeProto) -> str:
+    if not type_proto.HasField("tensor_type"):
+        return type_proto.WhichOneof("value") or "?"
+    tensor_type = type_proto.tensor_type
+    dtype = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower() if tensor_type.elem_type else "?"
+    if not tensor_type.HasField("shape"):
+        return f"{dtype}[?]"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor_type.shape.dim]
+    return f"{dtype}[{', '.join(dims)}]"
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@friendly_errors
+def inspect_command(model, as_json):
+    """Summarize MODEL: operators, inputs and outputs, opsets and size.
+
+    \b
+    Example:
+      onnxopt inspect model.onnx
+    """
+    loaded = ir.read_model(model)
+    proto = loaded.model
+    graph = ir.import_model(proto)
+    histogram = collections.Counter(
+        f"{n.domain}::{n.op}" if n.domain not in ("", None, "ai.onnx") else n.op for n in ir.all_nodes(graph))
+    stats = ir.graph_stats(graph)
+    initializers = {t.name for t in proto.graph.initializer}
+    summary = {
+        "path": str(model),
+        "file_bytes": model.stat().st_size,
+        "external_data": loaded.external_data,
+        "ir_version": proto.ir_version,
+        "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "opsets": {op.domain or "ai.onnx": op.version for op in proto.opset_import},
+        "nodes": stats.nodes,
+        "initializers": stats.initializers,
+        "weight_bytes": stats.bytes,
+        "inputs": {vi.name: _dims(vi.type) for vi in proto.graph.input if vi.name not in initializers},
+        "outputs": {vi.name: _dims(vi.type) for vi in proto.graph.output},
+        "operators": dict(histogram.most_common()),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    out.print(f"[bold]{model}[/]  IR {proto.ir_version}, producer '{summary['producer']}', "
+              f"opsets {', '.join(f'{k} {v}' for k, v in summary['opsets'].items())}")
+    out.print(f"{stats.nodes} nodes, {stats.initializers} initializers, weights {_human_bytes(stats.bytes)}, "
+              f"file {_human_bytes(summary['file_bytes'])}{' + external data' if loaded.external_data else ''}")
+    io = Table(title="inputs and outputs", title_justify="left")
+    io.add_column("kind")
+    io.add_column("name")
+    io.add_column("type")
+    for name, text in summary["inputs"].items():
+        io.add_row("input", name, text)
+    for name, text in summary["outputs"].items():
+        io.add_row("output", name, text)
+    out.print(io)
+    ops = Table(title="operators", title_justify="left")
+    ops.add_column("operator")
+    ops.add_column("count", justify="right")
+    for op, count in histogram.most_common():
+        ops.add_row(op, str(count))
+    out.print(ops)
+
+
+if __name__ == "__main__":
+    main()

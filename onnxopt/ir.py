@@ -1,0 +1,801 @@
+"""The in-memory graph: loading, saving and the helpers every pass uses.
+
+onnx-graphsurgeon's ``gs.Graph`` is the graph passes see. This module is the public toolkit over it:
+reading and writing model files safely (external data, atomic writes, clear errors), converting between
+``onnx.ModelProto`` and ``gs.Graph`` without losing model-level fields, and the small graph queries and
+edits that passes share (constant values, consumers, replacing uses across subgraph scopes, sorting,
+walking nested graphs). Built-in passes use nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from onnxopt.errors import ModelLoadError, UserError
+
+log = logging.getLogger("onnxopt")
+from onnx_graphsurgeon.logger import G_LOGGER
+
+G_LOGGER.module_severity = G_LOGGER.ERROR
+
+# protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD_BYTES = 1024
+
+__all__ = [
+    "Graph",
+    "GraphStats",
+    "ModelLoadError",
+    "all_graphs",
+    "all_nodes",
+    "constant_value",
+    "export_model",
+    "graph_stats",
+    "import_model",
+    "infer_shapes",
+    "is_constant",
+    "is_graph_output",
+    "is_local",
+    "load_model",
+    "make_constant",
+    "outer_scope_names",
+    "remove_nodes",
+    "replace_all_uses",
+    "replace_with_constant",
+    "save_model",
+    "tensor_nbytes",
+    "toposort",
+]
+
+Graph = gs.Graph
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_graph_tensors(sub)
+
+
+def _iter_model_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    yield from _iter_graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def _declared_nbytes(tensor: TensorProto) -> int | None:
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    count = 1
+    for dim in tensor.dims:
+        if dim < 0:
+            raise ModelLoadError(f"tensor '{tensor.name}' declares a negative dimension {dim}")
+        count *= dim
+    bits = {TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(tensor.data_type)
+    if bits is None and hasattr(TensorProto, "FLOAT4E2M1") and tensor.data_type == TensorProto.FLOAT4E2M1:
+        bits = 4
+    return (count * bits + 7) // 8 if bits else count * itemsize
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, base_dir: Path | None) -> None:
+    """Refuses tensors whose declared size disagrees with their data, and unsafe external-data paths."""
+    for tensor in _iter_model_tensors(model):
+        declared = _declared_nbytes(tensor)
+        if tensor.data_location == TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            location = info.get("location")
+            if not location:
+                raise ModelLoadError(f"tensor '{tensor.name}' is stored externally but names no location")
+            if base_dir is None:
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}' is stored in external file '{location}'; load the model from its path"
+                )
+            if os.path.isabs(location) or location.startswith(("/", "\\")):
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}': external data location '{location}' is an absolute path; refusing it"
+                )
+            resolved = (base_dir / location).resolve()
+            if base_dir.resolve() not in resolved.parents:
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}': external data location '{location}' points outside the model's "
+                    "folder; refusing it"
+                )
+            if not resolved.is_file():
+                raise ModelLoadError(f"tensor '{tensor.name}': external data file '{location}' is missing")
+            try:
+                offset = int(info.get("offset", 0))
+                length = int(info["length"]) if "length" in info else None
+            except ValueError:
+                raise ModelLoadError(f"tensor '{tensor.name}': external data offset/length is not a number")
+            file_size = resolved.stat().st_size
+            available = file_size - offset
+            needed = length if length is not None else declared
+            if offset < 0 or (needed is not None and needed > available):
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}': external data needs {needed} bytes at offset {offset} but "
+                    f"'{location}' has {file_size} bytes"
+                )
+            if declared is not None and length is not None and length != declared:
+                raise ModelLoadError(
+                    f"tensor '{tensor.name}' declares shape {list(tensor.dims)} ({declared} bytes) but its "
+                    f"external data has {length} bytes"
+                )
+        elif declared is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != declared:
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' declares shape {list(tensor.dims)} ({declared} bytes) but holds "
+                f"{len(tensor.raw_data)} bytes"
+            )
+
+
+def _check_opsets(model: onnx.ModelProto) -> None:
+    known = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > known:
+            raise ModelLoadError(
+                f"model uses ONNX opset {opset.version}, newer than the installed onnx "
+                f"{onnx.__version__} knows (up to {known}); upgrade onnx"
+            )
+        if opset.domain in ("", "ai.onnx") and opset.version < 1:
+            raise ModelLoadError(f"model declares invalid ONNX opset {opset.version}")
+    if not any(opset.domain in ("", "ai.onnx") for opset in model.opset_import) and model.graph.node:
+        raise ModelLoadError("model imports no ONNX opset")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("==>"):
+            return line
+    return type(error).__name__
+
+
+def check_model(model: onnx.ModelProto, full: bool = False) -> None:
+    """Runs ``onnx.checker`` on a model and raises ``ModelLoadError`` with its first line on failure."""
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        raise ModelLoadError(f"invalid ONNX model: {_first_line(error)}") from None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model and how it was stored."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    external_data: bool
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
+    """Loads a model from a path (with its external data) or returns a given ``ModelProto``, validated.
+
+    Raises ``ModelLoadError`` with a one-line message for anything that is not a usable ONNX model.
+    """
+    return read_model(source, check).model
+
+
+def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) -> LoadedModel:
+    """Like ``load_model``, also telling where the model came from and whether it used external data."""
+    if isinstance(source, onnx.ModelProto):
+        model, base_dir = source, None
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ModelLoadError(f"no such file: {path}")
+        if path.is_dir():
+            raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
+        if path.stat().st_size == 0:
+            raise ModelLoadError(f"{path} is empty")
+        try:
+            model = onnx.load_model(str(path), load_external_data=False)
+        except (DecodeError, RuntimeError, ValueError, TypeError, IndexError, UnicodeDecodeError) as error:
+            raise ModelLoadError(f"{path} is not an ONNX model (cannot parse protobuf: {_first_line(error)})") from None
+        except OSError as error:
+            raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from None
+        base_dir = path.resolve().parent
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        name = "the given ModelProto" if base_dir is None else str(source)
+        raise ModelLoadError(f"{name} is not an ONNX model (no IR version or graph)")
+    _check_opsets(model)
+    _check_tensor_sizes(model, base_dir)
+    if check:
+        check_model(model)
+    external = base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(model))
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"cannot load external data of {source}: {_first_line(error)}") from None
+    return LoadedModel(model, None if base_dir is None else Path(source), external)
+
+
+def model_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by tensors of the model (initializers and tensor attributes), as declared."""
+    return sum(_declared_nbytes(t) or len(t.raw_data) for t in _iter_model_tensors(model))
+
+
+def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorProto, bytes]]:
+    """Moves large tensors' bytes into ``data_path``; returns what to put back afterwards."""
+    moved: list[tuple[TensorProto, bytes]] = []
+    offset = 0
+    with open(data_path, "wb") as data_file:
+        for tensor in _iter_model_tensors(model):
+            if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+                continue
+            if len(tensor.raw_data) < EXTERNAL_DATA_THRESHOLD_BYTES:
+                continue
+            raw = tensor.raw_data
+            padding = (-offset) % 4096
+            data_file.write(b"\0" * padding)
+            offset += padding
+            data_file.write(raw)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = TensorProto.EXTERNAL
+            moved.append((tensor, raw))
+            offset += len(raw)
+    return moved
+
+
+def _restore(moved: list[tuple[TensorProto, bytes]]) -> None:
+    for tensor, raw in moved:
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.DEFAULT
+        tensor.raw_data = raw
+
+
+def _make_raw(model: onnx.ModelProto) -> None:
+    """Stores tensor data as raw bytes so that it can move to an external file."""
+    for tensor in _iter_model_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
+            if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+                continue
+            if (_declared_nbytes(tensor) or 0) >= EXTERNAL_DATA_THRESHOLD_BYTES:
+                array = numpy_helper.to_array(tensor)
+                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+    """Writes a model atomically; returns the files written.
+
+    Files are written into a temporary folder beside ``path`` and renamed into place only when complete,
+    so an interrupted or failed save never leaves a partial file. Weights go to ``<name>.data`` when
+    ``external_data`` is true, or when it is ``None`` and the model would exceed protobuf's 2 GiB limit.
+    The given ``ModelProto`` is left as it was.
+    """
+    path = Path(path)
+    directory = path.resolve().parent
+    if not directory.is_dir():
+        raise UserError(f"output folder {directory} does not exist")
+    if external_data is None:
+        external_data = model_weight_bytes(model) > PROTOBUF_LIMIT_BYTES // 2
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory))
+    written: list[Path] = []
+    try:
+        staged_model = staging / path.name
+        moved: list[tuple[TensorProto, bytes]] = []
+        try:
+            if external_data:
+                _make_raw(model)
+                moved = _externalize(model, staging / f"{path.name}.data")
+            with open(staged_model, "wb") as model_file:
+                model_file.write(model.SerializeToString())
+        finally:
+            _restore(moved)
+        data_file = staging / f"{path.name}.data"
+        if data_file.exists():
+            target = path.with_name(data_file.name)
+            os.replace(data_file, target)
+            written.append(target)
+        os.replace(staged_model, path)
+        written.append(path)
+        return written
+    finally:
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------------
+# ModelProto <-> gs.Graph
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """Builds the in-memory graph of a model. Weights are not copied: constants read the model's tensors."""
+    graph = gs.import_onnx(model)
+    graph.ir_version = model.ir_version
+    if model.ir_version >= 4:
+        _keep_overridable_initializers(graph, model)
+    return graph
+
+
+_DEFAULTS_ATTR = "onnxopt_input_defaults"
+
+
+def _keep_overridable_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Initializers that are also graph inputs are defaults a caller may override: keep them inputs.
+
+    graphsurgeon turns them into constants and drops the input, which would let passes fold a value the
+    caller can change. They become variables again, and ``export_model`` writes their defaults back.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    overridable = [vi.name for vi in model.graph.input if vi.name in initializers]
+    if not overridable:
+        return
+    tensors = graph.tensors()
+    variables = {}
+    for name in overridable:
+        constant = tensors.get(name)
+        variable = gs.Variable(name, dtype=constant.dtype if constant is not None else None,
+                               shape=list(constant.shape) if constant is not None else None)
+        variables[name] = variable
+        if constant is not None:
+            for consumer in list(constant.outputs):
+                for index, tensor in enumerate(consumer.inputs):
+                    if tensor is constant:
+                        consumer.inputs[index] = variable
+            for index, output in enumerate(graph.outputs):
+                if output is constant:
+                    graph.outputs[index] = variable
+    by_name = {t.name: t for t in graph.inputs}
+    by_name.update(variables)
+    graph.inputs = [by_name[vi.name] for vi in model.graph.input if vi.name in by_name]
+    setattr(graph, _DEFAULTS_ATTR, {name: initializers[name] for name in overridable})
+
+
+def _subgraph_constants(graph: gs.Graph) -> dict[str, set[int]]:
+    """Maps each constant name in ``graph`` and its subgraphs to the ids of the objects that bear it."""
+    owners: dict[str, set[int]] = {}
+    for sub in all_graphs(graph):
+        for tensor in sub.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                owners.setdefault(tensor.name, set()).add(id(tensor))
+    return owners
+
+
+def _hoist_captured_constants(graph_proto: onnx.GraphProto, owners: dict[str, set[int]]) -> None:
+    """Moves constants that gs exported into subgraphs back to the main graph, once.
+
+    graphsurgeon writes an outer-scope constant into every subgraph that reads it, duplicating weights;
+    a name borne by one tensor object is the same value everywhere, so it belongs once at the top.
+    """
+    top_names = {t.name for t in graph_proto.initializer}
+
+    def visit(sub: onnx.GraphProto) -> None:
+        keep = []
+        for init in sub.initializer:
+            if len(owners.get(init.name, ())) == 1:
+                if init.name not in top_names:
+                    graph_proto.initializer.append(init)
+                    top_names.add(init.name)
+            else:
+                keep.append(init)
+        if len(keep) != len(sub.initializer):
+            del sub.initializer[:]
+            sub.initializer.extend(keep)
+        for node in sub.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    visit(attr.g)
+                for inner in attr.graphs:
+                    visit(inner)
+
+    for node in graph_proto.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                visit(attr.g)
+            for inner in attr.graphs:
+                visit(inner)
+
+
+def used_domains(graph: gs.Graph) -> set[str]:
+    """The operator domains used by nodes of the graph, its subgraphs and its local functions."""
+    domains = {node.domain or "" for node in all_nodes(graph)}
+    for function in graph.functions:
+        domains |= {node.domain or "" for node in function.nodes}
+        domains.add(function.domain or "")
+    return domains
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Builds a ModelProto from the graph, keeping the template's model-level fields.
+
+    IR version, producer, domain, model version, doc string, metadata and the version of each imported
+    opset come from ``template``; opset imports for domains no node uses any more are dropped (the
+    default domain is always kept).
+    """
+    owners = _subgraph_constants(graph)
+    exported = gs.export_onnx(graph, do_type_check=False)
+    _hoist_captured_constants(exported.graph, owners)
+    model = onnx.ModelProto()
+    _copy_shell(template, model)
+    model.graph.CopyFrom(exported.graph)
+    del model.functions[:]
+    model.functions.extend(exported.functions)
+    needed = used_domains(graph) | {""}
+    versions = {op.domain: op.version for op in template.opset_import}
+    versions.update({op.domain: op.version for op in exported.opset_import if op.domain not in versions})
+    del model.opset_import[:]
+    for domain, version in versions.items():
+        if domain in needed or (domain == "ai.onnx" and "" in needed):
+            model.opset_import.add(domain=domain, version=version)
+    defaults = vars(graph).get(_DEFAULTS_ATTR, {})
+    present = {t.name for t in model.graph.initializer}
+    model.graph.initializer.extend(d for name, d in defaults.items() if name not in present)
+    _keep_declared_io_types(model.graph, template.graph)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
+    return model
+
+
+def _keep_declared_io_types(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """Graph inputs and outputs keep the exact types (symbolic dimensions included) first declared."""
+    for exported, declared in ((graph.input, original.input), (graph.output, original.output)):
+        types = {vi.name: vi for vi in declared}
+        for value_info in exported:
+            if value_info.name in types:
+                value_info.type.CopyFrom(types[value_info.name].type)
+                value_info.doc_string = types[value_info.name].doc_string
+
+
+def _copy_shell(template: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    """Copies every model field but the graph (which may hold gigabytes) from template to model."""
+    for field, value in template.ListFields():
+        if field.name == "graph":
+            continue
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if repeated:
+            getattr(model, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(model, field.name).CopyFrom(value)
+        else:
+            setattr(model, field.name, value)
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR version 3 requires every initializer to be a graph input as well."""
+    inputs = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph queries
+
+
+@dataclass(frozen=True)
+class GraphStats:
+    """Size of a graph: nodes (subgraphs included), constant tensors and their bytes."""
+
+    nodes: int
+    initializers: int
+    bytes: int
+
+
+def tensor_nbytes(tensor: gs.Tensor) -> int:
+    """Bytes of a constant's data, computed from its shape and dtype without loading it."""
+    if not isinstance(tensor, gs.Constant):
+        return 0
+    values = tensor._values
+    nbytes = getattr(values, "nbytes", None)
+    if nbytes is not None:
+        return int(nbytes)
+    return int(np.asarray(tensor.values).nbytes)
+
+
+def graph_stats(graph: gs.Graph) -> GraphStats:
+    constants: dict[int, gs.Constant] = {}
+    nodes = 0
+    for sub in all_graphs(graph):
+        nodes += len(sub.nodes)
+        for node in sub.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant):
+                    constants[id(tensor)] = tensor
+    for tensor in graph.outputs:
+        if isinstance(tensor, gs.Constant):
+            constants[id(tensor)] = tensor
+    return GraphStats(
+        nodes=nodes,
+        initializers=len(constants),
+        bytes=sum(tensor_nbytes(t) for t in constants.values()),
+    )
+
+
+def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and every subgraph nested in its nodes' attributes, outermost first."""
+    yield graph
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            yield from all_graphs(sub)
+
+
+def all_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
+    """Every node of the graph and of its subgraphs."""
+    for sub in all_graphs(graph):
+        yield from sub.nodes
+
+
+def outer_scope_names(graph: gs.Graph) -> set[str]:
+    """Names a (sub)graph reads from enclosing scopes: used by its nodes but not defined inside it."""
+    defined = {t.name for t in graph.inputs}
+    used: set[str] = set()
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            if tensor.name and not isinstance(tensor, gs.Constant):
+                used.add(tensor.name)
+        for sub in node.subgraphs():
+            used |= outer_scope_names(sub)
+        defined |= {t.name for t in node.outputs}
+    used |= {t.name for t in graph.outputs if not isinstance(t, gs.Constant)}
+    return used - defined
+
+
+def is_local(graph: gs.Graph, node: gs.Node) -> bool:
+    """Whether ``node`` belongs to ``graph`` itself (not to an enclosing or nested graph).
+
+    Nodes remember their graph after the first call (graphsurgeon keeps no back-reference), so asking
+    about many nodes of one graph costs one scan.
+    """
+    members = vars(graph).get("_onnxopt_members")
+    if members is None or members.get(id(node)) is not node:
+        members = {id(n): n for n in graph.nodes}
+        setattr(graph, "_onnxopt_members", members)
+    return members.get(id(node)) is node
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    """True for initializers and for outputs of ``Constant`` nodes with a tensor value."""
+    if isinstance(tensor, gs.Constant):
+        return True
+    return constant_value(tensor) is not None
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of an initializer or ``Constant`` node output as a numpy array, else ``None``."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values)
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain not in ("", None):
+        return None
+    attrs = tensor.inputs[0].attrs
+    if isinstance(attrs.get("value"), gs.Constant):
+        return np.asarray(attrs["value"].values)
+    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    return None
+
+
+_constant_counter = iter(range(1 << 62))
+
+
+def make_constant(graph: gs.Graph, values: np.ndarray, hint: str = "const") -> gs.Constant:
+    """A new constant tensor with a name unique in the graph."""
+    taken = _all_names(graph)
+    name = hint
+    while name in taken:
+        name = f"{hint}_{next(_constant_counter)}"
+    return gs.Constant(name, np.ascontiguousarray(values))
+
+
+def _all_names(graph: gs.Graph) -> set[str]:
+    names: set[str] = set()
+    for sub in all_graphs(graph):
+        names |= set(sub.tensors().keys())
+        names |= {t.name for t in sub.inputs}
+    return names
+
+
+def unique_name(graph: gs.Graph, hint: str) -> str:
+    """A tensor name not used anywhere in the graph or its subgraphs."""
+    taken = _all_names(graph)
+    name = hint
+    while name in taken:
+        name = f"{hint}_{next(_constant_counter)}"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Graph edits
+
+
+def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    """Makes every reader of ``old`` read ``new`` instead, in subgraphs too.
+
+    If ``old`` is a graph output, the output keeps its name: when ``new`` is produced by a node of this
+    graph and is not itself an input or output, that node now produces ``old`` directly; otherwise an
+    ``Identity`` keeps the output's name (which ``dce`` then leaves in place).
+    """
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+    output_slots = [i for i, out in enumerate(graph.outputs) if out is old]
+    if not output_slots:
+        return
+    producer_here = len(new.inputs) == 1 and any(n is new.inputs[0] for n in graph.nodes)
+    new_is_io = any(t is new for t in graph.inputs) or any(t is new for t in graph.outputs)
+    if producer_here and not new_is_io and isinstance(new, gs.Variable):
+        producer = new.inputs[0]
+        for consumer in list(new.outputs):
+            for index, tensor in enumerate(consumer.inputs):
+                if tensor is new:
+                    consumer.inputs[index] = old
+        index = next(i for i, t in enumerate(producer.outputs) if t is new)
+        old.inputs.clear()
+        producer.outputs[index] = old
+        if old.dtype is None:
+            old.dtype = new.dtype
+        return
+    old.inputs.clear()
+    identity = gs.Node("Identity", name=unique_name(graph, f"{old.name}_keep"), inputs=[new], outputs=[old])
+    graph.nodes.append(identity)
+    toposort(graph)
+
+
+def replace_with_constant(graph: gs.Graph, tensor: gs.Tensor, values: np.ndarray) -> gs.Constant:
+    """Replaces a value by a constant of the same name; graph outputs stay outputs under their name."""
+    constant = gs.Constant(tensor.name, np.ascontiguousarray(values))
+    for consumer in list(tensor.outputs):
+        for index, current in enumerate(consumer.inputs):
+            if current is tensor:
+                consumer.inputs[index] = constant
+    for index, output in enumerate(graph.outputs):
+        if output is tensor:
+            graph.outputs[index] = constant
+    return constant
+
+
+def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
+    """Detaches nodes from the graph (their outputs lose their producer)."""
+    doomed = {id(n) for n in nodes}
+    for node in nodes:
+        node.inputs.clear()
+        node.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) not in doomed]
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Sorts the graph's nodes so that every value is produced before it is read (stable).
+
+    Reads from subgraph bodies count as reads by the node that owns the subgraph. Raises ``UserError``
+    if the graph has a cycle.
+    """
+    index_of = {id(node): i for i, node in enumerate(graph.nodes)}
+    producer_of: dict[str, int] = {}
+    for i, node in enumerate(graph.nodes):
+        for out in node.outputs:
+            producer_of[out.name] = i
+    deps: list[set[int]] = []
+    for node in graph.nodes:
+        names = {t.name for t in node.inputs if t.name}
+        for sub in node.subgraphs():
+            names |= outer_scope_names(sub)
+        deps.append({producer_of[n] for n in names if n in producer_of} - {index_of[id(node)]})
+    order: list[int] = []
+    state = [0] * len(graph.nodes)
+    for start in range(len(graph.nodes)):
+        if state[start]:
+            continue
+        stack = [(start, iter(sorted(deps[start])))]
+        state[start] = 1
+        while stack:
+            current, pending = stack[-1]
+            advanced = False
+            for dep in pending:
+                if state[dep] == 1:
+                    raise UserError(f"graph '{graph.name}' has a cycle through node '{graph.nodes[dep].name}'")
+                if state[dep] == 0:
+                    state[dep] = 1
+                    stack.append((dep, iter(sorted(deps[dep]))))
+                    advanced = True
+                    break
+            if not advanced:
+                state[current] = 2
+                order.append(current)
+                stack.pop()
+    if order != list(range(len(graph.nodes))):
+        graph.nodes = [graph.nodes[i] for i in order]
+
+
+def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> None:
+    """Fills in dtypes and shapes of intermediate tensors with onnx shape inference.
+
+    Inference runs on a copy of the graph without large weights (shapes rarely depend on them), so it
+    stays cheap on huge models. Graph inputs and outputs keep their declared types. Failures leave
+    the graph as it was.
+    """
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in _graph_opsets(graph).items()]
+    light = onnx.ModelProto()
+    light.ir_version = max(graph.ir_version or 8, 8) if template is None else max(template.ir_version, 4)
+    light.opset_import.extend(opsets)
+    exported = gs.export_onnx(graph, do_type_check=False)
+    light.graph.CopyFrom(exported.graph)
+    light.functions.extend(exported.functions)
+    for init in light.graph.initializer:
+        if init.data_location != TensorProto.EXTERNAL and len(init.raw_data) > 1 << 16:
+            init.ClearField("raw_data")
+            init.data_location = TensorProto.EXTERNAL
+            init.external_data.add(key="location", value="__stripped__")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception as error:  # noqa: BLE001 - inference is best effort by contract
+        log.debug("shape inference failed: %s", error)
+        return
+    infos = {vi.name: vi for vi in inferred.graph.value_info}
+    protected = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
+    for name, tensor in graph.tensors().items():
+        if id(tensor) in protected or not isinstance(tensor, gs.Variable) or name not in infos:
+            continue
+        type_proto = infos[name].type
+        if not type_proto.HasField("tensor_type"):
+            continue
+        tensor_type = type_proto.tensor_type
+        if tensor_type.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type not in _NON_NUMPY else tensor_type.elem_type
+        if tensor_type.HasField("shape"):
+            tensor.shape = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
+            ]
+
+
+_NON_NUMPY = {TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,
+              TensorProto.FLOAT8E5M2FNUZ, TensorProto.INT4, TensorProto.UINT4, TensorProto.STRING}
+
+
+def _graph_opsets(graph: gs.Graph) -> dict[str, int]:
+    opsets = {"": graph.opset}
+    for opset in graph.import_domains or []:
+        opsets[opset.domain] = opset.version
+    return opsets
+
+
+def imported_domains(graph: gs.Graph) -> set[str]:
+    """The operator domains the model imports."""
+    return set(_graph_opsets(graph))
+
+
+def opset_version(graph: gs.Graph, domain: str = "") -> int | None:
+    """The imported version of an operator domain, or ``None`` if the model does not import it."""
+    return _graph_opsets(graph).get(domain)

@@ -1,0 +1,80 @@
+"""``dce``: dead-code elimination.
+
+Removes every node no graph output depends on (in subgraph bodies too, where a node counts as used when
+anything of an enclosing graph reads its value), bypasses ``Identity`` nodes, and drops opset imports no
+node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
+removed: an ``Identity`` that is the only way to give an output its name stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx_graphsurgeon as gs
+
+from onnxopt import ir
+from onnxopt.pass_infra import Pass, PassContext, PassResult
+
+
+def _is_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for t in graph.inputs) or any(t is tensor for t in graph.outputs)
+
+
+def _bypass_identities(graph: gs.Graph) -> int:
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "Identity" or node.domain not in ("", None, "ai.onnx") or len(node.inputs) != 1:
+            continue
+        source, result = node.inputs[0], node.outputs[0]
+        if not ir.is_graph_output(graph, result):
+            ir.remove_nodes(graph, [node])
+            for consumer in list(result.outputs):
+                for index, tensor in enumerate(consumer.inputs):
+                    if tensor is result:
+                        consumer.inputs[index] = source
+            removed += 1
+            continue
+        producer_here = len(source.inputs) == 1 and any(n is source.inputs[0] for n in graph.nodes)
+        if producer_here and not _is_io(graph, source) and isinstance(source, gs.Variable):
+            ir.remove_nodes(graph, [node])
+            ir.replace_all_uses(graph, result, source)
+            removed += 1
+    return removed
+
+
+def _remove_dead(graph: gs.Graph) -> int:
+    live: set[str] = {t.name for t in graph.outputs}
+    kept: list[gs.Node] = []
+    dead: list[gs.Node] = []
+    for node in reversed(graph.nodes):
+        if any(t.name in live for t in node.outputs if t.name):
+            kept.append(node)
+            live |= {t.name for t in node.inputs if t.name}
+            for sub in node.subgraphs():
+                live |= ir.outer_scope_names(sub)
+        else:
+            dead.append(node)
+    if dead:
+        ir.remove_nodes(graph, dead)
+    return len(dead)
+
+
+@dataclass(frozen=True)
+class DeadCodeElimination(Pass):
+    """Removes nodes, constants, Identity nodes and opset imports that no graph output depends on."""
+
+    name: ClassVar[str] = "dce"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        identities = nodes = 0
+        for sub in reversed(list(ir.all_graphs(graph))):
+            identities += _bypass_identities(sub)
+            nodes += _remove_dead(sub)
+        used = ir.used_domains(graph) | {"", "ai.onnx"}
+        domains_before = len(graph.import_domains or [])
+        if graph.import_domains is not None:
+            graph.import_domains = [d for d in graph.import_domains if d.domain in used]
+        opsets = domains_before - len(graph.import_domains or [])
+        stats = {"identities_removed": identities, "dead_nodes_removed": nodes, "opset_imports_removed": opsets}
+        return PassResult(modified=bool(identities or nodes or opsets), stats=stats)

@@ -1,0 +1,178 @@
+"""``fuse``: operator fusions that are exact for every target.
+
+* Conv + BatchNormalization -> Conv. In inference mode BatchNormalization computes
+  ``y = (x - mean) * s + bias`` with ``s = scale / sqrt(var + epsilon)`` per channel, so for
+  ``x = Conv(input, W, b)`` it equals ``Conv(input, W * s, (b - mean) * s + bias)`` with ``s`` scaling
+  each output channel of ``W``. Computed in float64, then cast to the weight's dtype.
+* MatMul + Add -> Gemm, when ``A`` is known to be 2-D, ``B`` is a constant 2-D matrix and the added
+  constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule); float32/float64 only.
+* Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel;
+  a Transpose with the identity permutation is removed.
+
+A fusion only fires when the intermediate value has no other reader and is not a graph output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import ir
+from onnxopt.pass_infra import Pass, PassContext, PassResult
+
+
+def _standard(node: gs.Node, op: str) -> bool:
+    return node.op == op and node.domain in ("", None, "ai.onnx")
+
+
+def _single_use_producer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None:
+    """The node producing ``tensor`` if it is an ``op`` node of this graph whose output only this use reads."""
+    if len(tensor.inputs) != 1 or len(tensor.outputs) != 1 or ir.is_graph_output(graph, tensor):
+        return None
+    producer = tensor.inputs[0]
+    if not _standard(producer, op) or not ir.is_local(graph, producer):
+        return None
+    return producer
+
+
+def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, offset: np.ndarray,
+                   mean: np.ndarray, var: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weight and bias that include an inference-mode BatchNormalization applied after the Conv."""
+    factor = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon)
+    new_weight = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+    base = bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])
+    new_bias = (base - mean.astype(np.float64)) * factor + offset.astype(np.float64)
+    return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
+
+
+def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
+    if not _standard(node, "BatchNormalization") or len(node.inputs) != 5:
+        return False
+    if node.attrs.get("training_mode", 0) or node.attrs.get("spatial", 1) != 1:
+        return False
+    if any(t.name and (t.outputs or ir.is_graph_output(graph, t)) for t in node.outputs[1:]):
+        return False
+    conv = _single_use_producer(graph, node.inputs[0], "Conv")
+    if conv is None or len(conv.inputs) < 2:
+        return False
+    weight = ir.constant_value(conv.inputs[1])
+    bias = ir.constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
+    params = [ir.constant_value(t) for t in node.inputs[1:]]
+    if weight is None or (len(conv.inputs) > 2 and conv.inputs[2].name and bias is None) or any(p is None for p in params):
+        return False
+    channels = weight.shape[0]
+    if weight.dtype.kind != "f" or any(p.shape != (channels,) for p in params) or (bias is not None and bias.shape != (channels,)):
+        return False
+    new_weight, new_bias = fold_batchnorm(weight, bias, *params, float(node.attrs.get("epsilon", 1e-5)))
+    output = node.outputs[0]
+    fused = gs.Node(
+        "Conv", name=conv.name, attrs=dict(conv.attrs),
+        inputs=[conv.inputs[0], ir.make_constant(graph, new_weight, f"{conv.inputs[1].name}_bn"),
+                ir.make_constant(graph, new_bias, f"{conv.name or 'conv'}_bn_bias")],
+        outputs=[],
+    )
+    ir.remove_nodes(graph, [conv, node])
+    fused.outputs = [output]
+    graph.nodes.append(fused)
+    return True
+
+
+def _broadcasts_to(shape: tuple, rows, cols: int) -> bool:
+    if len(shape) > 2:
+        return False
+    target = (rows, cols)[2 - len(shape):]
+    return all(d == 1 or (isinstance(t, int) and d == t) for d, t in zip(shape, target))
+
+
+def _fuse_matmul_add(graph: gs.Graph, node: gs.Node) -> bool:
+    if not _standard(node, "Add") or len(node.inputs) != 2:
+        return False
+    for slot in (0, 1):
+        matmul = _single_use_producer(graph, node.inputs[slot], "MatMul")
+        addend = node.inputs[1 - slot]
+        if matmul is None:
+            continue
+        a, b = matmul.inputs
+        b_value = ir.constant_value(b)
+        c_value = ir.constant_value(addend)
+        if b_value is None or c_value is None or b_value.ndim != 2:
+            continue
+        if a.shape is None or len(a.shape) != 2 or b_value.dtype.name not in ("float32", "float64"):
+            continue
+        if c_value.dtype != b_value.dtype or (a.dtype is not None and np.dtype(a.dtype) != b_value.dtype):
+            continue
+        if not _broadcasts_to(c_value.shape, a.shape[0], b_value.shape[1]):
+            continue
+        output = node.outputs[0]
+        gemm = gs.Node("Gemm", name=matmul.name or node.name, inputs=[a, b, addend], outputs=[])
+        ir.remove_nodes(graph, [matmul, node])
+        gemm.outputs = [output]
+        graph.nodes.append(gemm)
+        return True
+    return False
+
+
+def _perm(node: gs.Node) -> list[int] | None:
+    perm = node.attrs.get("perm")
+    if perm is not None:
+        return list(perm)
+    shape = node.inputs[0].shape
+    return list(reversed(range(len(shape)))) if shape is not None else None
+
+
+def _fuse_transposes(graph: gs.Graph, node: gs.Node) -> bool:
+    if not _standard(node, "Transpose"):
+        return False
+    perm = _perm(node)
+    if perm is None:
+        return False
+    if perm == list(range(len(perm))):
+        source, output = node.inputs[0], node.outputs[0]
+        ir.remove_nodes(graph, [node])
+        ir.replace_all_uses(graph, output, source)
+        return True
+    first = node.inputs[0]
+    if len(first.inputs) != 1 or not _standard(first.inputs[0], "Transpose") \
+            or not ir.is_local(graph, first.inputs[0]):
+        return False
+    inner = first.inputs[0]
+    inner_perm = _perm(inner)
+    if inner_perm is None or len(inner_perm) != len(perm):
+        return False
+    composed = [inner_perm[axis] for axis in perm]
+    node.inputs[0] = inner.inputs[0]
+    node.attrs["perm"] = composed
+    if not first.outputs and not ir.is_graph_output(graph, first):
+        ir.remove_nodes(graph, [inner])
+    return True
+
+
+RULES = (("conv_batchnorm", _fuse_conv_batchnorm), ("matmul_add_to_gemm", _fuse_matmul_add),
+         ("transpose_transpose", _fuse_transposes))
+
+
+@dataclass(frozen=True)
+class Fuse(Pass):
+    """Fuses Conv+BatchNormalization, MatMul+Add into Gemm, and cancels or merges Transpose pairs."""
+
+    name: ClassVar[str] = "fuse"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        counts = {rule: 0 for rule, _ in RULES}
+        ir.infer_shapes(graph)
+        for sub in list(ir.all_graphs(graph)):
+            changed = False
+            for node in list(sub.nodes):
+                if not node.outputs:
+                    continue
+                for rule, rewrite in RULES:
+                    if rewrite(sub, node):
+                        counts[rule] += 1
+                        changed = True
+                        break
+            if changed:
+                ir.toposort(sub)
+        return PassResult(modified=sum(counts.values()) > 0, stats=counts)
