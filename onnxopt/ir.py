@@ -610,13 +610,19 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 _constant_counter = iter(range(1 << 62))
 
 
+def _contiguous(values) -> np.ndarray:
+    """A C-contiguous array of the same shape (``np.ascontiguousarray`` would turn scalars into 1-D)."""
+    array = np.asarray(values)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
 def make_constant(graph: gs.Graph, values: np.ndarray, hint: str = "const") -> gs.Constant:
     """A new constant tensor with a name unique in the graph."""
     taken = _all_names(graph)
     name = hint
     while name in taken:
         name = f"{hint}_{next(_constant_counter)}"
-    return gs.Constant(name, np.ascontiguousarray(values))
+    return gs.Constant(name, _contiguous(values))
 
 
 def _all_names(graph: gs.Graph) -> set[str]:
@@ -676,7 +682,7 @@ def replace_all_uses(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def replace_with_constant(graph: gs.Graph, tensor: gs.Tensor, values: np.ndarray) -> gs.Constant:
     """Replaces a value by a constant of the same name; graph outputs stay outputs under their name."""
-    constant = gs.Constant(tensor.name, np.ascontiguousarray(values))
+    constant = gs.Constant(tensor.name, _contiguous(values))
     for consumer in list(tensor.outputs):
         for index, current in enumerate(consumer.inputs):
             if current is tensor:
