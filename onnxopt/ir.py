@@ -39,6 +39,7 @@ __all__ = [
     "ModelLoadError",
     "all_graphs",
     "all_nodes",
+    "check_output_path",
     "constant_value",
     "export_model",
     "graph_stats",
@@ -182,12 +183,24 @@ def _first_line(error: BaseException) -> str:
     return type(error).__name__
 
 
-def check_model(model: onnx.ModelProto, full: bool = False) -> None:
-    """Runs ``onnx.checker`` on a model and raises ``ModelLoadError`` with its first line on failure."""
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    """The whole message on one line: the checker splits sentences over lines ("...of node:\nname: ...")."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    text = " ".join(" ".join(line for line in lines if line and not line.startswith("==>")).split())
+    text = text or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_model(model: onnx.ModelProto | str | os.PathLike, full: bool = False) -> None:
+    """Runs ``onnx.checker`` on a model (or a model file) and raises ``ModelLoadError`` on failure.
+
+    A model with external data must be checked through its path: the checker resolves data files
+    relative to the model's folder only then (given a ModelProto it looks in the current directory).
+    """
     try:
-        onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
-        raise ModelLoadError(f"invalid ONNX model: {_first_line(error)}") from None
+        raise ModelLoadError(f"invalid ONNX model: {_one_line(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -231,9 +244,9 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
         raise ModelLoadError(f"{name} is not an ONNX model (no IR version or graph)")
     _check_opsets(model)
     _check_tensor_sizes(model, base_dir)
-    if check:
-        check_model(model)
     external = base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(model))
+    if check:
+        check_model(source if external else model)
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
@@ -280,15 +293,33 @@ def _restore(moved: list[tuple[TensorProto, bytes]]) -> None:
         tensor.raw_data = raw
 
 
-def _make_raw(model: onnx.ModelProto) -> None:
-    """Stores tensor data as raw bytes so that it can move to an external file."""
+def _make_raw(model: onnx.ModelProto) -> list[tuple[TensorProto, TensorProto]]:
+    """Stores tensor data as raw bytes so that it can move to an external file.
+
+    Returns each converted tensor with a copy of how it was, so that the caller's model can be put back.
+    """
+    converted: list[tuple[TensorProto, TensorProto]] = []
     for tensor in _iter_model_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
             if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
                 continue
             if (_declared_nbytes(tensor) or 0) >= EXTERNAL_DATA_THRESHOLD_BYTES:
+                original = TensorProto()
+                original.CopyFrom(tensor)
                 array = numpy_helper.to_array(tensor)
                 tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+                converted.append((tensor, original))
+    return converted
+
+
+def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
+    """Raises ``UserError`` unless a file can be written at ``path`` (its folder exists, it is no folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory, not a file name")
+    directory = path.resolve().parent
+    if not directory.is_dir():
+        raise UserError(f"{what} folder {directory} does not exist")
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
@@ -300,9 +331,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     The given ``ModelProto`` is left as it was.
     """
     path = Path(path)
+    # Checked before anything is written: os.replace onto a folder would fail after the data file moved.
+    check_output_path(path)
     directory = path.resolve().parent
-    if not directory.is_dir():
-        raise UserError(f"output folder {directory} does not exist")
     if external_data is None:
         external_data = model_weight_bytes(model) > PROTOBUF_LIMIT_BYTES // 2
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory))
@@ -310,15 +341,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     try:
         staged_model = staging / path.name
         moved: list[tuple[TensorProto, bytes]] = []
+        converted: list[tuple[TensorProto, TensorProto]] = []
+        data_file = staging / f"{path.name}.data"
         try:
             if external_data:
-                _make_raw(model)
-                moved = _externalize(model, staging / f"{path.name}.data")
+                converted = _make_raw(model)
+                moved = _externalize(model, data_file)
             with open(staged_model, "wb") as model_file:
                 model_file.write(model.SerializeToString())
         finally:
+            # The caller's model is left as it was: weights back inline and in their original encoding.
             _restore(moved)
-        data_file = staging / f"{path.name}.data"
+            for tensor, original in converted:
+                tensor.CopyFrom(original)
+        if data_file.exists() and not moved:
+            data_file.unlink()  # no tensor was large enough to move: don't leave an empty, unreferenced file
         if data_file.exists():
             target = path.with_name(data_file.name)
             os.replace(data_file, target)
@@ -336,8 +373,39 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
 # ModelProto <-> gs.Graph
 
 
+def _has_optional(type_proto: onnx.TypeProto) -> bool:
+    kind = type_proto.WhichOneof("value")
+    if kind == "optional_type":
+        return True
+    if kind == "sequence_type":
+        return _has_optional(type_proto.sequence_type.elem_type)
+    if kind == "map_type":
+        return _has_optional(type_proto.map_type.value_type)
+    return False
+
+
+def _check_representable(graph: onnx.GraphProto) -> None:
+    """Refuses what onnx-graphsurgeon would silently lose: optional types and type-valued attributes."""
+    for value_info in (*graph.input, *graph.output, *graph.value_info):
+        if _has_optional(value_info.type):
+            raise UserError(f"onnxopt cannot rewrite models with optional-typed values yet ('{value_info.name}')")
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type in (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
+                raise UserError(f"onnxopt cannot rewrite models with type-valued attributes yet "
+                                f"(node '{node.name or node.op_type}', attribute '{attr.name}')")
+            if attr.HasField("g"):
+                _check_representable(attr.g)
+            for sub in attr.graphs:
+                _check_representable(sub)
+
+
 def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """Builds the in-memory graph of a model. Weights are not copied: constants read the model's tensors."""
+    """Builds the in-memory graph of a model. Weights are not copied: constants read the model's tensors.
+
+    Raises ``UserError`` for models whose features the graph cannot represent without loss.
+    """
+    _check_representable(model.graph)
     graph = gs.import_onnx(model)
     graph.ir_version = model.ir_version
     if model.ir_version >= 4:
@@ -610,10 +678,20 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 _constant_counter = iter(range(1 << 62))
 
 
-def _contiguous(values) -> np.ndarray:
-    """A C-contiguous array of the same shape (``np.ascontiguousarray`` would turn scalars into 1-D)."""
+def _contiguous(values) -> np.ndarray | gs.ir.tensor.LazyValues:
+    """Constant data in a form graphsurgeon exports.
+
+    A C-contiguous array of the same shape (``np.ascontiguousarray`` would turn scalars into 1-D);
+    strings and types numpy lacks go through a TensorProto, which graphsurgeon writes as it is.
+    """
     array = np.asarray(values)
+    if array.dtype == object or array.dtype.kind in "SUV" or array.dtype.name not in _NUMPY_EXPORTABLE:
+        return gs.ir.tensor.LazyValues(numpy_helper.from_array(array))
     return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+_NUMPY_EXPORTABLE = {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float16",
+                     "float32", "float64", "complex64", "complex128"}
 
 
 def make_constant(graph: gs.Graph, values: np.ndarray, hint: str = "const") -> gs.Constant:

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt import ir
@@ -81,30 +82,72 @@ def _opsets(graph: gs.Graph) -> dict[str, int]:
 
 
 def _usable(value) -> bool:
-    return isinstance(value, np.ndarray) and (value.dtype.kind in "biufc" or value.dtype.kind == "O")
+    return isinstance(value, np.ndarray) and value.dtype.kind in "biufcOU"
 
 
-def evaluate(graph: gs.Graph, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
-    """Values of every output of ``nodes`` (topologically ordered) that onnxruntime can compute."""
+def _run_onnxruntime(model: onnx.ModelProto, names: list[str]) -> list:
+    return _session(model).run(names, {})
+
+
+def _run_reference(model: onnx.ModelProto, names: list[str]) -> list:
+    with np.errstate(all="ignore"):
+        return ReferenceEvaluator(model).run(names, {})
+
+
+def _evaluate_with(run, graph: gs.Graph, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
+    """Every output of ``nodes`` that ``run`` computes: the whole batch at once, else node by node."""
     try:
         model, names = _evaluation_model(graph, nodes, {})
-        values = dict(zip(names, _session(model).run(names, {})))
+        values = dict(zip(names, run(model, names)))
         if all(_usable(v) for v in values.values()):
             return values
     except Exception:  # noqa: BLE001 - fall back to node-by-node evaluation below
         pass
-    values: dict[str, np.ndarray] = {}
+    values = {}
     for node in nodes:
         needed = [t.name for t in node.inputs if t.name and not isinstance(t, gs.Constant)]
         if any(name not in values for name in needed):
             continue
         try:
             model, names = _evaluation_model(graph, [node], {name: values[name] for name in needed})
-            results = dict(zip(names, _session(model).run(names, {})))
-        except Exception:  # noqa: BLE001 - a node onnxruntime cannot run stays a node
+            results = dict(zip(names, run(model, names)))
+        except Exception:  # noqa: BLE001 - a node this evaluator cannot run is judged by the other one
             continue
         if all(_usable(v) for v in results.values()):
             values.update(results)
+    return values
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.kind in "fc":
+        rtol = 1e-3 if a.dtype.itemsize <= 2 else 1e-5
+        scale = float(np.max(np.abs(a[np.isfinite(a)]), initial=1.0))
+        return bool(np.allclose(a, b, rtol=rtol, atol=rtol * scale, equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def evaluate(graph: gs.Graph, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
+    """Values of the outputs of ``nodes`` (topologically ordered) that can be trusted.
+
+    onnxruntime and onnx's reference evaluator both compute every value. Where both succeed they must
+    agree, or the value is not folded: each has operators where it departs from the ONNX specification
+    (onnxruntime's align-corners Resize, for example), and two independent implementations rarely
+    depart in the same way. The reference value is kept: it is computed closer to the specification
+    (onnxruntime's float32 DFT and half-precision Attention are less exact). Where only one can run an
+    operator, its value is used.
+    """
+    by_runtime = _evaluate_with(_run_onnxruntime, graph, nodes)
+    by_reference = _evaluate_with(_run_reference, graph, nodes)
+    values: dict[str, np.ndarray] = {}
+    for name in by_runtime.keys() | by_reference.keys():
+        runtime, reference = by_runtime.get(name), by_reference.get(name)
+        if runtime is not None and reference is not None:
+            if _agree(runtime, reference):
+                values[name] = reference
+        else:
+            values[name] = runtime if runtime is not None else reference
     return values
 
 
@@ -127,7 +170,13 @@ class ConstantFolding(Pass):
         if not candidates:
             return PassResult(modified=False, stats={"folded": 0})
         values = evaluate(graph, candidates)
-        folded = [n for n in candidates if all(not t.name or t.name in values for t in n.outputs)]
+        folded: list[gs.Node] = []
+        folded_names: set[str] = set()
+        for node in candidates:
+            inputs_known = all(not t.name or isinstance(t, gs.Constant) or t.name in folded_names for t in node.inputs)
+            if inputs_known and all(not t.name or t.name in values for t in node.outputs):
+                folded.append(node)
+                folded_names |= {t.name for t in node.outputs if t.name}
         kept = self._apply_size_guard(graph, folded, values)
         removed = [n for n in folded if id(n) not in kept]
         if not removed:
