@@ -1,0 +1,166 @@
+"""The optimizers under comparison, each run the way its README tells a user to, with default options.
+
+This module is also the child process the runner starts once per (model, tool), so that each tool's
+peak memory is its own::
+
+    python benchmarks/peers.py TOOL INPUT.onnx OUTPUT.onnx RESULT.json
+
+The child imports only what the tool needs, then times ``load + optimize + save`` (the work a user
+waits for from a file on disk to a file on disk; onnxruntime's offline optimizer cannot be split any
+other way) and writes a JSON record with the time, its peak resident memory (``ru_maxrss`` of itself
+and of any children it started) and the error text if the tool failed.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# A model whose weights approach protobuf's 2 GiB limit is saved with external data.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _save(model, path: str) -> None:
+    import onnx
+
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, path, save_as_external_data=True, location=Path(path).name + ".data")
+    else:
+        onnx.save_model(model, path)
+
+
+def run_onnxopt(src: str, dst: str, verify: bool = True) -> dict:
+    """onnxopt's default pipeline (fold, fuse, dce to a fixed point), verification as configured."""
+    import onnxopt
+
+    result = onnxopt.optimize_model(src, verify=verify)
+    onnxopt.save_model(result.model, dst)
+    report = result.report
+    extra = {"iterations": report.iterations, "converged": report.converged, "pass_runs": len(report.records),
+             "report_seconds": round(report.seconds, 3)}
+    if report.verification is not None:
+        extra["verification"] = report.verification.summary()
+    return extra
+
+
+def run_onnxopt_noverify(src: str, dst: str) -> dict:
+    return run_onnxopt(src, dst, verify=False)
+
+
+def run_onnxsim(src: str, dst: str) -> dict:
+    """``onnxsim.simplify(model)`` with its defaults (check_n=0: no numeric check)."""
+    import onnx
+    from onnxsim import simplify
+
+    model, check = simplify(onnx.load(src))
+    _save(model, dst)
+    return {"check": bool(check)}
+
+
+def run_onnxslim(src: str, dst: str) -> dict:
+    """``onnxslim.slim(path)`` with its defaults."""
+    import onnxslim
+
+    model = onnxslim.slim(src)
+    _save(model, dst)
+    return {}
+
+
+def run_onnxoptimizer(src: str, dst: str) -> dict:
+    """``onnxoptimizer.optimize(model)``: its default fuse-and-eliminate passes."""
+    import onnx
+    import onnxoptimizer
+
+    model = onnxoptimizer.optimize(onnx.load(src))
+    _save(model, dst)
+    return {}
+
+
+def run_graphsurgeon(src: str, dst: str) -> dict:
+    """onnx-graphsurgeon ``fold_constants().cleanup()``, the step Polygraphy's sanitize runs."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(onnx.load(src))
+    graph.fold_constants().cleanup()
+    _save(gs.export_onnx(graph), dst)
+    return {}
+
+
+def run_ort_basic(src: str, dst: str) -> dict:
+    """onnxruntime's offline optimizer: a session at ORT_ENABLE_BASIC that saves the optimized graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = dst
+    options.log_severity_level = 3
+    ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+    return {}
+
+
+TOOLS = {
+    "onnxopt": run_onnxopt,
+    "onnxopt-noverify": run_onnxopt_noverify,
+    "onnxsim": run_onnxsim,
+    "onnxslim": run_onnxslim,
+    "onnxoptimizer": run_onnxoptimizer,
+    "graphsurgeon": run_graphsurgeon,
+    "ort-basic": run_ort_basic,
+}
+
+# The packages each tool needs: imported before the clock starts, reported with the results.
+TOOL_PACKAGES = {
+    "onnxopt": ["onnxopt"],
+    "onnxopt-noverify": ["onnxopt"],
+    "onnxsim": ["onnxsim"],
+    "onnxslim": ["onnxslim"],
+    "onnxoptimizer": ["onnxoptimizer"],
+    "graphsurgeon": ["onnx_graphsurgeon"],
+    "ort-basic": ["onnxruntime"],
+}
+
+PEERS = ["onnxsim", "onnxslim", "onnxoptimizer", "graphsurgeon", "ort-basic"]
+
+
+def _peak_rss_bytes() -> int:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, children) * 1024  # Linux reports kilobytes
+
+
+def child_main(tool: str, src: str, dst: str, result_path: str) -> int:
+    record: dict = {"tool": tool, "ok": False}
+    start = time.perf_counter()
+    try:
+        import importlib
+
+        for package in TOOL_PACKAGES[tool]:
+            importlib.import_module(package)
+        record["import_seconds"] = round(time.perf_counter() - start, 3)
+        record["rss_after_import_bytes"] = _peak_rss_bytes()
+        start = time.perf_counter()
+        record["extra"] = TOOLS[tool](src, dst)
+        record["seconds"] = time.perf_counter() - start
+        record["ok"] = Path(dst).exists()
+        if not record["ok"]:
+            record["error"] = "the tool returned without writing a model"
+    except BaseException as error:  # noqa: BLE001 - every failure is a result to record
+        record["seconds"] = time.perf_counter() - start
+        message = str(error).strip()
+        record["error"] = f"{type(error).__name__}: {message}"[:4000]
+        record["traceback"] = "".join(traceback.format_exception(error))[-6000:]
+    record["peak_rss_bytes"] = _peak_rss_bytes()
+    Path(result_path).write_text(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] not in TOOLS:
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(TOOLS)}}} INPUT OUTPUT RESULT_JSON")
+    sys.exit(child_main(*sys.argv[1:]))
