@@ -123,6 +123,12 @@ def _perm(node: gs.Node) -> list[int] | None:
     return list(reversed(range(len(shape)))) if shape is not None else None
 
 
+def _remove_transpose(graph: gs.Graph, node: gs.Node) -> None:
+    source, output = node.inputs[0], node.outputs[0]
+    ir.remove_nodes(graph, [node])
+    ir.replace_all_uses(graph, output, source)
+
+
 def _fuse_transposes(graph: gs.Graph, node: gs.Node) -> bool:
     if not _standard(node, "Transpose"):
         return False
@@ -130,9 +136,7 @@ def _fuse_transposes(graph: gs.Graph, node: gs.Node) -> bool:
     if perm is None:
         return False
     if perm == list(range(len(perm))):
-        source, output = node.inputs[0], node.outputs[0]
-        ir.remove_nodes(graph, [node])
-        ir.replace_all_uses(graph, output, source)
+        _remove_transpose(graph, node)
         return True
     first = node.inputs[0]
     if len(first.inputs) != 1 or not _standard(first.inputs[0], "Transpose") \
@@ -147,6 +151,10 @@ def _fuse_transposes(graph: gs.Graph, node: gs.Node) -> bool:
     node.attrs["perm"] = composed
     if not first.outputs and not ir.is_graph_output(graph, first):
         ir.remove_nodes(graph, [inner])
+    # A cancelling pair leaves an identity permutation; the sweep does not revisit this node, so drop
+    # it now: otherwise one run leaves a no-op Transpose and a second run still reports a change.
+    if composed == list(range(len(composed))):
+        _remove_transpose(graph, node)
     return True
 
 

@@ -1,0 +1,443 @@
+"""Tests of ``fuse``: Conv+BatchNormalization, MatMul+Add -> Gemm and Transpose pairs."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from helpers import assert_same_outputs, make_model, op_counts, random_feeds, tensor, value
+from onnx import TensorProto, helper
+
+from onnxopt import ir
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import PassContext
+from onnxopt.passes.fuse import Fuse, fold_batchnorm
+
+
+def fuse(model: onnx.ModelProto):
+    """Runs fuse once; checks the pass contracts and onnx.checker on the result."""
+    graph = ir.import_model(model)
+    signature = IOSignature.of(graph)
+    result = Fuse()(graph, PassContext(original=model))
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, result
+
+
+def symbolic(name: str, elem: int, rank: int) -> onnx.ValueInfoProto:
+    """A graph output of known rank; onnx.checker requires a shape, inference fills in the rest."""
+    return value(name, elem, [f"{name}_{axis}" for axis in range(rank)])
+
+
+def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    return [vi.name for vi in model.graph.input], [vi.name for vi in model.graph.output]
+
+
+def assert_unchanged(model: onnx.ModelProto) -> None:
+    optimized, result = fuse(model)
+    assert not result.modified, result.stats
+    assert op_counts(optimized) == op_counts(model)
+    assert_same_outputs(model, optimized)
+
+
+def parse(text: str) -> onnx.ModelProto:
+    model = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]>' + text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conv + BatchNormalization
+
+
+def conv_bn_model(spatial=(5, 5), channels_in=4, channels_out=6, group=1, conv_bias=True, dtype=np.float32,
+                  bn_attrs=None, params_as_inputs=(), extra_outputs=(), bn_outputs=("y",), opset=17, seed=0):
+    """x -> Conv(w, b) -> BatchNormalization -> y, with random weights and a positive variance."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    kernel = (3,) * len(spatial)
+    weight = rng.standard_normal((channels_out, channels_in // group, *kernel)).astype(dtype)
+    params = {
+        "scale": rng.uniform(0.5, 2.0, channels_out), "offset": rng.standard_normal(channels_out),
+        "mean": rng.standard_normal(channels_out), "var": rng.uniform(0.1, 2.0, channels_out),
+    }
+    inits = [tensor("w", weight)]
+    conv_inputs = ["x", "w"]
+    if conv_bias:
+        inits.append(tensor("b", rng.standard_normal(channels_out).astype(dtype)))
+        conv_inputs.append("b")
+    inputs = [value("x", elem, [1, channels_in, *spatial])]
+    for name, values in params.items():
+        if name in params_as_inputs:
+            inputs.append(value(name, elem, [channels_out]))
+        else:
+            inits.append(tensor(name, values.astype(dtype)))
+    nodes = [
+        helper.make_node("Conv", conv_inputs, ["c"], name="conv", group=group, pads=[1] * 2 * len(spatial)),
+        helper.make_node("BatchNormalization", ["c", "scale", "offset", "mean", "var"], list(bn_outputs),
+                         name="bn", **(bn_attrs or {})),
+    ]
+    outputs = [symbolic("y", elem, 2 + len(spatial))] + [symbolic(name, elem, 1) for name in extra_outputs]
+    return make_model(nodes, inputs, outputs, inits, opset=opset)
+
+
+@pytest.mark.parametrize("spatial", [(7,), (5, 5), (3, 4, 5)], ids=["conv1d", "conv2d", "conv3d"])
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("group", [1, 2, 4], ids=["dense", "grouped", "depthwise"])
+def test_conv_batchnorm_is_folded_into_the_conv(spatial, conv_bias, group):
+    model = conv_bn_model(spatial, channels_in=4, channels_out=4 if group == 4 else 6, group=group,
+                          conv_bias=conv_bias, bn_attrs={"epsilon": 1e-3})
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    assert result.stats["conv_batchnorm"] == 1
+    conv = optimized.graph.node[0]
+    assert list(conv.output) == ["y"] and len(conv.input) == 3
+    assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "group")) == group
+    assert io_names(optimized) == io_names(model)
+    assert_same_outputs(model, optimized, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_batchnorm_float16():
+    model = conv_bn_model((5, 5), dtype=np.float16)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    assert {t.data_type for t in optimized.graph.initializer} == {TensorProto.FLOAT16}
+    assert_same_outputs(model, optimized, rtol=1e-2, atol=2e-2)
+
+
+def test_fold_batchnorm_matches_the_formula():
+    rng = np.random.default_rng(1)
+    weight, bias = rng.standard_normal((3, 2, 1, 1)), rng.standard_normal(3)
+    scale, offset, mean, var = rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(0.1, 1, 3)
+    new_weight, new_bias = fold_batchnorm(weight, bias, scale, offset, mean, var, 1e-5)
+    x = rng.standard_normal(2)
+    conv = weight[:, :, 0, 0] @ x + bias
+    expected = (conv - mean) / np.sqrt(var + 1e-5) * scale + offset
+    np.testing.assert_allclose(new_weight[:, :, 0, 0] @ x + new_bias, expected, rtol=1e-12)
+
+
+def test_conv_batchnorm_in_training_mode_is_not_fused():
+    # Training mode normalizes with the batch's statistics, not the constants.
+    model = conv_bn_model(bn_attrs={"training_mode": 1}, bn_outputs=("y", "running_mean", "running_var"))
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"Conv": 1, "BatchNormalization": 1}
+
+
+def test_conv_batchnorm_with_used_running_statistics_is_not_fused():
+    model = conv_bn_model(bn_attrs={"training_mode": 1}, bn_outputs=("y", "running_mean", "running_var"),
+                          extra_outputs=("running_mean",))
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"Conv": 1, "BatchNormalization": 1}
+
+
+def test_conv_batchnorm_with_used_extra_outputs_in_old_opset_is_not_fused():
+    model = conv_bn_model(opset=9, bn_outputs=("y", "mean_out", "var_out", "saved_mean", "saved_var"),
+                          extra_outputs=("var_out",))
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"Conv": 1, "BatchNormalization": 1}
+
+
+@pytest.mark.parametrize("param", ["scale", "offset", "mean", "var"])
+def test_conv_batchnorm_with_non_constant_parameters_is_not_fused(param):
+    model = conv_bn_model(params_as_inputs=(param,))
+    feeds = random_feeds(model)
+    if param == "var":
+        feeds["var"] = np.abs(feeds["var"]) + 0.1
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"Conv": 1, "BatchNormalization": 1}
+    assert_same_outputs(model, optimized, feeds)
+
+
+def test_conv_batchnorm_with_non_constant_weight_is_not_fused():
+    model = conv_bn_model()
+    model.graph.input.append(value("w", TensorProto.FLOAT, [6, 4, 3, 3]))
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "w"))
+    assert_unchanged(model)
+
+
+def test_conv_output_used_twice_is_not_fused():
+    model = conv_bn_model()
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
+    model.graph.output.append(symbolic("r", TensorProto.FLOAT, 4))
+    assert_unchanged(model)
+
+
+def test_conv_output_that_is_a_graph_output_is_not_fused():
+    model = conv_bn_model()
+    model.graph.output.append(symbolic("c", TensorProto.FLOAT, 4))
+    assert_unchanged(model)
+
+
+def test_conv_batchnorm_consumer_before_producer_order_is_sorted():
+    # A reader of the BatchNormalization output must still come after the new Conv.
+    model = conv_bn_model()
+    model.graph.output[0].name = "z"
+    model.graph.node.append(helper.make_node("Relu", ["y"], ["z"]))
+    optimized, _ = fuse(model)
+    assert [n.op_type for n in optimized.graph.node] == ["Conv", "Relu"]
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MatMul + Add -> Gemm
+
+
+def matmul_add_model(a_shape=(3, 4), n=5, bias_shape=(5,), dtype=np.float32, bias_first=False,
+                     b_constant=True, bias_constant=True, a_through_relu=False):
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    k = a_shape[-1] if isinstance(a_shape[-1], int) else 4
+    inits, inputs = [], [value("a", elem, list(a_shape))]
+    b = (rng.standard_normal((k, n)) * 3).astype(dtype)
+    c = (rng.standard_normal(bias_shape) * 3).astype(dtype)
+    if b_constant:
+        inits.append(tensor("b", b))
+    else:
+        inputs.append(value("b", elem, [k, n]))
+    if bias_constant:
+        inits.append(tensor("bias", c))
+    else:
+        inputs.append(value("bias", elem, list(bias_shape)))
+    nodes = []
+    source = "a"
+    if a_through_relu:
+        nodes.append(helper.make_node("Relu", ["a"], ["a_relu"]))
+        source = "a_relu"
+    nodes.append(helper.make_node("MatMul", [source, "b"], ["mm"], name="mm"))
+    nodes.append(helper.make_node("Add", ["bias", "mm"] if bias_first else ["mm", "bias"], ["y"], name="add"))
+    rank = max(len(a_shape), len(bias_shape))
+    return make_model(nodes, inputs, [symbolic("y", elem, rank)], inits)
+
+
+@pytest.mark.parametrize("bias_shape", [(5,), (1, 5), (3, 5), (), (1,), (3, 1), (1, 1)],
+                         ids=["N", "1xN", "MxN", "scalar", "1", "Mx1", "1x1"])
+@pytest.mark.parametrize("bias_first", [False, True], ids=["mm+bias", "bias+mm"])
+def test_matmul_add_becomes_gemm(bias_shape, bias_first):
+    model = matmul_add_model(bias_shape=bias_shape, bias_first=bias_first)
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"Gemm": 1}
+    assert result.stats["matmul_add_to_gemm"] == 1
+    assert list(optimized.graph.node[0].output) == ["y"]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("bias_shape", [(5,), (1, 5)])
+def test_matmul_add_with_symbolic_rows_becomes_gemm(bias_shape):
+    model = matmul_add_model(a_shape=("M", 4), bias_shape=bias_shape)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Gemm": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_matmul_add_on_an_intermediate_value_uses_inferred_shapes():
+    model = matmul_add_model(a_through_relu=True, dtype=np.float64)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Gemm": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_matmul_add_with_3d_input_is_not_fused():
+    assert_unchanged(matmul_add_model(a_shape=(2, 3, 4)))
+
+
+def test_matmul_add_with_unknown_input_rank_is_not_fused():
+    model = parse("""
+    g (float[3,4] x, int64[R] s) => (float[M, N] y) <float[4,5] b = {1.,2.,3.,4.,5.,1.,2.,3.,4.,5.,1.,2.,3.,4.,5.,1.,2.,3.,4.,5.}, float[5] bias = {1.,2.,3.,4.,5.}> {
+      a = Reshape(x, s)
+      mm = MatMul(a, b)
+      y = Add(mm, bias)
+    }""")
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert_same_outputs(model, optimized, {"x": np.ones((3, 4), np.float32), "s": np.array([3, 4])})
+
+
+def test_matmul_add_with_non_constant_weight_is_not_fused():
+    assert_unchanged(matmul_add_model(b_constant=False))
+
+
+def test_matmul_add_with_non_constant_addend_is_not_fused():
+    assert_unchanged(matmul_add_model(bias_constant=False))
+
+
+@pytest.mark.parametrize("bias_shape", [(3, 1), (2, 5), (4, 1, 5)], ids=["Mx1", "wrong-rows", "3d"])
+def test_matmul_add_with_bias_that_broadcasts_both_ways_is_not_fused(bias_shape):
+    # With M unknown, Add([M, N], [3, 1]) may grow the result; Gemm's C only broadcasts one way.
+    model = matmul_add_model(a_shape=("M", 4), bias_shape=bias_shape)
+    optimized, result = fuse(model)
+    assert not result.modified
+    rows = bias_shape[-2] if len(bias_shape) > 1 and bias_shape[-2] != 1 else 1
+    assert_same_outputs(model, optimized, {"a": np.ones((rows, 4), np.float32)})
+    assert_same_outputs(model, optimized, {"a": np.ones((1, 4), np.float32)})
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float16])
+def test_matmul_add_with_other_dtypes_is_not_fused(dtype):
+    assert_unchanged(matmul_add_model(dtype=dtype))
+
+
+def test_matmul_output_used_elsewhere_is_not_fused():
+    model = matmul_add_model()
+    model.graph.output.append(symbolic("mm", TensorProto.FLOAT, 2))
+    assert_unchanged(model)
+
+
+def test_add_of_two_matmuls_fuses_one_of_them():
+    model = matmul_add_model()
+    model.graph.node[-1].input[:] = ["mm", "mm2"]
+    model.graph.node.insert(1, helper.make_node("MatMul", ["a", "b"], ["mm2"]))
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "bias"))
+    optimized, result = fuse(model)
+    # The addend is not constant either way.
+    assert not result.modified
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transpose pairs
+
+
+def transpose_model(shape, perms, graph_io=False, first_used_elsewhere=False):
+    """x -> Transpose(perm_1) -> ... -> Transpose(perm_k) -> y, optionally wrapped in Relu before and after."""
+    nodes, current = [], "x"
+    if not graph_io:
+        nodes.append(helper.make_node("Relu", ["x"], ["x_relu"]))
+        current = "x_relu"
+    for index, perm in enumerate(perms):
+        attrs = {} if perm is None else {"perm": list(perm)}
+        nodes.append(helper.make_node("Transpose", [current], [f"t{index}"], name=f"transpose{index}", **attrs))
+        current = f"t{index}"
+    if graph_io:
+        nodes[-1].output[0] = "y"
+    else:
+        nodes.append(helper.make_node("Neg", [current], ["y"]))
+    outputs = [symbolic("y", TensorProto.FLOAT, len(shape))]
+    if first_used_elsewhere:
+        outputs.append(symbolic("t0", TensorProto.FLOAT, len(shape)))
+    return make_model(nodes, [value("x", TensorProto.FLOAT, list(shape))], outputs)
+
+
+def test_cancelling_transposes_are_removed():
+    model = transpose_model((2, 3, 4), [(0, 2, 1), (0, 2, 1)])
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Neg": 1}
+    assert result.modified
+    assert_same_outputs(model, optimized)
+
+
+def test_cancelling_transposes_before_a_graph_output_keep_its_name():
+    model = transpose_model((2, 3, 4), [(1, 2, 0), (2, 0, 1)])
+    model.graph.node.pop()
+    model.graph.node[-1].output[0] = "y"
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1}
+    assert list(optimized.graph.node[0].output) == ["y"]
+    assert io_names(optimized) == io_names(model)
+    assert_same_outputs(model, optimized)
+
+
+def test_cancelling_transposes_from_graph_input_to_graph_output_leave_an_identity():
+    model = transpose_model((2, 3, 4), [(0, 2, 1), (0, 2, 1)], graph_io=True)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Identity": 1}
+    assert io_names(optimized) == io_names(model)
+    assert_same_outputs(model, optimized)
+
+
+def test_identity_transpose_is_removed():
+    model = transpose_model((2, 3, 4), [(0, 1, 2)])
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Neg": 1}
+    assert_same_outputs(model, optimized)
+
+
+def _perm_pairs(rank, count, seed):
+    rng = np.random.default_rng(seed)
+    perms = list(itertools.permutations(range(rank)))
+    return [(perms[i], perms[j]) for i, j in rng.integers(0, len(perms), (count, 2))]
+
+
+def _inverse_pairs(rank, count, seed):
+    rng = np.random.default_rng(seed)
+    perms = [tuple(int(a) for a in rng.permutation(rank)) for _ in range(count)]
+    return [(perm, tuple(int(a) for a in np.argsort(perm))) for perm in perms]
+
+
+@pytest.mark.parametrize("first,second", _perm_pairs(3, 8, 0) + _perm_pairs(4, 12, 1) + _inverse_pairs(3, 3, 2)
+                         + _inverse_pairs(4, 4, 3))
+def test_transpose_pairs_compose(first, second):
+    shape = (2, 3, 4, 5)[: len(first)]
+    model = transpose_model(shape, [first, second])
+    optimized, _ = fuse(model)
+    composed = [first[axis] for axis in second]
+    expected = {"Relu": 1, "Neg": 1} if composed == sorted(composed) else {"Relu": 1, "Neg": 1, "Transpose": 1}
+    assert op_counts(optimized) == expected
+    assert_same_outputs(model, optimized)
+
+
+def test_three_transposes_become_one():
+    model = transpose_model((2, 3, 4, 5), [(0, 2, 3, 1), (3, 1, 0, 2), (1, 0, 3, 2)])
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Neg": 1, "Transpose": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_transposes_without_perm_reverse_the_axes():
+    model = transpose_model((2, 3, 4), [None, None])
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Neg": 1}
+    assert_same_outputs(model, optimized)
+
+    model = transpose_model((2, 3, 4, 5), [None, (0, 2, 1, 3)])
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Neg": 1, "Transpose": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_transposes_without_perm_and_unknown_rank_are_kept():
+    model = parse("""
+    g (float[2,3,4] x, int64[R] s) => (float[a, b, c] y) {
+      r = Reshape(x, s)
+      t = Transpose(r)
+      y = Transpose(t)
+    }""")
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert_same_outputs(model, optimized, {"x": random_feeds(model)["x"], "s": np.array([4, 3, 2])})
+
+
+def test_first_transpose_used_elsewhere_stays():
+    model = transpose_model((2, 3, 4), [(1, 2, 0), (1, 0, 2)], first_used_elsewhere=True)
+    optimized, _ = fuse(model)
+    counts = op_counts(optimized)
+    assert counts["Transpose"] == 2
+    transposes = [n for n in optimized.graph.node if n.op_type == "Transpose"]
+    assert all(n.input[0] == "x_relu" for n in transposes)
+    assert_same_outputs(model, optimized)
+
+
+def test_first_transpose_cancelled_but_used_elsewhere_stays():
+    model = transpose_model((2, 3, 4), [(0, 2, 1), (0, 2, 1)], first_used_elsewhere=True)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Relu": 1, "Neg": 1, "Transpose": 1}
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subgraphs
+
+
+def test_fuse_is_idempotent():
+    model = conv_bn_model()
+    once, first = fuse(model)
+    twice, second = fuse(once)
+    assert first.modified and not second.modified
+    assert op_counts(twice) == op_counts(once)
