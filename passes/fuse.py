@@ -48,7 +48,7 @@ def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarra
     return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
 
 
-def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
+def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
     if not _standard(node, "BatchNormalization") or len(node.inputs) != 5:
         return False
     if node.attrs.get("training_mode", 0) or node.attrs.get("spatial", 1) != 1:
@@ -68,10 +68,12 @@ def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node) -> bool:
         return False
     new_weight, new_bias = fold_batchnorm(weight, bias, *params, float(node.attrs.get("epsilon", 1e-5)))
     output = node.outputs[0]
+    # Names come from the whole model, not just this (sub)graph: a branch constant that reuses an outer
+    # name shadows it, and reloading such a model binds the branch to the outer value.
     fused = gs.Node(
         "Conv", name=conv.name, attrs=dict(conv.attrs),
-        inputs=[conv.inputs[0], ir.make_constant(graph, new_weight, f"{conv.inputs[1].name}_bn"),
-                ir.make_constant(graph, new_bias, f"{conv.name or 'conv'}_bn_bias")],
+        inputs=[conv.inputs[0], ir.make_constant(root, new_weight, f"{conv.inputs[1].name}_bn"),
+                ir.make_constant(root, new_bias, f"{conv.name or 'conv'}_bn_bias")],
         outputs=[],
     )
     ir.remove_nodes(graph, [conv, node])
@@ -87,7 +89,7 @@ def _broadcasts_to(shape: tuple, rows, cols: int) -> bool:
     return all(d == 1 or (isinstance(t, int) and d == t) for d, t in zip(shape, target))
 
 
-def _fuse_matmul_add(graph: gs.Graph, node: gs.Node) -> bool:
+def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
     if not _standard(node, "Add") or len(node.inputs) != 2:
         return False
     for slot in (0, 1):
@@ -129,7 +131,7 @@ def _remove_transpose(graph: gs.Graph, node: gs.Node) -> None:
     ir.replace_all_uses(graph, output, source)
 
 
-def _fuse_transposes(graph: gs.Graph, node: gs.Node) -> bool:
+def _fuse_transposes(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
     if not _standard(node, "Transpose"):
         return False
     perm = _perm(node)
@@ -177,7 +179,7 @@ class Fuse(Pass):
                 if not node.outputs:
                     continue
                 for rule, rewrite in RULES:
-                    if rewrite(sub, node):
+                    if rewrite(sub, node, graph):
                         counts[rule] += 1
                         changed = True
                         break

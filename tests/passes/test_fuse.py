@@ -435,6 +435,83 @@ def test_first_transpose_cancelled_but_used_elsewhere_stays():
 # Subgraphs
 
 
+def _bn_params(rng, prefix, channels=4):
+    values = (rng.uniform(0.5, 2, channels), rng.standard_normal(channels), rng.standard_normal(channels),
+              rng.uniform(0.1, 2, channels))
+    return [tensor(f"{prefix}{n}", v.astype(np.float32)) for n, v in zip("somv", values)]
+
+
+def _branch(rng, name, out):
+    """Conv+BN (own parameters, shared outer weight), a cancelling Transpose pair and MatMul+Add."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], [f"{name}_c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", [f"{name}_c"] + [f"{name}_{n}" for n in "somv"], [f"{name}_bn"]),
+        helper.make_node("Transpose", [f"{name}_bn"], [f"{name}_t1"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", [f"{name}_t1"], [f"{name}_t2"], perm=[0, 3, 1, 2]),
+        helper.make_node("Add", [f"{name}_t2", "bn"], [f"{name}_sum"]),
+        helper.make_node("Reshape", [f"{name}_sum", "flat"], [f"{name}_flat"]),
+        helper.make_node("MatMul", [f"{name}_flat", "b"], [f"{name}_mm"]),
+        helper.make_node("Add", [f"{name}_mm", "bias"], [out]),
+    ]
+    return helper.make_graph(nodes, name, [], [symbolic(out, TensorProto.FLOAT, 2)], _bn_params(rng, f"{name}_"))
+
+
+def if_model():
+    rng = np.random.default_rng(0)
+    inits = [tensor("w", rng.standard_normal((4, 4, 3, 3)).astype(np.float32)), *_bn_params(rng, ""),
+             tensor("b", rng.standard_normal((4, 5)).astype(np.float32)),
+             tensor("bias", rng.standard_normal(5).astype(np.float32)), tensor("flat", np.array([-1, 4], np.int64))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["bn"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=_branch(rng, "then", "a"),
+                              else_branch=_branch(rng, "else", "b_out"))]
+    return make_model(nodes, [value("x", TensorProto.FLOAT, [1, 4, 5, 5]), value("cond", TensorProto.BOOL, [])],
+                      [symbolic("y", TensorProto.FLOAT, 2)], inits)
+
+
+def test_fusions_apply_inside_if_branches():
+    model = if_model()
+    optimized, result = fuse(model)
+    assert result.stats == {"conv_batchnorm": 3, "transpose_transpose": 2, "matmul_add_to_gemm": 0}
+    for flag in (True, False):
+        feeds = {"x": random_feeds(model)["x"], "cond": np.array(flag)}
+        assert_same_outputs(model, optimized, feeds)
+
+
+def test_constants_made_in_branches_do_not_shadow_outer_names():
+    # Each branch folds its own BatchNormalization into the shared weight "w": the folded weights
+    # differ, so a branch constant reusing the main graph's name would bind to the wrong value once
+    # the model is loaded again.
+    optimized, _ = fuse(if_model())
+    reloaded, result = fuse(optimized)
+    assert not result.modified
+    names = [t.name for t in optimized.graph.initializer]
+    for node in optimized.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                names += [t.name for t in attr.g.initializer]
+    assert len(names) == len(set(names))
+    for flag in (True, False):
+        feeds = {"x": random_feeds(optimized)["x"], "cond": np.array(flag)}
+        assert_same_outputs(if_model(), reloaded, feeds)
+
+
+def test_producer_in_the_outer_graph_is_not_fused_into_a_branch():
+    model = parse("""
+    g (float[2,3,4] x, bool c) => (float[a, b, d] y) {
+      t = Transpose<perm = [0, 2, 1]>(x)
+      y = If(c) <
+        then_branch = g1 () => (float[2,3,4] p) { p = Transpose<perm = [0, 2, 1]>(t) },
+        else_branch = g2 () => (float[2,4,3] q) { q = Neg(t) }
+      >
+    }""")
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert op_counts(optimized)["Transpose"] == 2
+    for flag in (True, False):
+        assert_same_outputs(model, optimized, {"x": random_feeds(model)["x"], "c": np.array(flag)})
+
+
 def test_fuse_is_idempotent():
     model = conv_bn_model()
     once, first = fuse(model)
