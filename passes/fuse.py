@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import ir
@@ -117,6 +118,59 @@ def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
     return False
 
 
+def _infer_subgraph_shapes(graph: gs.Graph) -> None:
+    """Gives values made inside subgraph bodies the shapes onnx shape inference finds for them.
+
+    ``ir.infer_shapes`` fills in only the main graph, and MatMul+Add must know that ``A`` is 2-D. This
+    is a second inference over the model, so it runs only when a subgraph holds a MatMul. Weights are
+    stripped first (shapes rarely depend on them), as ``ir.infer_shapes`` does.
+    """
+    if not any(_standard(n, "MatMul") for sub in list(ir.all_graphs(graph))[1:] for n in sub.nodes):
+        return
+    exported = gs.export_onnx(graph, do_type_check=False)
+    opsets = [onnx.helper.make_opsetid(d, ir.opset_version(graph, d)) for d in ir.imported_domains(graph)]
+    model = onnx.helper.make_model(exported.graph, opset_imports=opsets)
+    model.ir_version = max(graph.ir_version or 8, 8)
+    model.functions.extend(exported.functions)
+    pending = [model.graph]
+    while pending:
+        proto = pending.pop()
+        for init in proto.initializer:
+            if init.data_location != onnx.TensorProto.EXTERNAL and len(init.raw_data) > 1 << 16:
+                init.ClearField("raw_data")
+                init.data_location = onnx.TensorProto.EXTERNAL
+                init.external_data.add(key="location", value="__stripped__")
+        pending += [a.g for n in proto.node for a in n.attribute if a.HasField("g")]
+        pending += [g for n in proto.node for a in n.attribute for g in a.graphs]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; unknown shapes only stop fusions
+        return
+    _copy_local_shapes(graph, inferred.graph, outermost=True)
+
+
+def _copy_local_shapes(graph: gs.Graph, proto: onnx.GraphProto, outermost: bool) -> None:
+    """Copies inferred shapes onto values produced inside (nested) subgraphs that have none yet."""
+    if not outermost:
+        infos = {vi.name: vi.type for vi in proto.value_info}
+        for node in graph.nodes:
+            for tensor in node.outputs:
+                info = infos.get(tensor.name)
+                if tensor.shape is None and info is not None and info.tensor_type.HasField("shape"):
+                    tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                    for d in info.tensor_type.shape.dim]
+    # Node names may be empty or repeated; a node's first output name is unique within its graph.
+    protos = {n.output[0]: n for n in proto.node if n.output}
+    for node in graph.nodes:
+        node_proto = protos.get(node.outputs[0].name) if node.outputs else None
+        if node_proto is None:
+            continue
+        for attr in node_proto.attribute:
+            sub = node.attrs.get(attr.name)
+            if attr.HasField("g") and isinstance(sub, gs.Graph):
+                _copy_local_shapes(sub, attr.g, outermost=False)
+
+
 def _perm(node: gs.Node) -> list[int] | None:
     perm = node.attrs.get("perm")
     if perm is not None:
@@ -173,6 +227,7 @@ class Fuse(Pass):
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts = {rule: 0 for rule, _ in RULES}
         ir.infer_shapes(graph)
+        _infer_subgraph_shapes(graph)
         for sub in list(ir.all_graphs(graph)):
             changed = False
             for node in list(sub.nodes):

@@ -472,7 +472,9 @@ def if_model():
 def test_fusions_apply_inside_if_branches():
     model = if_model()
     optimized, result = fuse(model)
-    assert result.stats == {"conv_batchnorm": 3, "transpose_transpose": 2, "matmul_add_to_gemm": 0}
+    assert result.stats == {"conv_batchnorm": 3, "transpose_transpose": 2, "matmul_add_to_gemm": 2}
+    counts = op_counts(optimized)
+    assert counts == {"Conv": 3, "If": 1, "Add": 2, "Reshape": 2, "Gemm": 2}
     for flag in (True, False):
         feeds = {"x": random_feeds(model)["x"], "cond": np.array(flag)}
         assert_same_outputs(model, optimized, feeds)
