@@ -5,7 +5,8 @@
   ``x = Conv(input, W, b)`` it equals ``Conv(input, W * s, (b - mean) * s + bias)`` with ``s`` scaling
   each output channel of ``W``. Computed in float64, then cast to the weight's dtype.
 * MatMul + Add -> Gemm, when ``A`` is known to be 2-D, ``B`` is a constant 2-D matrix and the added
-  constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule); float32/float64 only.
+  constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule); float32/float64 only, and
+  opset 7 or later (older Add and Gemm broadcast by other rules).
 * Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel;
   a Transpose with the identity permutation is removed.
 
@@ -54,6 +55,9 @@ def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool
         return False
     if node.attrs.get("training_mode", 0) or node.attrs.get("spatial", 1) != 1:
         return False
+    # Before opset 7, is_test=0 (the default) asks for batch statistics, i.e. training mode.
+    if (ir.opset_version(root) or 0) < 7 and not node.attrs.get("is_test", 0):
+        return False
     if any(t.name and (t.outputs or ir.is_graph_output(graph, t)) for t in node.outputs[1:]):
         return False
     conv = _single_use_producer(graph, node.inputs[0], "Conv")
@@ -92,6 +96,10 @@ def _broadcasts_to(shape: tuple, rows, cols: int) -> bool:
 
 def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
     if not _standard(node, "Add") or len(node.inputs) != 2:
+        return False
+    # Before opset 7, Add broadcasts the legacy way (broadcast=1 with an axis, e.g. a bias per row)
+    # and Gemm's C only broadcasts with broadcast=1: numpy broadcasting rules do not apply.
+    if (ir.opset_version(root) or 0) < 7:
         return False
     for slot in (0, 1):
         matmul = _single_use_producer(graph, node.inputs[slot], "MatMul")

@@ -136,6 +136,15 @@ def test_conv_batchnorm_with_used_running_statistics_is_not_fused():
     assert op_counts(optimized) == {"Conv": 1, "BatchNormalization": 1}
 
 
+@pytest.mark.parametrize("is_test,fused", [(0, False), (1, True)])
+def test_conv_batchnorm_before_opset_7_fuses_only_in_test_mode(is_test, fused):
+    # onnxruntime runs no opset-6 BatchNormalization; fold_batchnorm's own test covers the numbers.
+    model = conv_bn_model(opset=6, bn_attrs={"is_test": is_test})
+    optimized, result = fuse(model)
+    assert result.modified is fused
+    assert op_counts(optimized) == ({"Conv": 1} if fused else {"Conv": 1, "BatchNormalization": 1})
+
+
 def test_conv_batchnorm_with_used_extra_outputs_in_old_opset_is_not_fused():
     model = conv_bn_model(opset=9, bn_outputs=("y", "mean_out", "var_out", "saved_mean", "saved_var"),
                           extra_outputs=("var_out",))
@@ -290,7 +299,19 @@ def test_matmul_output_used_elsewhere_is_not_fused():
     assert_unchanged(model)
 
 
-def test_add_of_two_matmuls_fuses_one_of_them():
+def test_matmul_add_with_legacy_broadcast_before_opset_7_is_not_fused():
+    # Add-6 with axis=0 adds the bias per row; Gemm would add it per column (M == N here).
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["mm"]),
+             helper.make_node("Add", ["mm", "bias"], ["y"], broadcast=1, axis=0)]
+    model = make_model(nodes, [value("a", TensorProto.FLOAT, [3, 4])], [value("y", TensorProto.FLOAT, [3, 3])],
+                       [tensor("b", np.ones((4, 3), np.float32)), tensor("bias", np.arange(3, dtype=np.float32))],
+                       opset=6, ir_version=4)
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"MatMul": 1, "Add": 1}
+
+
+def test_add_of_two_matmuls_is_not_fused():
     model = matmul_add_model()
     model.graph.node[-1].input[:] = ["mm", "mm2"]
     model.graph.node.insert(1, helper.make_node("MatMul", ["a", "b"], ["mm2"]))
