@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 import onnx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from onnxopt import ir
@@ -25,12 +26,14 @@ from onnxopt.pass_infra import Pass, Target
 from onnxopt.registry import default_registry
 from onnxopt.verify import load_inputs, parse_input_shapes
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Markup is off by default: file names, tensor names and dims like "float[batch, 3]" are user text that
+# rich would otherwise parse as style tags (dropping them, or raising on "[/]"). Where we style, we escape.
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
     sys.exit(code)
 
 
@@ -103,9 +106,10 @@ def _print_report(report: Report) -> None:
     if report.verification is not None:
         verification = report.verification
         if verification.skipped:
-            out.print(f"[yellow]verification skipped:[/] {verification.skipped}")
+            out.print(f"[yellow]verification skipped:[/] {escape(verification.skipped)}", markup=True)
         elif verification.ok:
-            out.print(f"[green]verified[/] in onnxruntime: {verification.summary()[len('verified: '):]}")
+            out.print(f"[green]verified[/] in onnxruntime: {escape(verification.summary()[len('verified: '):])}",
+                      markup=True)
         else:
             diff = Table(title="outputs that differ", title_justify="left")
             for column in ("output", "dtype", "max abs diff", "max rel diff", "atol", "rtol", "problem"):
@@ -129,13 +133,36 @@ class ProgressInstrument:
         self.status = status
 
     def before_pass(self, pass_: Pass, iteration: int) -> None:
-        self.status.update(f"iteration {iteration}: running [bold]{pass_.spec()}[/]")
+        self.status.update(f"iteration {iteration}: running [bold]{escape(pass_.spec())}[/]")
 
     def after_pass(self, record: PassRecord) -> None:
         pass
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrorsGroup(click.Group):
+    """Click's own usage errors (unknown option, bad --target, missing MODEL) follow the CLI's contract too:
+    one line on stderr and exit code 2, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # bare `onnxopt`: the help text is the answer
+                error.show()
+                sys.exit(error.exit_code)
+            hint = f" (see '{error.ctx.command_path} --help')" if error.ctx is not None else ""
+            _fail(error.format_message() + hint, error.exit_code)
+        except click.ClickException as error:
+            _fail(error.format_message(), error.exit_code)
+        except click.Abort:
+            _fail("interrupted; nothing was written", 130)
+        # In non-standalone mode click returns the exit code of --help/--version, or the command's value.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxopt")
 def main() -> None:
     """onnxopt: optimize ONNX models, verified in onnxruntime."""
@@ -179,6 +206,10 @@ def run_command(model, passes, output, target, verify_mode, no_verify, input_sha
     shapes = parse_input_shapes(input_shapes)
     inputs = load_inputs(inputs_path) if inputs_path else None
     output = output or default_output_path(model)
+    # Refused before the work, not after: a bad --report path used to fail once the output was written.
+    ir.check_output_path(output)
+    if report_path:
+        ir.check_output_path(report_path, "report")
     instruments = []
     status = None
     if not quiet:
@@ -216,7 +247,7 @@ def passes_command(plugins):
     registry = default_registry(plugins)
     table = Table(title="passes", title_justify="left")
     for column in ("name", "description", "options", "origin"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # fold, not "…": a plugin's origin is a path worth reading
     for name in registry.names():
         pass_class = registry.get(name)
         options = ", ".join(f"{f.name}={f.default}" for f in pass_class.option_fields())
@@ -270,8 +301,8 @@ def inspect_command(model, as_json):
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    out.print(f"[bold]{model}[/]  IR {proto.ir_version}, producer '{summary['producer']}', "
-              f"opsets {', '.join(f'{k} {v}' for k, v in summary['opsets'].items())}")
+    out.print(f"[bold]{escape(str(model))}[/]  IR {proto.ir_version}, producer '{escape(summary['producer'])}', "
+              f"opsets {escape(', '.join(f'{k} {v}' for k, v in summary['opsets'].items()))}", markup=True)
     out.print(f"{stats.nodes} nodes, {stats.initializers} initializers, weights {_human_bytes(stats.bytes)}, "
               f"file {_human_bytes(summary['file_bytes'])}{' + external data' if loaded.external_data else ''}")
     io = Table(title="inputs and outputs", title_justify="left")

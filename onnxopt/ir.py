@@ -27,7 +27,7 @@ from onnxopt.errors import ModelLoadError, UserError
 log = logging.getLogger("onnxopt")
 from onnx_graphsurgeon.logger import G_LOGGER
 
-G_LOGGER.module_severity = G_LOGGER.ERROR
+G_LOGGER.severity = G_LOGGER.ERROR
 
 # protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
@@ -40,6 +40,7 @@ __all__ = [
     "all_graphs",
     "all_nodes",
     "check_output_path",
+    "constant_array",
     "constant_value",
     "export_model",
     "graph_stats",
@@ -585,7 +586,7 @@ def tensor_nbytes(tensor: gs.Tensor) -> int:
     nbytes = getattr(values, "nbytes", None)
     if nbytes is not None:
         return int(nbytes)
-    return int(np.asarray(tensor.values).nbytes)
+    return int(constant_array(tensor).nbytes)
 
 
 def graph_stats(graph: gs.Graph) -> GraphStats:
@@ -660,15 +661,28 @@ def is_constant(tensor: gs.Tensor) -> bool:
     return constant_value(tensor) is not None
 
 
+def constant_array(constant: gs.Constant) -> np.ndarray:
+    """The data of a constant, in its exact dtype, without changing how the graph holds it.
+
+    graphsurgeon's ``Constant.values`` replaces a weight's TensorProto by a numpy copy for good (and casts
+    types numpy lacks, such as bfloat16, to float32, changing what is later written); this reads
+    the TensorProto instead and leaves it in place.
+    """
+    data = constant._values
+    if isinstance(data, gs.ir.tensor.LazyValues):
+        return numpy_helper.to_array(data.tensor)
+    return np.asarray(data)
+
+
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of an initializer or ``Constant`` node output as a numpy array, else ``None``."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return constant_array(tensor)
     if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain not in ("", None):
         return None
     attrs = tensor.inputs[0].attrs
     if isinstance(attrs.get("value"), gs.Constant):
-        return np.asarray(attrs["value"].values)
+        return constant_array(attrs["value"])
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)

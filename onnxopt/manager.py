@@ -158,7 +158,16 @@ class PassManager:
                 report.records.append(record)
                 changed |= record.modified
                 if self.verify_each and record.modified and not isinstance(reference[1], str):
-                    self._verify_step(graph, model, pass_, reference)
+                    try:
+                        self._verify_step(graph, model, pass_, reference)
+                    except VerificationError as error:
+                        # Give the failure the report so far, so that the CLI can show what differs.
+                        report.iterations = iteration
+                        report.after = _stats_dict(ir.graph_stats(graph))
+                        report.seconds = time.perf_counter() - started
+                        report.verification = error.comparison
+                        error.report = report
+                        raise
             report.iterations = iteration
             if not changed:
                 report.converged = True
