@@ -168,9 +168,9 @@ def _copy_local_shapes(graph: gs.Graph, proto: onnx.GraphProto, outermost: bool)
                     tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                     for d in info.tensor_type.shape.dim]
     # Node names may be empty or repeated; a node's first output name is unique within its graph.
-    protos = {n.output[0]: n for n in proto.node if n.output}
+    protos = {n.output[0]: n for n in proto.node if n.output and n.output[0]}
     for node in graph.nodes:
-        node_proto = protos.get(node.outputs[0].name) if node.outputs else None
+        node_proto = protos.get(node.outputs[0].name) if node.outputs and node.outputs[0].name else None
         if node_proto is None:
             continue
         for attr in node_proto.attribute:

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import assert_same_outputs, make_model, op_counts, random_feeds, tensor, value
 from onnx import TensorProto, helper
 
@@ -163,6 +165,40 @@ def test_conv_batchnorm_with_non_constant_parameters_is_not_fused(param):
     assert not result.modified
     assert op_counts(optimized) == {"Conv": 1, "BatchNormalization": 1}
     assert_same_outputs(model, optimized, feeds)
+
+
+def test_conv_batchnorm_with_overridable_parameter_is_not_fused():
+    # An initializer that is also a graph input is only a default: the caller may pass another scale.
+    model = conv_bn_model()
+    model.graph.input.append(value("scale", TensorProto.FLOAT, [6]))
+    optimized, result = fuse(model)
+    assert not result.modified
+    assert [vi.name for vi in optimized.graph.input] == ["x", "scale"]
+    feeds = random_feeds(model)
+    assert_same_outputs(model, optimized, feeds)
+
+
+def test_conv_batchnorm_float16_conv_with_float_statistics():
+    model = conv_bn_model(dtype=np.float16, opset=15)
+    for init in model.graph.initializer:
+        if init.name in ("scale", "offset", "mean", "var"):
+            init.CopyFrom(tensor(init.name, onnx.numpy_helper.to_array(init).astype(np.float32)))
+    onnx.checker.check_model(model, full_check=True)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    assert {t.data_type for t in optimized.graph.initializer} == {TensorProto.FLOAT16}
+    assert_same_outputs(model, optimized, rtol=1e-2, atol=2e-2)
+
+
+def test_conv_batchnorm_with_weights_from_constant_nodes():
+    model = conv_bn_model()
+    for name in ("w", "var"):
+        init = next(t for t in model.graph.initializer if t.name == name)
+        model.graph.node.insert(0, helper.make_node("Constant", [], [name], value=init))
+        model.graph.initializer.remove(init)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1, "Constant": 2}
+    assert_same_outputs(model, optimized)
 
 
 def test_conv_batchnorm_with_non_constant_weight_is_not_fused():
@@ -404,6 +440,16 @@ def test_transpose_pairs_compose(first, second):
     assert_same_outputs(model, optimized)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.integers(3, 4).flatmap(lambda rank: st.lists(st.permutations(range(rank)), min_size=2, max_size=4)))
+def test_transpose_chains_compose_exactly(perms):
+    model = transpose_model((2, 3, 4, 5)[: len(perms[0])], perms)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized).get("Transpose", 0) <= 1
+    assert_same_outputs(model, optimized)
+    assert not fuse(optimized)[1].modified
+
+
 def test_three_transposes_become_one():
     model = transpose_model((2, 3, 4, 5), [(0, 2, 3, 1), (3, 1, 0, 2), (1, 0, 3, 2)])
     optimized, _ = fuse(model)
@@ -533,6 +579,28 @@ def test_producer_in_the_outer_graph_is_not_fused_into_a_branch():
     assert op_counts(optimized)["Transpose"] == 2
     for flag in (True, False):
         assert_same_outputs(model, optimized, {"x": random_feeds(model)["x"], "c": np.array(flag)})
+
+
+def test_fusions_inside_a_loop_body_keep_the_loop_exact():
+    model = parse("""
+    g (float[2,4] x, int64 n, bool c) => (float[2,4] y) <float[4,4] b = {1.,0.,0.,0.,0.,1.,0.,0.,0.,0.,1.,0.,0.,0.,0.,1.},
+                                                        float[4] bias = {0.5, -0.5, 0.25, 1.0}> {
+      y = Loop(n, c, x) <
+        body = loop_body (int64 i, bool cond_in, float[2,4] acc) => (bool cond_out, float[2,4] acc_out) {
+          cond_out = Identity(cond_in)
+          t1 = Transpose<perm = [1, 0]>(acc)
+          t2 = Transpose<perm = [1, 0]>(t1)
+          r = Tanh(t2)
+          mm = MatMul(r, b)
+          acc_out = Add(bias, mm)
+        }
+      >
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["transpose_transpose"] == 1 and result.stats["matmul_add_to_gemm"] == 1
+    assert op_counts(optimized) == {"Loop": 1, "Identity": 1, "Tanh": 1, "Gemm": 1}
+    feeds = {"x": random_feeds(model)["x"], "n": np.array(3, np.int64), "c": np.array(True)}
+    assert_same_outputs(model, optimized, feeds)
 
 
 def test_fuse_is_idempotent():
