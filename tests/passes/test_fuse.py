@@ -114,7 +114,8 @@ def test_conv_batchnorm_float16():
 def test_fold_batchnorm_matches_the_formula():
     rng = np.random.default_rng(1)
     weight, bias = rng.standard_normal((3, 2, 1, 1)), rng.standard_normal(3)
-    scale, offset, mean, var = rng.uniform(0.5, 2, 3), rng.standard_normal(3), rng.standard_normal(3), rng.uniform(0.1, 1, 3)
+    scale, offset = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    mean, var = rng.standard_normal(3), rng.uniform(0.1, 1, 3)
     new_weight, new_bias = fold_batchnorm(weight, bias, scale, offset, mean, var, 1e-5)
     x = rng.standard_normal(2)
     conv = weight[:, :, 0, 0] @ x + bias
@@ -221,7 +222,7 @@ def test_conv_output_that_is_a_graph_output_is_not_fused():
     assert_unchanged(model)
 
 
-def test_conv_batchnorm_consumer_before_producer_order_is_sorted():
+def test_reader_of_the_fused_output_comes_after_the_new_conv():
     # A reader of the BatchNormalization output must still come after the new Conv.
     model = conv_bn_model()
     model.graph.output[0].name = "z"
@@ -295,7 +296,8 @@ def test_matmul_add_with_3d_input_is_not_fused():
 
 def test_matmul_add_with_unknown_input_rank_is_not_fused():
     model = parse("""
-    g (float[3,4] x, int64[R] s) => (float[M, N] y) <float[4,5] b = {1.,2.,3.,4.,5.,1.,2.,3.,4.,5.,1.,2.,3.,4.,5.,1.,2.,3.,4.,5.}, float[5] bias = {1.,2.,3.,4.,5.}> {
+    g (float[3,4] x, int64[R] s) => (float[M, N] y)
+      <float[4,5] b = {1.,2.,3.,4.,5.,1.,2.,3.,4.,5.,1.,2.,3.,4.,5.,1.,2.,3.,4.,5.}, float[5] bias = {1.,2.,3.,4.,5.}> {
       a = Reshape(x, s)
       mm = MatMul(a, b)
       y = Add(mm, bias)
@@ -583,8 +585,8 @@ def test_producer_in_the_outer_graph_is_not_fused_into_a_branch():
 
 def test_fusions_inside_a_loop_body_keep_the_loop_exact():
     model = parse("""
-    g (float[2,4] x, int64 n, bool c) => (float[2,4] y) <float[4,4] b = {1.,0.,0.,0.,0.,1.,0.,0.,0.,0.,1.,0.,0.,0.,0.,1.},
-                                                        float[4] bias = {0.5, -0.5, 0.25, 1.0}> {
+    g (float[2,4] x, int64 n, bool c) => (float[2,4] y)
+      <float[4,4] b = {1.,0.,0.,0.,0.,1.,0.,0.,0.,0.,1.,0.,0.,0.,0.,1.}, float[4] bias = {0.5, -0.5, 0.25, 1.0}> {
       y = Loop(n, c, x) <
         body = loop_body (int64 i, bool cond_in, float[2,4] acc) => (bool cond_out, float[2,4] acc_out) {
           cond_out = Identity(cond_in)
