@@ -261,9 +261,9 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
     return sum(_declared_nbytes(t) or len(t.raw_data) for t in _iter_model_tensors(model))
 
 
-def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorProto, bytes]]:
+def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorProto, bytes, bool]]:
     """Moves large tensors' bytes into ``data_path``; returns what to put back afterwards."""
-    moved: list[tuple[TensorProto, bytes]] = []
+    moved: list[tuple[TensorProto, bytes, bool]] = []
     offset = 0
     with open(data_path, "wb") as data_file:
         for tensor in _iter_model_tensors(model):
@@ -272,6 +272,7 @@ def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorPr
             if len(tensor.raw_data) < EXTERNAL_DATA_THRESHOLD_BYTES:
                 continue
             raw = tensor.raw_data
+            had_location = tensor.HasField("data_location")
             padding = (-offset) % 4096
             data_file.write(b"\0" * padding)
             offset += padding
@@ -282,15 +283,18 @@ def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorPr
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
             tensor.data_location = TensorProto.EXTERNAL
-            moved.append((tensor, raw))
+            moved.append((tensor, raw, had_location))
             offset += len(raw)
     return moved
 
 
-def _restore(moved: list[tuple[TensorProto, bytes]]) -> None:
-    for tensor, raw in moved:
+def _restore(moved: list[tuple[TensorProto, bytes, bool]]) -> None:
+    for tensor, raw, had_location in moved:
         del tensor.external_data[:]
+        # Clearing rather than setting DEFAULT keeps the message byte for byte as it was (proto2 presence).
         tensor.data_location = TensorProto.DEFAULT
+        if not had_location:
+            tensor.ClearField("data_location")
         tensor.raw_data = raw
 
 
@@ -341,7 +345,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     written: list[Path] = []
     try:
         staged_model = staging / path.name
-        moved: list[tuple[TensorProto, bytes]] = []
+        moved: list[tuple[TensorProto, bytes, bool]] = []
         converted: list[tuple[TensorProto, TensorProto]] = []
         data_file = staging / f"{path.name}.data"
         try:
