@@ -9,7 +9,14 @@ Never folded: operators outside the standard domain, random operators, nodes wit
 optional operators, and QuantizeLinear/DequantizeLinear (folding them would turn a quantized model's
 int8 weights back into floats).
 
-Size guard: folding may not grow the constants of the model by more than ``max_growth`` bytes in total.
+Shapes: with onnx shape inference, ``Shape`` and ``Size`` of tensors with static dimensions, and the
+shape arithmetic after them, fold even when other dimensions are dynamic (see ``fold_shapes``). An
+``If`` whose condition is constant is replaced by the branch it takes. Folding runs inside subgraph
+bodies too, where values captured from enclosing graphs count as constants when they are.
+
+Size guard: a node whose result is over ``max_expansion`` times larger than its inputs (and over
+``small_bytes``) stays a node (a ConstantOfShape, Expand or Tile that would write a huge tensor). Then
+folding may not grow the constants of the model by more than ``max_growth`` bytes in total.
 Growth counts the bytes of new initializers minus the bytes of constants that lose their last reader.
 While the budget is exceeded, the node whose output grows the model most stays a node (for example a
 ConstantOfShape that would write a huge tensor, or a Transpose of a weight that another node still reads).
@@ -151,14 +158,198 @@ def evaluate(graph: gs.Graph, nodes: list[gs.Node]) -> dict[str, np.ndarray]:
     return values
 
 
+_INT_ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": lambda a, b: a * b,
+                   "Div": lambda a, b: a // b if a >= 0 and b > 0 else None}
+
+
+@dataclass(frozen=True)
+class PartialValue:
+    """A small integer tensor (rank 0 or 1) some of whose elements are known, as shapes often are."""
+
+    elements: tuple[int | None, ...]
+    scalar: bool = False
+
+    @property
+    def known(self) -> bool:
+        return all(e is not None for e in self.elements)
+
+
+def _as_partial(tensor: gs.Tensor, partials: dict[int, PartialValue]) -> PartialValue | None:
+    if id(tensor) in partials:
+        return partials[id(tensor)]
+    value = ir.constant_value(tensor)
+    if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
+        return None
+    return PartialValue(tuple(int(v) for v in value.reshape(-1)), scalar=value.ndim == 0)
+
+
+def _shape_of(node: gs.Node) -> PartialValue | None:
+    shape = node.inputs[0].shape
+    if shape is None:
+        return None
+    dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+    rank = len(dims)
+    start = node.attrs.get("start", 0)
+    end = node.attrs.get("end", rank)
+    start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
+    return PartialValue(tuple(dims[start:end]))
+
+
+def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue | None:
+    """The partially known value of ``node``'s first output, for the shape-arithmetic operators."""
+    op = node.op
+    if op == "Shape":
+        return _shape_of(node)
+    inputs = [_as_partial(t, partials) if t.name else None for t in node.inputs]
+    if op == "Size":
+        shape = node.inputs[0].shape
+        if shape is not None and all(isinstance(d, int) and d >= 0 for d in shape):
+            return PartialValue((int(np.prod(shape, dtype=np.int64)),), scalar=True)
+        return None
+    if not inputs or inputs[0] is None:
+        return None
+    first = inputs[0]
+    if op in ("Identity", "Cast"):
+        if op == "Cast" and onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]).kind not in "iu":
+            return None
+        return first
+    if op == "Gather" and node.attrs.get("axis", 0) in (0, -1) and not first.scalar and inputs[1] is not None \
+            and id(node.inputs[1]) not in partials:
+        indices = ir.constant_value(node.inputs[1])
+        size = len(first.elements)
+        if indices.ndim > 1 or any(not -size <= int(i) < size for i in indices.reshape(-1)):
+            return None
+        picked = tuple(first.elements[int(i)] for i in indices.reshape(-1))
+        return PartialValue(picked, scalar=indices.ndim == 0)
+    if op == "Slice" and not first.scalar and len(node.inputs) >= 3:
+        params = [ir.constant_value(t) if t.name else None for t in node.inputs[1:5]]
+        if any(p is None for p in params[:2]) or any(p is not None and p.size != 1 for p in params):
+            return None
+        axes = params[2] if len(params) > 2 and params[2] is not None else np.array([0])
+        steps = params[3] if len(params) > 3 and params[3] is not None else np.array([1])
+        if int(axes.reshape(-1)[0]) not in (0, -1) or int(steps.reshape(-1)[0]) == 0:
+            return None
+        chosen = slice(int(params[0].reshape(-1)[0]), int(params[1].reshape(-1)[0]), int(steps.reshape(-1)[0]))
+        return PartialValue(tuple(first.elements[chosen]))
+    if op == "Concat" and node.attrs.get("axis") in (0, -1):
+        if any(p is None or p.scalar for p in inputs):
+            return None
+        return PartialValue(tuple(e for p in inputs for e in p.elements))
+    if op == "Unsqueeze" and first.scalar:
+        return PartialValue(first.elements)
+    if op == "Squeeze" and not first.scalar and len(first.elements) == 1:
+        return PartialValue(first.elements, scalar=True)
+    if op in _INT_ARITHMETIC and len(inputs) == 2 and inputs[1] is not None:
+        a, b = first, inputs[1]
+        if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
+            return None
+        count = max(len(a.elements), len(b.elements))
+        pick = lambda p, i: p.elements[0] if len(p.elements) == 1 else p.elements[i]  # noqa: E731
+        result = []
+        for i in range(count):
+            x, y = pick(a, i), pick(b, i)
+            result.append(None if x is None or y is None else _INT_ARITHMETIC[op](x, y))
+        return PartialValue(tuple(result), scalar=a.scalar and b.scalar)
+    return None
+
+
+def fold_shapes(graph: gs.Graph) -> int:
+    """Replaces shape computations whose result inferred shapes determine by constants; returns how many.
+
+    ``Shape`` of a tensor with some static dimensions gives a partially known value; Gather, Slice,
+    Concat, Cast, Squeeze/Unsqueeze and integer arithmetic carry the known elements along, and a value
+    whose elements are all known becomes a constant (so ``Gather(Shape(x), 1)`` folds when dimension 1 of
+    ``x`` is static, even if dimension 0 is dynamic).
+    """
+    partials: dict[int, PartialValue] = {}
+    replaced = 0
+    for node in list(graph.nodes):
+        if node.domain not in ("", None, "ai.onnx") or len(node.outputs) != 1 or not node.inputs:
+            continue
+        output = node.outputs[0]
+        dtype = np.int64 if node.op in ("Shape", "Size") else output.dtype
+        try:
+            partial = _propagate(node, partials)
+        except (KeyError, TypeError, ValueError, IndexError):
+            continue
+        if partial is None:
+            continue
+        if not partial.known:
+            partials[id(output)] = partial
+            continue
+        if node.op in ("Identity",) or (node.op != "Shape" and node.op != "Size" and dtype is None):
+            continue
+        values = np.array(partial.elements, dtype=np.dtype(dtype))
+        values = values.reshape(()) if partial.scalar else values
+        ir.replace_with_constant(graph, output, values)
+        ir.remove_nodes(graph, [node])
+        replaced += 1
+    return replaced
+
+
+def _names_in_scope(graph: gs.Graph) -> set[str]:
+    names: set[str] = set()
+    for sub in ir.all_graphs(graph):
+        names |= {t.name for t in sub.inputs}
+        for node in sub.nodes:
+            names |= {t.name for t in node.inputs if t.name}
+            names |= {t.name for t in node.outputs if t.name}
+    return names
+
+
+def inline_constant_ifs(graph: gs.Graph, root: gs.Graph) -> int:
+    """Replaces every ``If`` whose condition is constant by the nodes of the branch it takes."""
+    inlined = 0
+    for node in list(graph.nodes):
+        if node.op != "If" or node.domain not in ("", None, "ai.onnx") or not node.outputs:
+            continue
+        condition = ir.constant_value(node.inputs[0])
+        if condition is None or condition.size != 1:
+            continue
+        branch = node.attrs["then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"]
+        taken = set(_names_in_scope(branch))
+        outer = _names_in_scope(root) - taken
+        for inner in branch.nodes:
+            for tensor in inner.outputs:
+                if tensor.name in outer:
+                    tensor.name = ir.unique_name(root, tensor.name)
+        outputs, results = list(node.outputs), list(branch.outputs)
+        position = next(i for i, n in enumerate(graph.nodes) if n is node)
+        ir.remove_nodes(graph, [node])
+        graph.nodes[position:position] = list(branch.nodes)
+        for output, result in zip(outputs, results):
+            ir.replace_all_uses(graph, output, result)
+        inlined += 1
+    if inlined:
+        ir.toposort(graph)
+    return inlined
+
+
 @dataclass(frozen=True)
 class ConstantFolding(Pass):
-    """Evaluates nodes whose inputs are all constant and replaces them with initializers."""
+    """Evaluates nodes whose inputs are constant or whose shapes are known, and inlines constant Ifs."""
 
     name: ClassVar[str] = "fold"
     max_growth: int = 1 << 20
+    max_expansion: int = 16
+    small_bytes: int = 1 << 16
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        stats = {"folded": 0, "shapes_folded": 0, "ifs_inlined": 0, "kept_by_size_guard": 0}
+        for sub in list(ir.all_graphs(graph)):
+            stats["ifs_inlined"] += inline_constant_ifs(sub, graph)
+        ir.infer_shapes(graph)
+        for sub in list(ir.all_graphs(graph)):
+            stats["shapes_folded"] += fold_shapes(sub)
+            folded, kept = self._fold_constants(sub, in_subgraph=sub is not graph)
+            stats["folded"] += folded
+            stats["kept_by_size_guard"] += len(kept)
+            for node in kept:
+                ctx.log.info("fold: kept %s '%s' as a node (size guard)", node.op, node.name)
+        modified = stats["folded"] + stats["shapes_folded"] + stats["ifs_inlined"] > 0
+        return PassResult(modified=modified, stats=stats)
+
+    def _fold_constants(self, graph: gs.Graph, in_subgraph: bool) -> tuple[int, list[gs.Node]]:
         constant_names: set[str] = set()
         candidates: list[gs.Node] = []
         for node in graph.nodes:
@@ -168,7 +359,7 @@ class ConstantFolding(Pass):
                 candidates.append(node)
                 constant_names |= {t.name for t in node.outputs if t.name}
         if not candidates:
-            return PassResult(modified=False, stats={"folded": 0})
+            return 0, []
         values = evaluate(graph, candidates)
         folded: list[gs.Node] = []
         folded_names: set[str] = set()
@@ -177,10 +368,12 @@ class ConstantFolding(Pass):
             if inputs_known and all(not t.name or t.name in values for t in node.outputs):
                 folded.append(node)
                 folded_names |= {t.name for t in node.outputs if t.name}
-        kept = self._apply_size_guard(graph, folded, values)
-        removed = [n for n in folded if id(n) not in kept]
-        if not removed:
-            return PassResult(modified=False, stats={"folded": 0, "kept_by_size_guard": len(kept)})
+        kept_ids = self._apply_size_guard(graph, folded, values)
+        removed = [n for n in folded if id(n) not in kept_ids]
+        kept = [n for n in folded if id(n) in kept_ids]
+        if in_subgraph:
+            # A subgraph output must stay produced by a node of the subgraph: keep those producers.
+            removed = [n for n in removed if not any(ir.is_graph_output(graph, t) for t in n.outputs)]
         removed_ids = {id(n) for n in removed}
         for node in removed:
             for tensor in node.outputs:
@@ -188,11 +381,22 @@ class ConstantFolding(Pass):
                                     or any(id(c) not in removed_ids for c in tensor.outputs)):
                     ir.replace_with_constant(graph, tensor, values[tensor.name])
         ir.remove_nodes(graph, removed)
-        return PassResult(modified=True, stats={"folded": len(removed), "kept_by_size_guard": len(kept)})
+        return len(removed), kept
+
+    def _expands(self, node: gs.Node, values: dict[str, np.ndarray]) -> bool:
+        """Whether folding ``node`` writes a constant far larger than the constants it reads."""
+        produced = sum(values[t.name].nbytes for t in node.outputs if t.name)
+        read = sum(values[t.name].nbytes if t.name in values else ir.tensor_nbytes(t) for t in node.inputs if t.name)
+        return produced > self.small_bytes and produced > self.max_expansion * max(read, 1)
 
     def _apply_size_guard(self, graph: gs.Graph, folded: list[gs.Node], values: dict[str, np.ndarray]) -> set[int]:
-        """Ids of folded nodes that stay nodes so that the model grows by at most ``max_growth`` bytes."""
-        kept: set[int] = set()
+        """Ids of folded nodes that stay nodes so that folding does not blow the model up.
+
+        A node whose output is more than ``max_expansion`` times larger than its inputs (and larger than
+        ``small_bytes``) stays; then, while the constants would grow by more than ``max_growth`` bytes in
+        total, the node that grows them most stays.
+        """
+        kept: set[int] = {id(n) for n in folded if self._expands(n, values)}
         while True:
             active = {id(n) for n in folded if id(n) not in kept}
             needed = [
