@@ -532,6 +532,9 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     present = {t.name for t in model.graph.initializer}
     model.graph.initializer.extend(d for name, d in defaults.items() if name not in present)
     _keep_declared_io_types(model.graph, template.graph)
+    if hasattr(model.graph, "metadata_props") and not model.graph.metadata_props:
+        # graphsurgeon drops graph-level metadata (IR 10); it describes the graph as a whole, so it stays.
+        model.graph.metadata_props.extend(template.graph.metadata_props)
     if model.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
     return model
@@ -545,6 +548,18 @@ def _keep_declared_io_types(graph: onnx.GraphProto, original: onnx.GraphProto) -
             if value_info.name in types:
                 value_info.type.CopyFrom(types[value_info.name].type)
                 value_info.doc_string = types[value_info.name].doc_string
+
+
+def restore_attribute_tensor_names(model: onnx.ModelProto) -> None:
+    """Undoes the one change graphsurgeon's exporter makes to the model it imported from.
+
+    Exporting writes each constant's name into the TensorProto it was read from; for unnamed tensors in
+    node attributes (``Constant`` values) that marks an empty name as present, which changes the
+    caller's model bytes though not its meaning.
+    """
+    for tensor in _iter_model_tensors(model):
+        if not tensor.name and tensor.HasField("name"):
+            tensor.ClearField("name")
 
 
 def _copy_shell(template: onnx.ModelProto, model: onnx.ModelProto) -> None:

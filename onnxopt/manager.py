@@ -175,6 +175,7 @@ class PassManager:
         if not self.fixed_point:
             report.converged = True
         optimized = ir.export_model(graph, model)
+        ir.restore_attribute_tensor_names(model)
         report.after = _stats_dict(ir.graph_stats(graph))
         report.seconds = time.perf_counter() - started
         return optimized, report

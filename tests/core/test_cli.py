@@ -13,6 +13,8 @@ import pytest
 from cli_harness import TINY_CNN, assert_user_error, cli_env, copy_tiny_cnn, run_cli, snapshot
 from helpers import assert_same_outputs
 
+from onnxopt.passes import DEFAULT_PIPELINE
+
 from onnxopt import default_registry
 
 
@@ -31,18 +33,18 @@ def test_run_writes_default_output_prints_table_and_report(tmp_path):
 
     # One row per pass of the default pipeline, a total row, and the verification line.
     rows = {line.split("│")[1].strip() for line in result.stdout.splitlines() if line.startswith("│")}
-    assert {"fold", "fuse", "dce", "total"} <= rows
+    assert {*DEFAULT_PIPELINE, "total"} <= rows
     assert "verified in onnxruntime" in result.stdout
     assert f"wrote {output}" in result.stdout
 
     report = json.loads(report_path.read_text())
-    assert report["pipeline"] == ["fold", "fuse", "dce"]
+    assert report["pipeline"] == DEFAULT_PIPELINE
     assert report["converged"] is True
     assert report["input_path"] == str(model) and report["output_path"] == str(output)
     assert report["verification"]["ok"] is True
     records = report["records"]
-    assert {r["name"] for r in records} == {"fold", "fuse", "dce"}
-    assert len(records) == 3 * report["iterations"]
+    assert {r["name"] for r in records} == set(DEFAULT_PIPELINE)
+    assert len(records) == len(DEFAULT_PIPELINE) * report["iterations"]
     for record in records:
         assert {"seconds", "modified", "stats", "nodes_before", "nodes_after", "bytes_before", "bytes_after"} <= set(record)
     assert report["after"]["nodes"] < report["before"]["nodes"]

@@ -1,0 +1,122 @@
+"""``cse``: common-subexpression elimination.
+
+Two nodes with the same operator, domain, attributes and inputs compute the same outputs, so the later
+one is dropped and its readers read the earlier one's outputs. Two constants with the same dtype, shape
+and bytes are the same value, so readers of the later one read the first. Never merged: operators that
+draw random numbers (their results differ on every call), nodes with subgraph attributes, nodes in
+custom domains (their semantics are unknown), constants that are graph outputs or that callers may
+override as graph inputs. Runs in subgraph bodies too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import ir
+from onnxopt.pass_infra import Pass, PassContext, PassResult
+
+NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                    "Bernoulli", "Dropout"}
+
+
+def _attribute_key(value) -> object | None:
+    """A hashable stand-in for an attribute value; ``None`` when the value cannot be compared."""
+    if isinstance(value, gs.Graph):
+        return None
+    if isinstance(value, gs.Constant):
+        array = ir.constant_array(value)
+        return ("tensor", array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+    if isinstance(value, (list, tuple)):
+        parts = [_attribute_key(v) for v in value]
+        return None if any(p is None for p in parts) else tuple(parts)
+    if isinstance(value, float):
+        return ("float", np.float32(value).tobytes())
+    if isinstance(value, (int, str, bytes, bool)):
+        return value
+    return repr(value)
+
+
+def _node_key(node: gs.Node) -> tuple | None:
+    if node.domain not in ("", None, "ai.onnx") or node.op in NONDETERMINISTIC:
+        return None
+    attributes = []
+    for name in sorted(node.attrs):
+        key = _attribute_key(node.attrs[name])
+        if key is None:
+            return None
+        attributes.append((name, key))
+    inputs = tuple(id(t) if t.name else None for t in node.inputs)
+    return node.op, inputs, tuple(attributes), len(node.outputs)
+
+
+def _merge_nodes(graph: gs.Graph) -> int:
+    seen: dict[tuple, gs.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        key = _node_key(node)
+        if key is None:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = node
+            continue
+        if any(bool(a.name) != bool(b.name) for a, b in zip(first.outputs, node.outputs)):
+            continue
+        outputs = list(node.outputs)
+        ir.remove_nodes(graph, [node])
+        for duplicate, original in zip(outputs, first.outputs):
+            if duplicate.name:
+                ir.replace_all_uses(graph, duplicate, original)
+        merged += 1
+    return merged
+
+
+def _merge_constants(graph: gs.Graph) -> int:
+    """Makes readers of identical constants read one of them; hashes only tensors whose shapes collide."""
+    protected = {id(t) for sub in ir.all_graphs(graph) for t in sub.outputs}
+    constants: dict[int, gs.Constant] = {}
+    for sub in ir.all_graphs(graph):
+        for node in sub.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant) and id(tensor) not in protected:
+                    constants.setdefault(id(tensor), tensor)
+    by_layout: dict[tuple, list[gs.Constant]] = {}
+    for constant in constants.values():
+        by_layout.setdefault((str(constant.dtype), tuple(constant.shape)), []).append(constant)
+    merged = 0
+    for group in by_layout.values():
+        if len(group) < 2:
+            continue
+        first_of: dict[bytes, gs.Constant] = {}
+        for constant in group:
+            data = ir.constant_array(constant)
+            digest = hashlib.sha256(data.tobytes()).digest() if data.dtype != object else repr(data.tolist()).encode()
+            keeper = first_of.setdefault(digest, constant)
+            if keeper is constant:
+                continue
+            for consumer in list(constant.outputs):
+                for index, tensor in enumerate(consumer.inputs):
+                    if tensor is constant:
+                        consumer.inputs[index] = keeper
+            merged += 1
+    return merged
+
+
+@dataclass(frozen=True)
+class CommonSubexpressionElimination(Pass):
+    """Merges nodes that compute the same thing from the same inputs, and identical constants."""
+
+    name: ClassVar[str] = "cse"
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        constants = _merge_constants(graph)
+        nodes = 0
+        for sub in list(ir.all_graphs(graph)):
+            nodes += _merge_nodes(sub)
+        return PassResult(modified=bool(constants or nodes),
+                          stats={"nodes_merged": nodes, "constants_merged": constants})
