@@ -412,10 +412,40 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     """
     _check_representable(model.graph)
     graph = gs.import_onnx(model)
+    _detach_constant_protos(graph)
     graph.ir_version = model.ir_version
     if model.ir_version >= 4:
         _keep_overridable_initializers(graph, model)
     return graph
+
+
+def _detach_constant_protos(graph: gs.Graph) -> None:
+    """Gives a constant a private copy of its TensorProto where exporting it would change the original.
+
+    graphsurgeon exports a lazily loaded constant by writing the constant's name into the TensorProto it
+    was imported from, which belongs to the caller's model: a Constant node's unnamed value tensor, or an
+    initializer a pass renamed, would change the input model (also when a pass fails, and while a run is
+    in progress). Those protos (small in practice) are copied; ``export_model`` checks again for renames.
+    """
+    graphs = list(all_graphs(graph))
+    for function in graph.functions or []:
+        graphs.extend(all_graphs(function))
+    constants: list[gs.Constant] = []
+    for sub in graphs:
+        constants.extend(t for t in sub.tensors().values() if isinstance(t, gs.Constant))
+        for node in sub.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Constant):
+                    constants.append(value)
+                elif isinstance(value, (list, tuple)):
+                    constants.extend(v for v in value if isinstance(v, gs.Constant))
+    for constant in constants:
+        lazy = constant._values
+        proto = getattr(lazy, "tensor", None)
+        if isinstance(proto, TensorProto) and (not proto.HasField("name") or proto.name != constant.name):
+            private = TensorProto()
+            private.CopyFrom(proto)
+            lazy.tensor = private
 
 
 _DEFAULTS_ATTR = "onnxopt_input_defaults"
@@ -514,6 +544,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     default domain is always kept).
     """
     owners = _subgraph_constants(graph)
+    _detach_constant_protos(graph)
     exported = gs.export_onnx(graph, do_type_check=False)
     _hoist_captured_constants(exported.graph, owners)
     model = onnx.ModelProto()
@@ -867,6 +898,7 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> No
     light = onnx.ModelProto()
     light.ir_version = max(graph.ir_version or 8, 8) if template is None else max(template.ir_version, 4)
     light.opset_import.extend(opsets)
+    _detach_constant_protos(graph)
     exported = gs.export_onnx(graph, do_type_check=False)
     light.graph.CopyFrom(exported.graph)
     light.functions.extend(exported.functions)
