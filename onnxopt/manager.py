@@ -19,7 +19,7 @@ import onnx
 
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
-from onnxopt.errors import ContractViolation, PassFailedError, UserError, VerificationError
+from onnxopt.errors import ContractViolation, InputSpecError, PassFailedError, UserError, VerificationError
 from onnxopt.pass_infra import Pass, PassContext, coerce_result
 from onnxopt.verify import Comparison, reference_run, verify_models
 
@@ -102,6 +102,37 @@ class Instrument(Protocol):
     def after_pass(self, record: PassRecord) -> None: ...
 
 
+def fix_input_shapes(graph, shapes: dict[str, list[int]]) -> None:
+    """Gives graph inputs the static shapes the user chose, so that passes can fold with them.
+
+    The optimized model then declares those shapes: it was simplified for them and may compute
+    something else for other shapes.
+    """
+    inputs = {t.name: t for t in graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputSpecError(f"--input-shape names unknown input '{name}'; the model's inputs are: "
+                                 f"{', '.join(inputs)}")
+        declared = inputs[name].shape
+        if declared is not None and len(declared) != len(dims):
+            raise InputSpecError(f"--input-shape for '{name}' has rank {len(dims)}, the model declares rank "
+                                 f"{len(declared)}")
+        for axis, (old, new) in enumerate(zip(declared or [], dims)):
+            if isinstance(old, int) and old >= 0 and old != new:
+                raise InputSpecError(f"--input-shape for '{name}' sets dimension {axis} to {new}, but the model "
+                                     f"declares it as {old}")
+        inputs[name].shape = list(dims)
+
+
+def declare_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    for value_info in model.graph.input:
+        if value_info.name in shapes:
+            dims = value_info.type.tensor_type.shape.dim
+            del dims[:]
+            for size in shapes[value_info.name]:
+                dims.add().dim_value = size
+
+
 def _stats_dict(stats: ir.GraphStats) -> dict:
     return {"nodes": stats.nodes, "initializers": stats.initializers, "bytes": stats.bytes}
 
@@ -143,6 +174,7 @@ class PassManager:
         ctx.original = model
         started = time.perf_counter()
         graph = ir.import_model(model)
+        fix_input_shapes(graph, ctx.input_shapes)
         signature = IOSignature.of(graph)
         ir.toposort(graph)
         report = Report(pipeline=[p.spec() for p in self.passes], target=ctx.target.value)
@@ -159,7 +191,7 @@ class PassManager:
                 changed |= record.modified
                 if self.verify_each and record.modified and not isinstance(reference[1], str):
                     try:
-                        self._verify_step(graph, model, pass_, reference)
+                        self._verify_step(graph, model, ctx, pass_, reference)
                     except VerificationError as error:
                         # Give the failure the report so far, so that the CLI can show what differs.
                         report.iterations = iteration
@@ -174,11 +206,17 @@ class PassManager:
                 break
         if not self.fixed_point:
             report.converged = True
-        optimized = ir.export_model(graph, model)
+        optimized = self._export(graph, model, ctx)
         ir.restore_attribute_tensor_names(model)
         report.after = _stats_dict(ir.graph_stats(graph))
         report.seconds = time.perf_counter() - started
         return optimized, report
+
+    @staticmethod
+    def _export(graph, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        exported = ir.export_model(graph, model)
+        declare_input_shapes(exported, ctx.input_shapes)
+        return exported
 
     def _run_pass(self, pass_: Pass, graph, ctx: PassContext, iteration: int, ran: list[str],
                   signature: IOSignature) -> PassRecord:
@@ -208,9 +246,10 @@ class PassManager:
         return record
 
     @staticmethod
-    def _verify_step(graph, model: onnx.ModelProto, pass_: Pass, reference: tuple[dict, dict]) -> None:
+    def _verify_step(graph, model: onnx.ModelProto, ctx: PassContext, pass_: Pass,
+                     reference: tuple[dict, dict]) -> None:
         inputs, expected = reference
-        comparison = verify_models(model, ir.export_model(graph, model), inputs=inputs, expected=expected)
+        comparison = verify_models(model, PassManager._export(graph, model, ctx), inputs=inputs, expected=expected)
         if not comparison.ok:
             raise VerificationError(f"pass '{pass_.name}' changed the model's outputs: {comparison.summary()}",
                                     comparison, pass_.name)
