@@ -23,6 +23,7 @@ from onnxopt.api import default_output_path, optimize_model
 from onnxopt.errors import OnnxoptError, UserError, VerificationError
 from onnxopt.manager import PassRecord, Report
 from onnxopt.pass_infra import Pass, Target
+from onnxopt.passes import PRESETS
 from onnxopt.registry import default_registry
 from onnxopt.verify import load_inputs, parse_input_shapes
 
@@ -172,7 +173,10 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--passes", "passes", default=None,
               help="Comma-separated pipeline, e.g. 'fuse,fold,dce' or 'fold{max_growth=4MiB},dce'. "
-                   "Default: fold,fuse,dce repeated to a fixed point.")
+                   "Default: the -O2 preset, fold,cse,fuse,dce, repeated to a fixed point.")
+@click.option("-O", "level", type=click.Choice(sorted(p[1:] for p in PRESETS)), default=None,
+              help="Preset pipeline instead of --passes: -O0 none, -O1 fold,dce, -O2 (default) fold,cse,fuse,dce, "
+                   "-O3 adds target fusions.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output path (default: MODEL.opt.onnx beside the input).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True,
@@ -194,14 +198,19 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
 @friendly_errors
-def run_command(model, passes, output, target, verify_mode, no_verify, input_shapes, inputs_path, report_path,
+def run_command(model, passes, level, output, target, verify_mode, no_verify, input_shapes, inputs_path, report_path,
                 plugins, max_iterations, external_data, quiet, debug):
     """Optimize MODEL and write the result.
 
     \b
     Example:
       onnxopt run model.onnx --passes fuse,fold,dce -o model.small.onnx --report report.json
+      onnxopt run model.onnx -O1 --input-shape input:1x3x224x224
     """
+    if level is not None:
+        if passes is not None:
+            raise UserError("give either --passes or -O, not both")
+        passes = PRESETS[f"O{level}"]
     loaded = ir.read_model(model)
     shapes = parse_input_shapes(input_shapes)
     inputs = load_inputs(inputs_path) if inputs_path else None
