@@ -30,6 +30,7 @@ class PassRegistry:
     def __init__(self) -> None:
         self._passes: dict[str, type[Pass]] = {}
         self._origins: dict[str, str] = {}
+        self._plugin_files: dict[Path, list[type[Pass]]] = {}
 
     def register(self, pass_class: type[Pass], origin: str) -> None:
         if not (inspect.isclass(pass_class) and issubclass(pass_class, Pass) and pass_class.name):
@@ -60,6 +61,9 @@ class PassRegistry:
         path = Path(path)
         if not path.is_file():
             raise PluginError(f"plugin file not found: {path}")
+        if path.resolve() in self._plugin_files:
+            # The same file given twice: importing it again would define new classes under taken names.
+            return self._plugin_files[path.resolve()]
         module_name = f"onnxopt_plugin_{path.stem}_{abs(hash(str(path.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         if spec is None or spec.loader is None:
@@ -80,6 +84,7 @@ class PassRegistry:
             raise PluginError(f"plugin {path} defines no pass (a Pass subclass or a @function_pass function)")
         for pass_class in found:
             self.register(pass_class, f"plugin {path}")
+        self._plugin_files[path.resolve()] = found
         return found
 
     def load_entry_points(self) -> None:
