@@ -23,7 +23,8 @@ from onnxopt.api import default_output_path, optimize_model
 from onnxopt.errors import OnnxoptError, UserError, VerificationError
 from onnxopt.manager import PassRecord, Report
 from onnxopt.pass_infra import Pass, Target
-from onnxopt.passes import PRESETS
+from onnxopt.bisect import BisectResult, bisect
+from onnxopt.passes import DEFAULT_PIPELINE, PRESETS
 from onnxopt.registry import default_registry
 from onnxopt.verify import load_inputs, parse_input_shapes
 
@@ -53,6 +54,8 @@ def friendly_errors(command):
             if report is not None:
                 _print_report(report)
                 _write_report(kwargs.get("report_path"), report)
+            if getattr(error, "bisect", None) is not None:
+                _print_bisect(error.bisect)
             _fail(f"{error} (nothing was written)", 1)
         except OnnxoptError as error:
             if debug:
@@ -230,6 +233,13 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
             loaded.model, passes, target, False if no_verify else verify_mode, input_shapes=shapes, inputs=inputs,
             max_iterations=max_iterations, plugins=plugins, instruments=instruments,
         )
+    except VerificationError as error:
+        if status is not None:
+            status.update("outputs differ: finding the pass and rewrites responsible")
+        error.bisect = bisect(loaded.model, passes if passes is not None else DEFAULT_PIPELINE, target=target,
+                       input_shapes=shapes, inputs=inputs, max_iterations=max_iterations, plugins=plugins,
+                       output_dir=_bisect_folder(output))
+        raise
     finally:
         if status is not None:
             status.stop()
@@ -240,6 +250,74 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
         _print_report(result.report)
         out.print(f"wrote {', '.join(str(p) for p in written)}")
     _write_report(report_path, result.report)
+
+
+def _bisect_folder(output: Path) -> Path:
+    stem = output.name[: -len(".onnx")] if output.name.endswith(".onnx") else output.name
+    return output.with_name(f"{stem}.bisect")
+
+
+def _print_bisect(found: BisectResult) -> None:
+    if found.pass_name is None:
+        out.print("no single pass changed the outputs when run pass by pass "
+                  f"(passes run: {', '.join(found.passes_before) or 'none'})")
+        return
+    out.print(f"first pass that changes the outputs: {found.pass_spec} (iteration {found.iteration}; "
+              f"passes before it: {', '.join(found.passes_before) or 'none'})")
+    out.print(f"  {found.comparison.summary()}")
+    if not found.sites:
+        out.print("  the pass reports no rewrite sites (it does not call ctx.allow), so it cannot be narrowed")
+    else:
+        table = Table(title=f"fewest rewrites that still change the outputs: {len(found.minimal_sites)} of "
+                            f"{len(found.sites)}", title_justify="left", min_width=60)
+        table.add_column("rule")
+        table.add_column("site")
+        for site in found.minimal_sites:
+            table.add_row(site.rule, site.site)
+        out.print(table)
+    for name, path in found.files.items():
+        out.print(f"  saved {name}: {path}")
+
+
+@main.group("debug")
+def debug_group() -> None:
+    """Tools for finding what went wrong."""
+
+
+@debug_group.command("bisect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--passes", "passes", default=None, help="The pipeline to bisect (default: the -O2 preset).")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder for before/after/minimal models (default: MODEL.bisect beside the model).")
+@click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True)
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+              help="Shape for an input with dynamic dimensions (repeatable).")
+@click.option("--inputs", "inputs_path", type=click.Path(path_type=Path), default=None,
+              help="An .npz file of real inputs.")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(path_type=Path),
+              help="A Python file defining extra passes (repeatable).")
+@click.option("--max-iterations", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
+@friendly_errors
+def bisect_command(model, passes, output_dir, target, input_shapes, inputs_path, plugins, max_iterations, debug):
+    """Find the first pass that changes MODEL's outputs, and the fewest rewrites that do.
+
+    Exits 0 when no pass changes the outputs, 1 when one does (the culprit is printed and the models
+    before and after it are saved).
+
+    \b
+    Example:
+      onnxopt debug bisect model.onnx --passes fold,cse,fuse,dce --plugin my_rules.py
+    """
+    loaded = ir.read_model(model)
+    with err.status("bisecting", spinner="dots"):
+        found = bisect(loaded.model, passes if passes is not None else DEFAULT_PIPELINE, target=target,
+                       input_shapes=parse_input_shapes(input_shapes),
+                       inputs=load_inputs(inputs_path) if inputs_path else None, max_iterations=max_iterations,
+                       plugins=plugins, output_dir=output_dir or _bisect_folder(model))
+    _print_bisect(found)
+    if found.pass_name is not None:
+        sys.exit(1)
 
 
 @main.command("passes")

@@ -21,7 +21,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 
-__all__ = ["Pass", "PassContext", "PassResult", "Target", "function_pass"]
+__all__ = ["Pass", "PassContext", "PassResult", "RewriteSite", "Target", "function_pass"]
 
 
 class Target(str, enum.Enum):
@@ -40,6 +40,17 @@ class Target(str, enum.Enum):
         return frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 
+@dataclass(frozen=True)
+class RewriteSite:
+    """One rewrite a pass made: the rule behind it and where (a node or value name)."""
+
+    rule: str
+    site: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} at '{self.site}'"
+
+
 @dataclass
 class PassContext:
     """What every pass can see besides the graph: the target, the original model and user options."""
@@ -48,6 +59,21 @@ class PassContext:
     original: onnx.ModelProto | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("onnxopt"))
+    site_filter: Callable[[RewriteSite], bool] | None = None
+    sites: list[RewriteSite] = field(default_factory=list)
+
+    def allow(self, rule: str, site: str) -> bool:
+        """Asked by a pass before each rewrite; ``False`` means leave this one alone.
+
+        Passes name the rule and the place (a node or value name). Every rewrite is recorded in
+        ``sites``; ``onnxopt debug bisect`` switches rewrites off one set at a time through
+        ``site_filter`` to find the smallest set that changes a model's outputs.
+        """
+        rewrite = RewriteSite(rule, site)
+        if self.site_filter is not None and not self.site_filter(rewrite):
+            return False
+        self.sites.append(rewrite)
+        return True
 
     def opset(self, graph: gs.Graph, domain: str = "") -> int | None:
         """The version of ``domain`` the model imports, or ``None``."""

@@ -15,6 +15,8 @@ A fusion only fires when the intermediate value has no other reader and is not a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,7 +52,7 @@ def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarra
     return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
 
 
-def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
+def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
     if not _standard(node, "BatchNormalization") or len(node.inputs) != 5:
         return False
     if node.attrs.get("training_mode", 0) or node.attrs.get("spatial", 1) != 1:
@@ -70,6 +72,8 @@ def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool
         return False
     channels = weight.shape[0]
     if weight.dtype.kind != "f" or any(p.shape != (channels,) for p in params) or (bias is not None and bias.shape != (channels,)):
+        return False
+    if not allow(node):
         return False
     new_weight, new_bias = fold_batchnorm(weight, bias, *params, float(node.attrs.get("epsilon", 1e-5)))
     output = node.outputs[0]
@@ -94,7 +98,7 @@ def _broadcasts_to(shape: tuple, rows, cols: int) -> bool:
     return all(d == 1 or (isinstance(t, int) and d == t) for d, t in zip(shape, target))
 
 
-def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
+def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
     if not _standard(node, "Add") or len(node.inputs) != 2:
         return False
     # Before opset 7, Add broadcasts the legacy way (broadcast=1 with an axis, e.g. a bias per row)
@@ -117,6 +121,8 @@ def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
             continue
         if not _broadcasts_to(c_value.shape, a.shape[0], b_value.shape[1]):
             continue
+        if not allow(node):
+            return False
         output = node.outputs[0]
         gemm = gs.Node("Gemm", name=matmul.name or node.name, inputs=[a, b, addend], outputs=[])
         ir.remove_nodes(graph, [matmul, node])
@@ -193,13 +199,15 @@ def _remove_transpose(graph: gs.Graph, node: gs.Node) -> None:
     ir.replace_all_uses(graph, output, source)
 
 
-def _fuse_transposes(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
+def _fuse_transposes(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
     if not _standard(node, "Transpose"):
         return False
     perm = _perm(node)
     if perm is None:
         return False
     if perm == list(range(len(perm))):
+        if not allow(node):
+            return False
         _remove_transpose(graph, node)
         return True
     first = node.inputs[0]
@@ -208,7 +216,7 @@ def _fuse_transposes(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
         return False
     inner = first.inputs[0]
     inner_perm = _perm(inner)
-    if inner_perm is None or len(inner_perm) != len(perm):
+    if inner_perm is None or len(inner_perm) != len(perm) or not allow(node):
         return False
     composed = [inner_perm[axis] for axis in perm]
     node.inputs[0] = inner.inputs[0]
@@ -220,6 +228,10 @@ def _fuse_transposes(graph: gs.Graph, node: gs.Node, root: gs.Graph) -> bool:
     if composed == list(range(len(composed))):
         _remove_transpose(graph, node)
     return True
+
+
+def _allow(ctx: PassContext, rule: str, node: gs.Node) -> bool:
+    return ctx.allow(rule, node.name or node.outputs[0].name)
 
 
 RULES = (("conv_batchnorm", _fuse_conv_batchnorm), ("matmul_add_to_gemm", _fuse_matmul_add),
@@ -242,7 +254,7 @@ class Fuse(Pass):
                 if not node.outputs:
                     continue
                 for rule, rewrite in RULES:
-                    if rewrite(sub, node, graph):
+                    if rewrite(sub, node, graph, functools.partial(_allow, ctx, rule)):
                         counts[rule] += 1
                         changed = True
                         break
