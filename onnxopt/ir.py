@@ -175,6 +175,50 @@ def _check_opsets(model: onnx.ModelProto) -> None:
         raise ModelLoadError("model imports no ONNX opset")
 
 
+_TEXT_FIELDS: dict = {}
+
+
+def _text_fields(descriptor) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """(string fields, message fields) of a message type, each with whether it is repeated; cached."""
+    fields = _TEXT_FIELDS.get(descriptor)
+    if fields is None:
+        strings, messages = [], []
+        for field in descriptor.fields:
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+            if field.type == field.TYPE_STRING:
+                strings.append((field.name, repeated))
+            elif field.type == field.TYPE_MESSAGE:
+                messages.append((field.name, repeated))
+        fields = _TEXT_FIELDS[descriptor] = (strings, messages)
+    return fields
+
+
+def _invalid_text_field(message, path: str = "") -> str | None:
+    """The path of the first string field that is not valid UTF-8, else ``None``.
+
+    protobuf parses such fields without complaint (upb hands them out as bytes), and they fail much later
+    in the checker, graphsurgeon or onnxruntime with a UnicodeDecodeError. Bytes fields (weights) are
+    never read here, so this costs no copy of the model's data.
+    """
+    strings, messages = _text_fields(message.DESCRIPTOR)
+    for name, repeated in strings:
+        value = getattr(message, name)
+        if not (all(isinstance(v, str) for v in value) if repeated else isinstance(value, str)):
+            return f"{path}{name}"
+    for name, repeated in messages:
+        if not repeated:
+            if message.HasField(name):
+                found = _invalid_text_field(getattr(message, name), f"{path}{name}.")
+                if found is not None:
+                    return found
+            continue
+        for index, child in enumerate(getattr(message, name)):
+            found = _invalid_text_field(child, f"{path}{name}[{index}].")
+            if found is not None:
+                return found
+    return None
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     for line in text.splitlines():
@@ -243,6 +287,10 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
     if model.ir_version <= 0 or not model.HasField("graph"):
         name = "the given ModelProto" if base_dir is None else str(source)
         raise ModelLoadError(f"{name} is not an ONNX model (no IR version or graph)")
+    bad_text = _invalid_text_field(model)
+    if bad_text is not None:
+        name = "the given ModelProto" if base_dir is None else str(source)
+        raise ModelLoadError(f"{name} is not a valid ONNX model: text field '{bad_text}' is not valid UTF-8")
     _check_opsets(model)
     _check_tensor_sizes(model, base_dir)
     external = base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(model))

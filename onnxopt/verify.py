@@ -200,7 +200,9 @@ def session(model: onnx.ModelProto, workdir: str | None = None) -> ort.Inference
     """An onnxruntime CPU session with graph optimizations disabled; large models go through a file."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    # Fatal only: a kernel failure is reported through the exception we turn into a message; onnxruntime's
+    # own error log would add lines to stderr, which the CLI keeps to one line per error.
+    options.log_severity_level = 4
     if ir.model_weight_bytes(model) < ir.PROTOBUF_LIMIT_BYTES // 2:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory(dir=workdir) as folder:

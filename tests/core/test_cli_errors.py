@@ -229,6 +229,22 @@ def dims_disagree_with_float_data(d: Path):
     return ["run", d / "dims.onnx"], ["tensor name: w", "too small"]
 
 
+def name_not_utf8(d: Path):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"], name="NODENAME")], [value("x", shape=[4])],
+                       [value("y", shape=[4])])
+    (d / "latin1.onnx").write_bytes(model.SerializeToString().replace(b"NODENAME", b"NOD\xc9NAME"))
+    return ["run", d / "latin1.onnx"], ["not valid UTF-8", "graph.node[0].name"]
+
+
+def inputs_the_model_cannot_run(d: Path):
+    # A kernel failure in onnxruntime: its own error log must not add lines to stderr.
+    model = make_model([helper.make_node("Reshape", ["x", "shape"], ["y"])], [value("x", shape=["n", 4])],
+                       [value("y", shape=[2, 2])], [tensor("shape", np.array([2, 2], np.int64))])
+    onnx.save(model, d / "reshape.onnx")
+    np.savez(d / "inputs.npz", x=np.ones((3, 4), np.float32))
+    return ["run", d / "reshape.onnx", "--inputs", d / "inputs.npz"], ["does not run on the given inputs"]
+
+
 def output_folder_missing(d: Path):
     return ["run", copy_tiny_cnn(d), "-o", d / "nowhere" / "out.onnx"], ["does not exist"]
 
@@ -284,8 +300,8 @@ CASES: list[Callable[[Path], tuple[list, list[str]]]] = [
     plugin_with_syntax_error, plugin_without_passes, plugin_name_clash, plugin_missing, input_shape_without_name,
     input_shape_not_integers, input_shape_unknown_input, input_shape_wrong_rank, inputs_file_missing,
     inputs_file_lacks_an_input, external_data_missing, external_data_outside_folder, external_data_absolute_path,
-    external_data_too_short, dims_disagree_with_raw_data, dims_disagree_with_float_data, output_folder_missing,
-    output_is_a_directory, report_folder_missing, unknown_target, unknown_option, missing_model_argument,
+    external_data_too_short, dims_disagree_with_raw_data, dims_disagree_with_float_data, name_not_utf8,
+    inputs_the_model_cannot_run, output_folder_missing, output_is_a_directory, report_folder_missing, unknown_target, unknown_option, missing_model_argument,
     unknown_command, markup_in_file_name, inspect_random_bytes, inspect_missing, passes_with_broken_plugin,
 ]
 
