@@ -266,6 +266,14 @@ def unknown_option(d: Path):
     return ["run", copy_tiny_cnn(d), "--fast"], ["--fast"]
 
 
+def preset_and_passes(d: Path):
+    return ["run", copy_tiny_cnn(d), "-O2", "--passes", "fold"], ["--passes", "-O"]
+
+
+def unknown_preset(d: Path):
+    return ["run", copy_tiny_cnn(d), "-O7"], ["-O", "'7'"]
+
+
 def missing_model_argument(d: Path):
     return ["run"], ["MODEL"]
 
@@ -301,8 +309,9 @@ CASES: list[Callable[[Path], tuple[list, list[str]]]] = [
     input_shape_not_integers, input_shape_unknown_input, input_shape_wrong_rank, inputs_file_missing,
     inputs_file_lacks_an_input, external_data_missing, external_data_outside_folder, external_data_absolute_path,
     external_data_too_short, dims_disagree_with_raw_data, dims_disagree_with_float_data, name_not_utf8,
-    inputs_the_model_cannot_run, output_folder_missing, output_is_a_directory, report_folder_missing, unknown_target, unknown_option, missing_model_argument,
-    unknown_command, markup_in_file_name, inspect_random_bytes, inspect_missing, passes_with_broken_plugin,
+    inputs_the_model_cannot_run, output_folder_missing, output_is_a_directory, report_folder_missing,
+    unknown_target, unknown_option, preset_and_passes, unknown_preset, missing_model_argument, unknown_command,
+    markup_in_file_name, inspect_random_bytes, inspect_missing, passes_with_broken_plugin,
 ]
 
 
