@@ -309,9 +309,11 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
     return sum(_declared_nbytes(t) or len(t.raw_data) for t in _iter_model_tensors(model))
 
 
-def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorProto, bytes, bool]]:
-    """Moves large tensors' bytes into ``data_path``; returns what to put back afterwards."""
-    moved: list[tuple[TensorProto, bytes, bool]] = []
+def _externalize(model: onnx.ModelProto, data_path: Path, moved: list[tuple[TensorProto, bytes, bool]]) -> None:
+    """Moves large tensors' bytes into ``data_path``, noting in ``moved`` what to put back afterwards.
+
+    ``moved`` is filled as tensors move, so that a failure half way (disk full) can still be undone.
+    """
     offset = 0
     with open(data_path, "wb") as data_file:
         for tensor in _iter_model_tensors(model):
@@ -333,7 +335,6 @@ def _externalize(model: onnx.ModelProto, data_path: Path) -> list[tuple[TensorPr
             tensor.data_location = TensorProto.EXTERNAL
             moved.append((tensor, raw, had_location))
             offset += len(raw)
-    return moved
 
 
 def _restore(moved: list[tuple[TensorProto, bytes, bool]]) -> None:
@@ -346,12 +347,12 @@ def _restore(moved: list[tuple[TensorProto, bytes, bool]]) -> None:
         tensor.raw_data = raw
 
 
-def _make_raw(model: onnx.ModelProto) -> list[tuple[TensorProto, TensorProto]]:
+def _make_raw(model: onnx.ModelProto, converted: list[tuple[TensorProto, TensorProto]]) -> None:
     """Stores tensor data as raw bytes so that it can move to an external file.
 
-    Returns each converted tensor with a copy of how it was, so that the caller's model can be put back.
+    Notes each converted tensor in ``converted`` with a copy of how it was, so that the caller's model
+    can be put back (also after a failure half way).
     """
-    converted: list[tuple[TensorProto, TensorProto]] = []
     for tensor in _iter_model_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
             if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
@@ -362,7 +363,6 @@ def _make_raw(model: onnx.ModelProto) -> list[tuple[TensorProto, TensorProto]]:
                 array = numpy_helper.to_array(tensor)
                 tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
                 converted.append((tensor, original))
-    return converted
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
@@ -398,8 +398,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         data_file = staging / f"{path.name}.data"
         try:
             if external_data:
-                converted = _make_raw(model)
-                moved = _externalize(model, data_file)
+                _make_raw(model, converted)
+                _externalize(model, data_file, moved)
             with open(staged_model, "wb") as model_file:
                 model_file.write(model.SerializeToString())
         finally:

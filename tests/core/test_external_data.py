@@ -177,23 +177,38 @@ def test_save_model_inline_by_default_and_overwrites(tmp_path):
     assert_same_outputs(_mlp(), onnx.load(target))
 
 
-def test_failed_save_leaves_old_file_and_no_temp_files(tmp_path, monkeypatch):
+def test_failed_save_leaves_old_file_no_temp_files_and_the_model_intact(tmp_path, monkeypatch):
     target = tmp_path / "out.onnx"
     target.write_bytes(b"old contents")
+    model = _mlp()
+    before = model.SerializeToString()
+    real_write = ir._externalize
 
-    def fail(model, data_path):
-        data_path.write_bytes(b"partial")
+    def fail_after_first_tensor(model, data_path, moved):
+        # Let the real writer move W1, then fail as a full disk would.
+        first = next(t for t in model.graph.initializer if t.name == "W1")
+        others = [t for t in model.graph.initializer if t.name != "W1"]
+        saved = [(t, t.raw_data) for t in others]
+        for t in others:
+            t.ClearField("raw_data")
+        try:
+            real_write(model, data_path, moved)
+        finally:
+            for t, raw in saved:
+                t.raw_data = raw
+        assert [t for t, _, _ in moved] == [first]
         raise OSError("disk full")
 
-    monkeypatch.setattr(ir, "_externalize", fail)
+    monkeypatch.setattr(ir, "_externalize", fail_after_first_tensor)
     with pytest.raises(OSError, match="disk full"):
-        ir.save_model(_mlp(), target, external_data=True)
+        ir.save_model(model, target, external_data=True)
     assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
     assert target.read_bytes() == b"old contents"
+    assert model.SerializeToString() == before  # W1 is back inline
 
 
 def test_interrupted_save_leaves_no_temp_files(tmp_path, monkeypatch):
-    def interrupt(model, data_path):
+    def interrupt(model, data_path, moved):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ir, "_externalize", interrupt)
