@@ -65,13 +65,12 @@ def _kill_tree(process: subprocess.Popen) -> None:
         pass
 
 
-def run_child(argv: list[str], timeout: float, log_path: Path) -> dict:
+def run_child(argv: list[str], timeout: float, log_path: Path, cwd: Path = HERE.parent) -> dict:
     """Runs a child in its own process group; polls its tree's RSS as a fallback peak-memory measure."""
     start = time.perf_counter()
     peak = 0
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   cwd=HERE.parent)
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
         handle = psutil.Process(process.pid)
         timed_out = False
         while process.poll() is None:
@@ -108,7 +107,11 @@ def run_tool(tool: str, model: dict, corpus_dir: Path, timeout: float) -> dict:
     log_path = folder.parent / f"{tool}.log"
     argv = [sys.executable, str(HERE / "peers.py"), tool, str(corpus_dir / model["path"]), str(output),
             str(result_file)]
-    process = run_child(argv, timeout, log_path)
+    # Each tool runs in an empty folder of its own: some write temporary files into the current directory.
+    cwd = folder.parent / f"{tool}.cwd"
+    shutil.rmtree(cwd, ignore_errors=True)
+    cwd.mkdir()
+    process = run_child(argv, timeout, log_path, cwd)
     if result_file.exists():
         record = json.loads(result_file.read_text())
     else:
@@ -119,6 +122,9 @@ def run_tool(tool: str, model: dict, corpus_dir: Path, timeout: float) -> dict:
             record["error"] = (f"the process died (exit code {process['returncode']}) without a result: "
                                f"{_log_tail(log_path, 5)}")
     record.update(process)
+    stray = sorted(p.name for p in cwd.iterdir())
+    if stray:
+        record["stray_files"] = stray
     if not record.get("peak_rss_bytes"):
         record["peak_rss_bytes"] = process["polled_peak_rss_bytes"]
     record["output"] = str(output) if record.get("ok") else None
@@ -185,6 +191,9 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
     time_ratios_noverify = {peer: [] for peer in TIME_TARGETS}
     memory = {peer: {"ratios": [], "not_higher": 0, "compared": 0} for peer in MEMORY_PEERS}
     failures = []
+    warnings = []
+    exported = {r["model"] for r in runs if not r["model"].startswith("light_")}
+    time_ratios_exported = {peer: [] for peer in TIME_TARGETS}
     for run in runs:
         records = run["tools"]
         mine = records.get("onnxopt")
@@ -192,7 +201,23 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
             continue
         ok, reason = status_of(mine)
         row = {"model": run["model"], "onnxopt_ok": ok, "onnxopt_error": reason,
-               "original_nodes": run["original"].get("nodes")}
+               "original_nodes": run["original"].get("nodes"),
+               "constant_outputs": bool(run["original"].get("constant_outputs"))
+               and len(run["original"]["constant_outputs"]) == len(run["original"].get("outputs", {}))}
+        extra = mine.get("extra") or {}
+        row["onnxopt_verification"] = extra.get("verification", "")
+        row["onnxopt_converged"] = extra.get("converged")
+        row["onnxopt_iterations"] = extra.get("iterations")
+        if ok and row["onnxopt_verification"].startswith("verification skipped"):
+            warnings.append({"model": run["model"], "tool": "onnxopt",
+                             "warning": f"onnxopt's own check did not run: {row['onnxopt_verification']}"})
+        if ok and extra.get("converged") is False:
+            warnings.append({"model": run["model"], "tool": "onnxopt",
+                             "warning": f"the pipeline stopped at the iteration cap ({extra.get('iterations')} "
+                                        "iterations) without reaching a fixed point"})
+        if mine.get("stray_files"):
+            warnings.append({"model": run["model"], "tool": "onnxopt",
+                             "warning": f"left files in the working directory: {mine['stray_files']}"})
         if not ok:
             failures.append({"model": run["model"], "tool": "onnxopt", "error": reason,
                              "traceback": mine.get("traceback", "")})
@@ -216,7 +241,10 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
                 row["node_ratio"] = mine["eval"]["nodes"] / max(best_nodes, 1)
                 row["nodes_met"] = mine["eval"]["nodes"] <= best_nodes
             for peer in TIME_TARGETS:
-                for variant, bucket in (("onnxopt", time_ratios), ("onnxopt-noverify", time_ratios_noverify)):
+                buckets = [("onnxopt", time_ratios), ("onnxopt-noverify", time_ratios_noverify)]
+                if run["model"] in exported:
+                    buckets.append(("onnxopt", time_ratios_exported))
+                for variant, bucket in buckets:
                     if variant in records and records[variant].get("ok") and records.get(peer, {}).get("ok"):
                         bucket[peer].append(records[variant]["seconds"] / max(records[peer]["seconds"], 1e-9))
             for peer in MEMORY_PEERS:
@@ -241,7 +269,8 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
     for peer, limit in TIME_TARGETS.items():
         value = median(time_ratios[peer])
         time_summary[peer] = {"median_ratio": value, "target": limit, "met": value is not None and value <= limit,
-                              "models": len(time_ratios[peer]), "median_ratio_noverify": median(time_ratios_noverify[peer])}
+                              "models": len(time_ratios[peer]), "median_ratio_noverify": median(time_ratios_noverify[peer]),
+                              "median_ratio_exported_models": median(time_ratios_exported[peer])}
     memory_summary = {}
     for peer, data in memory.items():
         memory_summary[peer] = {"median_ratio": median(data["ratios"]),
@@ -260,13 +289,16 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
                                          "traceback": record.get("traceback", "")})
                 continue
             ok, reason = status_of(record)
+            if record.get("stray_files"):
+                peer_failures.append({"model": run["model"], "tool": tool,
+                                      "error": f"left files in the working directory: {record['stray_files']}"})
             if not ok:
                 peer_failures.append({"model": run["model"], "tool": tool, "error": reason})
             elif record["eval"]["max_rel"] > PEER_REL_TOLERANCE:
                 peer_failures.append({"model": run["model"], "tool": tool,
                                       "error": f"outputs differ: max rel {record['eval']['max_rel']:.3g}"})
     return {"per_model": per_model, "targets": targets, "time": time_summary, "memory": memory_summary,
-            "onnxopt_failures": failures, "peer_failures": peer_failures}
+            "onnxopt_failures": failures, "onnxopt_warnings": warnings, "peer_failures": peer_failures}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,7 +379,8 @@ def write_markdown(path: Path, payload: dict) -> None:
                  f"| {'yes' if targets['numerics_met_every_model'] else 'no'} |")
     for peer, data in summary["time"].items():
         lines.append(f"| median wall time onnxopt / {peer} <= {data['target']} | {_fmt(data['median_ratio'])} over "
-                     f"{data['models']} models (without verification: {_fmt(data['median_ratio_noverify'])}) | "
+                     f"{data['models']} models (without verification: {_fmt(data['median_ratio_noverify'])}; "
+                     f"exported models only: {_fmt(data.get('median_ratio_exported_models'))}) | "
                      f"{'yes' if data['met'] else 'no'} |")
     for peer, data in summary["memory"].items():
         lines.append(f"| peak memory no higher than {peer} | not higher on {data['not_higher_on']}/{data['models']}; "
@@ -357,12 +390,20 @@ def write_markdown(path: Path, payload: dict) -> None:
     lines.append(f"| every model optimizes without error | {'failed on ' + ', '.join(failed) if failed else 'all did'} "
                  f"| {'yes' if targets['every_model_optimizes'] else 'no'} |")
     lines += ["", "### Node count: onnxopt vs the best peer", "",
-              "| model | original | onnxopt | best peer | ratio | onnxopt rel diff |", "|---|---|---|---|---|---|"]
+              "`rel diff` is this harness's comparison; `own check` is what onnxopt's built-in verification "
+              "reported; `iterations` is the pass manager's count (`cap` when it stopped without a fixed point). "
+              "Models marked * have outputs that do not depend on the input, so their numeric check is vacuous.", "",
+              "| model | original | onnxopt | best peer | ratio | rel diff | own check | iterations |",
+              "|---|---|---|---|---|---|---|---|"]
     for row in summary["per_model"]:
-        lines.append(f"| {row['model']} | {row.get('original_nodes', '?')} | "
+        check = row.get("onnxopt_verification", "")
+        check = "skipped" if check.startswith("verification skipped") else ("passed" if check.startswith("verified") else check[:40] or "–")
+        iterations = row.get("onnxopt_iterations")
+        iterations = "–" if iterations is None else f"{iterations}{' (cap)' if row.get('onnxopt_converged') is False else ''}"
+        lines.append(f"| {row['model']}{' *' if row.get('constant_outputs') else ''} | {row.get('original_nodes', '?')} | "
                      f"{row.get('onnxopt_nodes', 'FAIL')} | {row.get('best_peer_nodes', '–')} ({row.get('best_peer', '–')}) | "
                      f"{_fmt(row.get('node_ratio'))} | "
-                     f"{'%.1e' % row['onnxopt_max_rel'] if 'onnxopt_max_rel' in row else '–'} |")
+                     f"{'%.1e' % row['onnxopt_max_rel'] if 'onnxopt_max_rel' in row else '–'} | {check} | {iterations} |")
     lines += ["", "## Results", "",
               "`FAIL`: the tool raised or crashed; `timeout`; `(broken)`: the saved model does not load, run or "
               f"produce the original's outputs in onnxruntime; `(wrong)`: outputs differ by more than {PEER_REL_TOLERANCE:g} "
@@ -385,6 +426,12 @@ def write_markdown(path: Path, payload: dict) -> None:
     if summary["onnxopt_failures"]:
         for failure in summary["onnxopt_failures"]:
             lines.append(f"- **{failure['model']}** ({failure['tool']}): `{failure['error'][:1500]}`")
+    else:
+        lines.append("None.")
+    lines += ["", "## onnxopt warnings", ""]
+    if summary.get("onnxopt_warnings"):
+        for warning in summary["onnxopt_warnings"]:
+            lines.append(f"- **{warning['model']}**: {warning['warning'][:600]}")
     else:
         lines.append("None.")
     lines += ["", "## Peer failures and numeric differences", ""]
@@ -473,6 +520,8 @@ def print_summary(summary: dict) -> None:
                   f"every model optimizes: {'yes' if targets['every_model_optimizes'] else 'no'}")
     for failure in summary["onnxopt_failures"]:
         console.print(f"[red]onnxopt problem[/] {failure['model']} ({failure['tool']}): {failure['error'][:300]}")
+    for warning in summary.get("onnxopt_warnings", []):
+        console.print(f"[yellow]onnxopt warning[/] {warning['model']}: {warning['warning'][:300]}")
 
 
 def environment() -> dict:
@@ -575,6 +624,7 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", type=Path, default=corpus.CORPUS_DIR, help="corpus folder")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    args.corpus, args.results = args.corpus.resolve(), args.results.resolve()
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = set(tools) - set(TOOLS)
     if unknown:
