@@ -320,3 +320,29 @@ def test_input_shape_and_inputs_file(tmp_path):
 def test_tiny_cnn_ships_unchanged():
     # Every test copies the shipped model; none may write beside it.
     assert not (TINY_CNN.parent / "tiny_cnn.opt.onnx").exists()
+
+
+def test_run_leaves_no_stray_files_in_the_working_directory(tmp_path):
+    """Nothing but the output appears anywhere, even when shape inference cannot follow the whole graph.
+
+    A custom-domain operator stops shape inference half way; a tool that spills its state to the current
+    directory (onnxruntime's symbolic shape inference writes sym_shape_infer_temp.onnx there) must not run.
+    """
+    from helpers import make_model, value
+    from onnx import helper
+
+    nodes = [helper.make_node("Transpose", ["x"], ["t1"], perm=[1, 0]),
+             helper.make_node("Opaque", ["t1"], ["o"], domain="com.example"),
+             helper.make_node("Transpose", ["o"], ["t2"], perm=[1, 0]),
+             helper.make_node("Transpose", ["t2"], ["y"], perm=[1, 0])]
+    model = make_model(nodes, [value("x", shape=["n", 3])], [value("y", shape=["n", 3])], check=False)
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    models = tmp_path / "models"
+    models.mkdir()
+    onnx.save(model, models / "opaque.onnx")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = run_cli("run", models / "opaque.onnx", "--no-verify", "-q", cwd=cwd)
+    assert result.code == 0, result.stderr
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in models.iterdir()) == ["opaque.onnx", "opaque.opt.onnx"]
