@@ -17,7 +17,8 @@ bodies too, where values captured from enclosing graphs count as constants when 
 Size guard: a node whose result is over ``max_expansion`` times larger than its inputs (and over
 ``small_bytes``) stays a node (a ConstantOfShape, Expand or Tile that would write a huge tensor). Then
 folding may not grow the constants of the model by more than ``max_growth`` bytes in total.
-Growth counts the bytes of new initializers minus the bytes of constants that lose their last reader.
+Growth counts the bytes of new initializers minus the bytes of constants that lose their last reader and
+of folded ``Constant`` nodes (whose values only move from an attribute to an initializer).
 While the budget is exceeded, the node whose output grows the model most stays a node (for example a
 ConstantOfShape that would write a huge tensor, or a Transpose of a weight that another node still reads).
 """
@@ -44,6 +45,13 @@ NEVER_FOLDED = {
     "SequenceMap", "SplitToSequence", "ConcatFromSequence", "Optional", "OptionalGetElement",
     "OptionalHasElement",
 }
+
+
+def _held_bytes(node: gs.Node, values: dict[str, np.ndarray]) -> int:
+    """Bytes of constant data a node holds in its attributes (a ``Constant``'s value), gone once it folds."""
+    if node.op != "Constant":
+        return 0
+    return sum(values[t.name].nbytes for t in node.outputs if t.name in values)
 
 
 def _may_fold(node: gs.Node) -> bool:
@@ -387,6 +395,9 @@ class ConstantFolding(Pass):
         """Whether folding ``node`` writes a constant far larger than the constants it reads."""
         produced = sum(values[t.name].nbytes for t in node.outputs if t.name)
         read = sum(values[t.name].nbytes if t.name in values else ir.tensor_nbytes(t) for t in node.inputs if t.name)
+        # A Constant node reads nothing but already holds its value: turning it into an initializer writes
+        # nothing new, however large the value.
+        read += _held_bytes(node, values)
         return produced > self.small_bytes and produced > self.max_expansion * max(read, 1)
 
     def _apply_size_guard(self, graph: gs.Graph, folded: list[gs.Node], values: dict[str, np.ndarray]) -> set[int]:
@@ -411,13 +422,18 @@ class ConstantFolding(Pass):
                     if isinstance(tensor, gs.Constant) and all(id(c) in active for c in tensor.outputs) \
                             and not ir.is_graph_output(graph, tensor):
                         freed[id(tensor)] = tensor
-            growth = sum(values[t.name].nbytes for t in needed) - sum(ir.tensor_nbytes(c) for c in freed.values())
+            # Folded Constant nodes leave the model with their values, which come back as initializers.
+            held = sum(_held_bytes(n, values) for n in folded if id(n) in active)
+            growth = (sum(values[t.name].nbytes for t in needed) - sum(ir.tensor_nbytes(c) for c in freed.values())
+                      - held)
             if growth <= self.max_growth or not needed:
                 return kept
 
             def local_growth(tensor: gs.Tensor) -> int:
-                inputs = [i for i in tensor.inputs[0].inputs if isinstance(i, gs.Constant) and id(i) in freed]
-                return values[tensor.name].nbytes - sum(ir.tensor_nbytes(i) for i in inputs)
+                producer = tensor.inputs[0]
+                inputs = [i for i in producer.inputs if isinstance(i, gs.Constant) and id(i) in freed]
+                released = sum(ir.tensor_nbytes(i) for i in inputs) + _held_bytes(producer, values)
+                return values[tensor.name].nbytes - released
 
             worst = max(needed, key=local_growth)
             kept.add(id(worst.inputs[0]))

@@ -1,0 +1,706 @@
+"""Tests of ``fold``: constant folding, shape folding, constant-condition If inlining and the size guard."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxopt
+from onnxopt import ir
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import PassContext
+from onnxopt.passes.fold import ConstantFolding
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
+
+
+def parse(text: str, opset: int = 17) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>' + text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def fold(model: onnx.ModelProto, **options):
+    """Runs fold once; checks the pass contracts and onnx.checker on the result."""
+    graph = ir.import_model(model)
+    signature = IOSignature.of(graph)
+    result = ConstantFolding(**options)(graph, PassContext(original=model))
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, result
+
+
+def assert_unchanged(model: onnx.ModelProto, feeds=None) -> None:
+    optimized, result = fold(model)
+    assert not result.modified, result.stats
+    assert op_counts(optimized) == op_counts(model)
+    assert_same_outputs(model, optimized, feeds)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    return [vi.name for vi in model.graph.input], [vi.name for vi in model.graph.output]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constant chains
+
+
+def test_constant_chain_folds_into_one_initializer():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) <float[2,3] c = {1., 2., 3., 4., 5., 6.}, float k = {2.}> {
+      d = Add(c, c)
+      e = Mul(d, k)
+      f = Sqrt(e)
+      y = Add(x, f)
+    }""")
+    optimized, result = fold(model)
+    assert op_counts(optimized) == {"Add": 1}
+    assert result.stats["folded"] == 3
+    folded = optimized.graph.node[0].input[1]
+    np.testing.assert_allclose(initializers(optimized)[folded], np.sqrt(np.arange(1, 7).reshape(2, 3) * 4.0),
+                               rtol=1e-6)
+    assert io_names(optimized) == io_names(model)
+    assert_same_outputs(model, optimized)
+
+
+def test_constant_nodes_become_initializers():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) {
+      c = Constant<value = float[2,3] {1., 2., 3., 4., 5., 6.}>()
+      k = Constant<value_floats = [1., 2., 3.]>()
+      y0 = Add(x, c)
+      y = Mul(y0, k)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1, "Mul": 1}
+    values = initializers(optimized)
+    assert values["c"].dtype == np.float32 and values["c"].shape == (2, 3)
+    np.testing.assert_array_equal(values["k"], [1, 2, 3])
+    assert_same_outputs(model, optimized)
+
+
+def test_scalars_stay_0d():
+    model = parse("""
+    g (float[3] x) => (float[3] y, float s, int64 i) {
+      k = Constant<value_float = 2.>()
+      s = Mul(k, k)
+      n = Constant<value_int = 7>()
+      i = Add(n, n)
+      y = Mul(x, s)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Mul": 1}
+    values = initializers(optimized)
+    assert values["s"].shape == () and values["s"] == 4
+    assert values["i"].shape == () and values["i"].dtype == np.int64 and values["i"] == 14
+    assert_same_outputs(model, optimized)
+
+
+def test_folded_graph_outputs_keep_their_names_and_order():
+    model = parse("""
+    g (float[2] x) => (float[2] a, float[2] y, float[2] b) <float[2] c = {1., -2.}> {
+      a = Neg(c)
+      y = Relu(x)
+      b = Abs(c)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Relu": 1}
+    assert io_names(optimized) == io_names(model)
+    values = initializers(optimized)
+    np.testing.assert_array_equal(values["a"], [-1, 2])
+    np.testing.assert_array_equal(values["b"], [1, 2])
+    assert_same_outputs(model, optimized)
+
+
+def test_constant_read_by_a_folded_node_and_a_graph_output_stays():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] d) {
+      c = Constant<value = float[2] {1., 2.}>()
+      d = Neg(c)
+      y = Add(x, c)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1}
+    assert io_names(optimized) == io_names(model)
+    assert_same_outputs(model, optimized)
+
+
+def test_a_graph_without_constants_is_left_alone():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) {
+      r = Relu(x)
+      y = Neg(r)
+    }""")
+    assert_unchanged(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Never folded
+
+
+def test_random_operators_are_not_folded():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y, float[2,3] u) <int64[2] s = {2, 3}> {
+      r = RandomNormal<shape = [2, 3], seed = 1.>()
+      u = RandomUniformLike<seed = 2.>(r)
+      y = Add(x, r)
+    }""")
+    optimized, result = fold(model)
+    assert not result.modified
+    assert op_counts(optimized) == op_counts(model)
+
+
+def test_quantize_and_dequantize_are_not_folded():
+    # Folding DequantizeLinear of an int8 weight would store the weight as float: four times larger.
+    model = parse("""
+    g (float[4] x) => (float[4] y) <float[4] w = {1., 2., 3., 4.}, float s = {0.5}, int8 z = {0}> {
+      q = QuantizeLinear(w, s, z)
+      d = DequantizeLinear(q, s, z)
+      y = Add(x, d)
+    }""")
+    assert_unchanged(model)
+
+
+def test_custom_domain_nodes_are_not_folded():
+    model = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17, "custom.domain" : 1]>' + """
+    g (float[2] x) => (float[2] y) <float[2] c = {1., 2.}> {
+      k = custom.domain.Scale(c)
+      y = Add(x, k)
+    }""")
+    optimized, result = fold(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"Scale": 1, "Add": 1}
+
+
+def test_an_overridable_initializer_is_not_folded():
+    # An initializer that is also a graph input is a default the caller may replace.
+    model = parse("""
+    g (float[3] x, float[3] w) => (float[3] y) <float[3] w = {1., 2., 3.}> {
+      n = Neg(w)
+      y = Add(x, n)
+    }""")
+    optimized, result = fold(model)
+    assert not result.modified
+    assert op_counts(optimized) == {"Neg": 1, "Add": 1}
+    assert io_names(optimized) == io_names(model)
+    feeds = {"x": np.ones(3, np.float32)}
+    assert_same_outputs(model, optimized, feeds)
+    assert_same_outputs(model, optimized, {**feeds, "w": np.array([5, 6, 7], np.float32)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data types
+
+
+def test_float16_weights_stay_float16():
+    weight = np.arange(6, dtype=np.float16).reshape(2, 3)
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])]
+    model = make_model(nodes, [value("x", TensorProto.FLOAT16, [4, 3])], [value("y", TensorProto.FLOAT16, [4, 2])],
+                       [tensor("w", weight)])
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"MatMul": 1}
+    assert {t.data_type for t in optimized.graph.initializer} == {TensorProto.FLOAT16}
+    np.testing.assert_array_equal(initializers(optimized)["wt"], weight.T)
+    assert_same_outputs(model, optimized)
+
+
+def bfloat16_tensor(name: str, values) -> onnx.TensorProto:
+    array = np.asarray(values, np.float32).astype(ml_dtypes.bfloat16)
+    return helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
+
+
+def test_bfloat16_weights_keep_their_type():
+    model = make_model(
+        [helper.make_node("Transpose", ["w"], ["wt"]), helper.make_node("Identity", ["w"], ["wi"]),
+         helper.make_node("MatMul", ["x", "wt"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y1"]),
+         helper.make_node("MatMul", ["y1", "wi"], ["y"])],
+        [value("x", TensorProto.BFLOAT16, [4, 3])], [value("y", TensorProto.BFLOAT16, [4, 3])],
+        [bfloat16_tensor("w", np.arange(9).reshape(3, 3) / 4), bfloat16_tensor("b", [0.5, 1.5, -2])])
+    optimized, _ = fold(model)
+    types = {t.name: t.data_type for t in optimized.graph.initializer}
+    assert set(types.values()) == {TensorProto.BFLOAT16}, types
+    for init in optimized.graph.initializer:
+        assert len(init.raw_data) == 2 * int(np.prod(init.dims)) or init.int32_data
+    feeds = {"x": (np.arange(12).reshape(4, 3) / 8).astype(ml_dtypes.bfloat16)}
+    reference = onnx.reference.ReferenceEvaluator
+    want = reference(model).run(None, feeds)[0].astype(np.float32)
+    got = reference(optimized).run(None, feeds)[0].astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_cast_from_bfloat16_folds_to_float():
+    model = make_model([helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
+                        helper.make_node("Add", ["x", "wf"], ["y"])],
+                       [value("x", TensorProto.FLOAT, [3])], [value("y", TensorProto.FLOAT, [3])],
+                       [bfloat16_tensor("w", [1, 2.5, -3])])
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1}
+    assert initializers(optimized)["wf"].dtype == np.float32
+    assert_same_outputs(model, optimized)
+
+
+def string_model() -> onnx.ModelProto:
+    words = helper.make_tensor("words", TensorProto.STRING, [3], [b"a", b"bc", b"def"])
+    nodes = [helper.make_node("Gather", ["words", "idx"], ["picked"], axis=0),
+             helper.make_node("Identity", ["picked"], ["s"]),
+             helper.make_node("Concat", ["s", "x"], ["y"], axis=0)]
+    return make_model(nodes, [value("x", TensorProto.STRING, [2])],
+                      [value("y", TensorProto.STRING, [6]), value("s", TensorProto.STRING, [4])],
+                      [words, tensor("idx", np.array([2, 0, 1, 2]))])
+
+
+def test_string_tensors_fold():
+    model = string_model()
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Concat": 1}
+    assert initializers(optimized)["s"].tolist() == ["def", "a", "bc", "def"]
+    assert next(t for t in optimized.graph.initializer if t.name == "s").data_type == TensorProto.STRING
+    feeds = {"x": np.array(["x", "y"], dtype=object)}
+    assert [o.tolist() for o in run(optimized, feeds)] == [o.tolist() for o in run(model, feeds)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Size guard
+
+
+@pytest.mark.parametrize("op", ["ConstantOfShape", "Expand", "Tile"])
+def test_tensor_expanded_from_tiny_inputs_stays_a_node(op):
+    sources = {
+        "ConstantOfShape": "c = ConstantOfShape<value = float[1] {1.}>(s)",
+        "Expand": "c = Expand(one, s)",
+        "Tile": "c = Tile(one, s)",
+    }
+    model = parse("""
+    g (float[512,512] x) => (float[512,512] y) <int64[2] s = {512, 512}, float[1,1] one = {1.}> {
+      %s
+      y = Add(x, c)
+    }""" % sources[op])
+    optimized, result = fold(model)
+    assert op_counts(optimized) == {op: 1, "Add": 1}
+    assert result.stats["kept_by_size_guard"] == 1
+    assert ir.model_weight_bytes(optimized) < 100
+    assert_same_outputs(model, optimized)
+
+
+def test_small_expansion_folds():
+    model = parse("""
+    g (float[4,4] x) => (float[4,4] y) <int64[2] s = {4, 4}> {
+      c = ConstantOfShape<value = float[1] {1.}>(s)
+      y = Add(x, c)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_expansion_guard_options():
+    model = parse("""
+    g (float[64,64] x) => (float[64,64] y) <int64[2] s = {64, 64}> {
+      c = ConstantOfShape<value = float[1] {1.}>(s)
+      y = Add(x, c)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1}  # 16 KiB: under small_bytes
+    optimized, result = fold(model, small_bytes=1024)
+    assert op_counts(optimized) == {"ConstantOfShape": 1, "Add": 1}
+    optimized, _ = fold(model, small_bytes=1024, max_expansion=10_000)
+    assert op_counts(optimized) == {"Add": 1}
+
+
+def embedding_model(tied: bool, rows: int = 300, columns: int = 1000, as_constant_node: bool = False):
+    """ids -> Gather(E) -> MatMul(Transpose(E)): the output projection reuses the embedding when tied."""
+    embedding = np.random.default_rng(0).standard_normal((rows, columns)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E" if tied else "E_in", "ids"], ["h"], axis=0),
+             helper.make_node("Transpose", ["E"], ["Et"]),
+             helper.make_node("MatMul", ["h", "Et"], ["logits"])]
+    inits = [tensor("E_in", embedding + 1)] if not tied else []
+    if as_constant_node:
+        nodes.insert(0, helper.make_node("Constant", [], ["E"], value=tensor("E", embedding)))
+    else:
+        inits.append(tensor("E", embedding))
+    return make_model(nodes, [value("ids", TensorProto.INT64, [2])], [value("logits", TensorProto.FLOAT, [2, rows])],
+                      inits)
+
+
+@pytest.mark.parametrize("as_constant_node", [False, True], ids=["initializer", "constant-node"])
+def test_transpose_of_a_tied_weight_stays_a_node(as_constant_node):
+    # The weight is 1.2 MB, over the default budget of 1 MiB: folding would store it twice.
+    model = embedding_model(tied=True, as_constant_node=as_constant_node)
+    optimized, result = fold(model)
+    assert op_counts(optimized) == {"Gather": 1, "Transpose": 1, "MatMul": 1}
+    assert result.stats["kept_by_size_guard"] == 1
+    assert ir.model_weight_bytes(optimized) == 300 * 1000 * 4
+    assert_same_outputs(model, optimized, {"ids": np.array([3, 299])}, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("as_constant_node", [False, True], ids=["initializer", "constant-node"])
+def test_transpose_of_an_unshared_weight_folds(as_constant_node):
+    model = embedding_model(tied=False, as_constant_node=as_constant_node)
+    optimized, result = fold(model)
+    assert op_counts(optimized) == {"Gather": 1, "MatMul": 1}
+    assert result.stats["kept_by_size_guard"] == 0
+    assert ir.model_weight_bytes(optimized) == 2 * 300 * 1000 * 4
+    assert initializers(optimized)["Et"].shape == (1000, 300)
+    assert_same_outputs(model, optimized, {"ids": np.array([3, 299])}, rtol=1e-3, atol=1e-3)
+
+
+def test_max_growth_budget_is_respected():
+    model = embedding_model(tied=True, rows=20, columns=30)
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Gather": 1, "MatMul": 1}  # 2.4 KB of growth: within the budget
+    optimized, result = fold(model, max_growth=2399)
+    assert op_counts(optimized) == {"Gather": 1, "Transpose": 1, "MatMul": 1}
+    optimized, _ = fold(model, max_growth=2400)
+    assert op_counts(optimized) == {"Gather": 1, "MatMul": 1}
+
+
+def test_max_growth_zero_still_folds_what_does_not_grow_the_model():
+    model = parse("""
+    g (float[2] x, int64[2] ids) => (float[2] y, float[2,3] z) <float[3,2] w = {1., 2., 3., 4., 5., 6.}> {
+      c = Constant<value = float[2] {1., 2.}>()
+      d = Add(c, c)
+      y = Add(x, d)
+      wt = Transpose(w)
+      z = Gather(wt, ids)
+    }""")
+    optimized, _ = fold(model, max_growth=0)
+    assert op_counts(optimized) == {"Add": 1, "Gather": 1}
+    assert_same_outputs(model, optimized, {"x": np.ones(2, np.float32), "ids": np.array([1, 0])})
+
+
+def test_options_through_a_pipeline_spec():
+    model = embedding_model(tied=True, rows=20, columns=30)
+    feeds = {"ids": np.array([0, 19])}
+    unlimited = onnxopt.optimize(model, passes="fold", inputs=feeds)
+    limited = onnxopt.optimize(model, passes="fold{max_growth=0}", inputs=feeds)
+    assert op_counts(unlimited) == {"Gather": 1, "MatMul": 1}
+    assert op_counts(limited) == {"Gather": 1, "Transpose": 1, "MatMul": 1}
+    onnx.checker.check_model(limited, full_check=True)
+    assert_same_outputs(model, limited, feeds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes
+
+
+SHAPE_HEADER = "g (float[N,3,8,8] x) => "
+
+
+def test_gather_of_a_static_dimension_folds_and_a_dynamic_one_stays():
+    model = parse(SHAPE_HEADER + """(int64 c, int64 n) {
+      s = Shape(x)
+      one = Constant<value = int64 {1}>()
+      zero = Constant<value = int64 {0}>()
+      c = Gather(s, one)
+      n = Gather(s, zero)
+    }""")
+    optimized, result = fold(model)
+    assert op_counts(optimized) == {"Shape": 1, "Gather": 1}
+    assert result.stats["shapes_folded"] == 1
+    values = initializers(optimized)
+    assert values["c"].shape == () and values["c"] == 3
+    assert next(n for n in optimized.graph.node if n.op_type == "Gather").output == ["n"]
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": np.zeros((batch, 3, 8, 8), np.float32)})
+
+
+def test_exporter_flatten_chain_stays_correct_for_every_batch_size():
+    model = parse(SHAPE_HEADER + """(float[N,192] y) {
+      s = Shape(x)
+      zero = Constant<value = int64 {0}>()
+      n = Gather(s, zero)
+      axes = Constant<value = int64[1] {0}>()
+      n1 = Unsqueeze(n, axes)
+      rest = Constant<value = int64[1] {-1}>()
+      shape = Concat<axis = 0>(n1, rest)
+      y = Reshape(x, shape)
+    }""")
+    optimized, _ = fold(model)
+    assert "Reshape" in op_counts(optimized)
+    for batch in (1, 5):
+        feeds = {"x": np.random.default_rng(batch).standard_normal((batch, 3, 8, 8)).astype(np.float32)}
+        assert_same_outputs(model, optimized, feeds)
+        assert run(optimized, feeds)[0].shape == (batch, 192)
+
+
+@pytest.mark.parametrize("attrs,expected", [
+    ("start = 1", [3, 8, 8]), ("start = 1, end = 3", [3, 8]), ("start = -2", [8, 8]),
+    ("start = 1, end = -1", [3, 8]), ("start = -10, end = 10", None), ("start = 2, end = 1", []),
+])
+def test_shape_with_start_and_end(attrs, expected):
+    model = parse(SHAPE_HEADER + "(int64[K] y) { y = Shape<%s>(x) }" % attrs, opset=15)
+    optimized, _ = fold(model)
+    if expected is None:
+        assert op_counts(optimized) == {"Shape": 1}
+    else:
+        assert op_counts(optimized) == {}
+        np.testing.assert_array_equal(initializers(optimized)["y"], np.array(expected, np.int64))
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": np.zeros((batch, 3, 8, 8), np.float32)})
+
+
+def test_size_of_a_static_tensor_folds_and_of_a_dynamic_one_stays():
+    model = parse("""
+    g (float[2,3,4] a, float[N,3] b) => (int64 sa, int64 sb) {
+      r = Relu(a)
+      sa = Size(r)
+      sb = Size(b)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Relu": 1, "Size": 1}
+    values = initializers(optimized)
+    assert values["sa"].shape == () and values["sa"] == 24
+    assert_same_outputs(model, optimized)
+
+
+I64_MAX, I64_MIN = 2**63 - 1, -(2**63)
+
+
+@pytest.mark.parametrize("starts,ends,steps", [
+    (1, I64_MAX, 1), (2, 4, 1), (-2, I64_MAX, 1), (1, -1, 1), (0, I64_MAX, 2), (-1, I64_MIN, -1), (3, 0, -1),
+    (-1, -3, -1), (-10, 10, 1), (I64_MIN, I64_MAX, 1),
+])
+def test_slice_of_a_shape_folds_like_onnxruntime_computes_it(starts, ends, steps):
+    model = parse(SHAPE_HEADER + """(int64[K] y) <int64[1] starts = {%d}, int64[1] ends = {%d},
+                                                    int64[1] axes = {0}, int64[1] steps = {%d}> {
+      s = Shape(x)
+      y = Slice(s, starts, ends, axes, steps)
+    }""" % (starts, ends, steps))
+    optimized, _ = fold(model)
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": np.zeros((batch, 3, 8, 8), np.float32)})
+
+
+def test_slice_keeping_a_dynamic_dimension_stays():
+    model = parse(SHAPE_HEADER + """(int64[K] y) <int64[1] starts = {0}, int64[1] ends = {2}> {
+      s = Shape(x)
+      y = Slice(s, starts, ends)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Shape": 1, "Slice": 1}
+
+
+def test_integer_arithmetic_on_shape_elements():
+    model = parse(SHAPE_HEADER + """(float[N,3,4,16] y, int64 hw, int64[1] half)
+        <int64 zero = {0}, int64 one = {1}, int64 two = {2}, int64 three = {3}, int64[1] axes = {0}> {
+      s = Shape(x)
+      n = Gather(s, zero)
+      c = Gather(s, one)
+      h = Gather(s, two)
+      w = Gather(s, three)
+      hw = Mul(h, w)
+      hw_half = Div(hw, two)
+      h_half = Div(h, two)
+      w_twice = Add(w, w)
+      n1 = Unsqueeze(n, axes)
+      c1 = Unsqueeze(c, axes)
+      h1 = Unsqueeze(h_half, axes)
+      w1 = Unsqueeze(w_twice, axes)
+      parts = Concat<axis = 0>(n1, c1, h1, w1)
+      y = Reshape(x, parts)
+      half = Unsqueeze(hw_half, axes)
+    }""")
+    optimized, _ = fold(model)
+    values = initializers(optimized)
+    assert values["hw"] == 64 and values["hw"].shape == ()
+    np.testing.assert_array_equal(values["half"], [32])
+    assert "Mul" not in op_counts(optimized) and "Div" not in op_counts(optimized)
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 8, 8), np.float32)})
+
+
+def test_fully_static_shape_chain_folds_entirely():
+    model = parse("""
+    g (float[2,3,8,8] x) => (float[2,192] y) <int64 zero = {0}, int64[1] axes = {0}, int64[1] rest = {-1}> {
+      s = Shape(x)
+      n = Gather(s, zero)
+      n1 = Unsqueeze(n, axes)
+      shape = Concat<axis = 0>(n1, rest)
+      y = Reshape(x, shape)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Reshape": 1}
+    reshape = optimized.graph.node[0]
+    np.testing.assert_array_equal(initializers(optimized)[reshape.input[1]], [2, -1])
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# If with a constant condition
+
+
+BRANCHES = """<then_branch = then_graph () => (float[2] a) { a = Relu(x) },
+                else_branch = else_graph () => (float[2] b) { b = Neg(x) }>"""
+
+
+@pytest.mark.parametrize("condition,expected", [(1, "Relu"), (0, "Neg")])
+def test_if_with_constant_condition_becomes_the_taken_branch(condition, expected):
+    model = parse("""
+    g (float[2] x) => (float[2] y) {
+      c = Constant<value = bool {%d}>()
+      y = If(c) %s
+    }""" % (condition, BRANCHES))
+    optimized, result = fold(model)
+    assert op_counts(optimized) == {expected: 1}
+    assert result.stats["ifs_inlined"] == 1
+    assert list(optimized.graph.node[0].output) == ["y"]
+    assert_same_outputs(model, optimized)
+
+
+def test_if_with_dynamic_condition_is_left_alone():
+    model = parse("""
+    g (float[2] x, bool c) => (float[2] y) {
+      y = If(c) %s
+    }""" % BRANCHES)
+    for condition in (True, False):
+        assert_unchanged(model, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_inlined_if_output_read_by_later_nodes():
+    model = parse("""
+    g (float[2] x) => (float[2] z) <bool c = {1}> {
+      y = If(c) %s
+      z = Abs(y)
+    }""" % BRANCHES)
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Relu": 1, "Abs": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_branch_returning_an_outer_value():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] z) {
+      c = Constant<value = bool {1}>()
+      r = Relu(x)
+      y = If(c) <then_branch = t () => (float[2] a) { a = Identity(r) },
+                 else_branch = e () => (float[2] b) { b = Neg(x) }>
+      z = Abs(y)
+    }""")
+    optimized, _ = fold(model)
+    assert "If" not in op_counts(optimized)
+    assert io_names(optimized) == io_names(model)
+    assert_same_outputs(model, optimized)
+
+
+def test_constant_if_nested_in_a_dynamic_if_is_inlined_in_its_branch():
+    model = parse("""
+    g (float[2] x, bool c) => (float[2] y) {
+      y = If(c) <then_branch = t () => (float[2] a) {
+                   d = Constant<value = bool {0}>()
+                   a = If(d) <then_branch = t2 () => (float[2] p) { p = Relu(x) },
+                              else_branch = e2 () => (float[2] q) { q = Neg(x) }>
+                 },
+                 else_branch = e () => (float[2] b) { b = Abs(x) }>
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"If": 1, "Neg": 1, "Abs": 1}
+    for condition in (True, False):
+        assert_same_outputs(model, optimized, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_branch_output_that_is_a_graph_output():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] z) {
+      c = Constant<value = bool {0}>()
+      y = If(c) <then_branch = t () => (float[2] a) { a = Relu(x) },
+                 else_branch = e () => (float[2] b) { n = Neg(x)  b = Mul(n, x) }>
+      z = Sigmoid(y)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Neg": 1, "Mul": 1, "Sigmoid": 1}
+    mul = next(n for n in optimized.graph.node if n.op_type == "Mul")
+    assert list(mul.output) == ["y"]
+    assert_same_outputs(model, optimized)
+
+
+def test_branch_with_a_constant_output():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] z) {
+      c = Constant<value = bool {1}>()
+      y = If(c) <then_branch = t () => (float[2] k) <float[2] k = {1., 2.}> { },
+                 else_branch = e () => (float[2] b) { b = Neg(x) }>
+      z = Add(x, y)
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1}
+    np.testing.assert_array_equal(initializers(optimized)["y"], [1, 2])
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subgraph bodies
+
+
+def test_folding_inside_a_branch_that_reads_an_outer_constant():
+    model = parse("""
+    g (float[2] x, bool c) => (float[2] y) <float[2] w = {1., 2.}> {
+      y = If(c) <then_branch = t () => (float[2] a) { w2 = Mul(w, w)  a = Add(x, w2) },
+                 else_branch = e () => (float[2] b) { w3 = Neg(w)  b = Mul(w3, x) }>
+    }""")
+    optimized, result = fold(model)
+    assert result.stats["folded"] == 2
+    assert op_counts(optimized) == {"If": 1, "Add": 1, "Mul": 1}
+    for condition in (True, False):
+        assert_same_outputs(model, optimized, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_producer_of_a_branch_output_stays_in_the_branch():
+    model = parse("""
+    g (float[2] x, bool c) => (float[2] y) <float[2] w = {1., 2.}> {
+      y = If(c) <then_branch = t () => (float[2] a) { a = Mul(w, w) },
+                 else_branch = e () => (float[2] b) { b = Neg(x) }>
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"If": 1, "Mul": 1, "Neg": 1}
+    for condition in (True, False):
+        assert_same_outputs(model, optimized, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_loop_body_stays_valid():
+    model = parse("""
+    g (float[N,3] x) => (float[N,3] y) <int64 n = {3}, float[3] w = {1., 2., 3.}, int64 one = {1}> {
+      go = Constant<value = bool {1}>()
+      y = Loop(n, go, x) <body = body (int64 i, bool cond, float[N,3] acc) => (bool cond_out, float[N,3] out) {
+        cond_out = Identity(cond)
+        w2 = Mul(w, w)
+        s = Shape(acc)
+        d = Gather(s, one)
+        df = Cast<to = 1>(d)
+        step = Add(w2, df)
+        out = Add(acc, step)
+      }>
+    }""")
+    optimized, result = fold(model)
+    assert result.modified
+    assert "Loop" in op_counts(optimized)
+    for batch in (1, 4):
+        assert_same_outputs(model, optimized, {"x": np.ones((batch, 3), np.float32)})
+
+
+def test_second_run_changes_nothing():
+    model = parse("""
+    g (float[N,3,8,8] x) => (float[N,192] y)
+        <int64 zero = {0}, int64 one = {1}, int64 size = {64}, int64[1] axes = {0}> {
+      s = Shape(x)
+      n = Gather(s, zero)
+      c = Gather(s, one)
+      k = Mul(c, size)
+      n1 = Unsqueeze(n, axes)
+      k1 = Unsqueeze(k, axes)
+      shape = Concat<axis = 0>(n1, k1)
+      y = Reshape(x, shape)
+    }""")
+    optimized, _ = fold(model)
+    again, result = fold(optimized)
+    assert not result.modified, result.stats
+    assert op_counts(again) == op_counts(optimized)
