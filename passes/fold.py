@@ -172,14 +172,29 @@ _INT_ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": 
 
 @dataclass(frozen=True)
 class PartialValue:
-    """A small integer tensor (rank 0 or 1) some of whose elements are known, as shapes often are."""
+    """A small integer tensor (rank 0 or 1) some of whose elements are known, as shapes often are.
+
+    The dtype is carried along rather than read from inferred types, which are missing where shape
+    inference failed.
+    """
 
     elements: tuple[int | None, ...]
     scalar: bool = False
+    dtype: np.dtype = np.dtype(np.int64)
 
     @property
     def known(self) -> bool:
         return all(e is not None for e in self.elements)
+
+
+def _in_range(elements: tuple[int | None, ...], dtype: np.dtype) -> tuple[int | None, ...]:
+    """Elements a ``dtype`` tensor can hold; others become unknown.
+
+    Integer Cast and arithmetic wrap around in onnxruntime where Python integers do not, and numpy
+    refuses to store an out-of-range value: an element that does not fit is left to the runtime.
+    """
+    info = np.iinfo(dtype)
+    return tuple(e if not isinstance(e, int) or info.min <= e <= info.max else None for e in elements)
 
 
 def _as_partial(tensor: gs.Tensor, partials: dict[int, PartialValue]) -> PartialValue | None:
@@ -188,7 +203,7 @@ def _as_partial(tensor: gs.Tensor, partials: dict[int, PartialValue]) -> Partial
     value = ir.constant_value(tensor)
     if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
         return None
-    return PartialValue(tuple(int(v) for v in value.reshape(-1)), scalar=value.ndim == 0)
+    return PartialValue(tuple(int(v) for v in value.reshape(-1)), scalar=value.ndim == 0, dtype=value.dtype)
 
 
 def _shape_of(node: gs.Node) -> PartialValue | None:
@@ -217,10 +232,13 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
     if not inputs or inputs[0] is None:
         return None
     first = inputs[0]
-    if op in ("Identity", "Cast"):
-        if op == "Cast" and onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]).kind not in "iu":
-            return None
+    if op == "Identity":
         return first
+    if op == "Cast":
+        target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        if target.kind not in "iu":
+            return None
+        return PartialValue(_in_range(first.elements, target), first.scalar, target)
     if op == "Gather" and node.attrs.get("axis", 0) in (0, -1) and not first.scalar and inputs[1] is not None \
             and id(node.inputs[1]) not in partials:
         indices = ir.constant_value(node.inputs[1])
@@ -228,25 +246,32 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         if indices.ndim > 1 or any(not -size <= int(i) < size for i in indices.reshape(-1)):
             return None
         picked = tuple(first.elements[int(i)] for i in indices.reshape(-1))
-        return PartialValue(picked, scalar=indices.ndim == 0)
+        return PartialValue(picked, scalar=indices.ndim == 0, dtype=first.dtype)
     if op == "Slice" and not first.scalar and len(node.inputs) >= 3:
         params = [ir.constant_value(t) if t.name else None for t in node.inputs[1:5]]
         if any(p is None for p in params[:2]) or any(p is not None and p.size != 1 for p in params):
             return None
         axes = params[2] if len(params) > 2 and params[2] is not None else np.array([0])
         steps = params[3] if len(params) > 3 and params[3] is not None else np.array([1])
-        if int(axes.reshape(-1)[0]) not in (0, -1) or int(steps.reshape(-1)[0]) == 0:
+        start, end, step = (int(p.reshape(-1)[0]) for p in (params[0], params[1], steps))
+        if int(axes.reshape(-1)[0]) not in (0, -1) or step == 0:
             return None
-        chosen = slice(int(params[0].reshape(-1)[0]), int(params[1].reshape(-1)[0]), int(steps.reshape(-1)[0]))
-        return PartialValue(tuple(first.elements[chosen]))
+        size = len(first.elements)
+        if step < 0 and not (-size <= start < size and end < size):
+            # Python's slice agrees with ONNX and onnxruntime for positive steps. For negative steps the
+            # specification clamps an out-of-range start to the last element (Python: before the first),
+            # and onnxruntime reads an end of INT64_MAX as "through the first element" (the specification
+            # clamps it to the last): only bounds that need no clamping mean the same everywhere.
+            return None
+        return PartialValue(tuple(first.elements[start:end:step]), dtype=first.dtype)
     if op == "Concat" and node.attrs.get("axis") in (0, -1):
         if any(p is None or p.scalar for p in inputs):
             return None
-        return PartialValue(tuple(e for p in inputs for e in p.elements))
+        return PartialValue(tuple(e for p in inputs for e in p.elements), dtype=first.dtype)
     if op == "Unsqueeze" and first.scalar:
-        return PartialValue(first.elements)
+        return PartialValue(first.elements, dtype=first.dtype)
     if op == "Squeeze" and not first.scalar and len(first.elements) == 1:
-        return PartialValue(first.elements, scalar=True)
+        return PartialValue(first.elements, scalar=True, dtype=first.dtype)
     if op in _INT_ARITHMETIC and len(inputs) == 2 and inputs[1] is not None:
         a, b = first, inputs[1]
         if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
@@ -257,17 +282,18 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         for i in range(count):
             x, y = pick(a, i), pick(b, i)
             result.append(None if x is None or y is None else _INT_ARITHMETIC[op](x, y))
-        return PartialValue(tuple(result), scalar=a.scalar and b.scalar)
+        return PartialValue(_in_range(tuple(result), a.dtype), scalar=a.scalar and b.scalar, dtype=a.dtype)
     return None
 
 
-def fold_shapes(graph: gs.Graph) -> int:
+def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
     """Replaces shape computations whose result inferred shapes determine by constants; returns how many.
 
     ``Shape`` of a tensor with some static dimensions gives a partially known value; Gather, Slice,
     Concat, Cast, Squeeze/Unsqueeze and integer arithmetic carry the known elements along, and a value
     whose elements are all known becomes a constant (so ``Gather(Shape(x), 1)`` folds when dimension 1 of
-    ``x`` is static, even if dimension 0 is dynamic).
+    ``x`` is static, even if dimension 0 is dynamic). In a subgraph (``in_subgraph``), the producers of
+    the subgraph's outputs stay: an output must be computed by a node of its own graph.
     """
     partials: dict[int, PartialValue] = {}
     replaced = 0
@@ -275,19 +301,18 @@ def fold_shapes(graph: gs.Graph) -> int:
         if node.domain not in ("", None, "ai.onnx") or len(node.outputs) != 1 or not node.inputs:
             continue
         output = node.outputs[0]
-        dtype = np.int64 if node.op in ("Shape", "Size") else output.dtype
         try:
             partial = _propagate(node, partials)
         except (KeyError, TypeError, ValueError, IndexError):
             continue
         if partial is None:
             continue
-        if not partial.known:
+        if not partial.known or (in_subgraph and ir.is_graph_output(graph, output)):
             partials[id(output)] = partial
             continue
-        if node.op in ("Identity",) or (node.op != "Shape" and node.op != "Size" and dtype is None):
+        if node.op == "Identity":
             continue
-        values = np.array(partial.elements, dtype=np.dtype(dtype))
+        values = np.array(partial.elements, dtype=partial.dtype)
         values = values.reshape(()) if partial.scalar else values
         ir.replace_with_constant(graph, output, values)
         ir.remove_nodes(graph, [node])
@@ -348,7 +373,7 @@ class ConstantFolding(Pass):
             stats["ifs_inlined"] += inline_constant_ifs(sub, graph)
         ir.infer_shapes(graph)
         for sub in list(ir.all_graphs(graph)):
-            stats["shapes_folded"] += fold_shapes(sub)
+            stats["shapes_folded"] += fold_shapes(sub, in_subgraph=sub is not graph)
             folded, kept = self._fold_constants(sub, in_subgraph=sub is not graph)
             stats["folded"] += folded
             stats["kept_by_size_guard"] += len(kept)

@@ -481,6 +481,21 @@ def test_slice_of_a_shape_folds_like_onnxruntime_computes_it(starts, ends, steps
         assert_same_outputs(model, optimized, {"x": np.zeros((batch, 3, 8, 8), np.float32)})
 
 
+@pytest.mark.parametrize("starts,ends,steps", [
+    (-9, -9, -1), (0, I64_MAX, -1), (3, I64_MAX, -1), (I64_MIN, -9, -1), (-9, I64_MIN, -2), (9, -9, -1),
+])
+def test_slice_of_a_shape_with_negative_steps_out_of_range(starts, ends, steps):
+    # onnxruntime, the ONNX specification and numpy each clamp some of these differently.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 5, 7])
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "st", "en", "ax", "sp"], ["y"])],
+        [x], [value("y", TensorProto.INT64, ["K"])],
+        [tensor("st", np.array([starts])), tensor("en", np.array([ends])), tensor("ax", np.array([0])),
+         tensor("sp", np.array([steps]))])
+    optimized, _ = fold(model)
+    assert_same_outputs(model, optimized, {"x": np.zeros((2, 3, 5, 7), np.float32)})
+
+
 def test_slice_keeping_a_dynamic_dimension_stays():
     model = parse(SHAPE_HEADER + """(int64[K] y) <int64[1] starts = {0}, int64[1] ends = {2}> {
       s = Shape(x)
@@ -515,6 +530,43 @@ def test_integer_arithmetic_on_shape_elements():
     assert values["hw"] == 64 and values["hw"].shape == ()
     np.testing.assert_array_equal(values["half"], [32])
     assert "Mul" not in op_counts(optimized) and "Div" not in op_counts(optimized)
+    for batch in (1, 5):
+        assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 8, 8), np.float32)})
+
+
+def test_cast_of_a_shape_element_that_overflows_the_target_type_is_not_folded():
+    # Cast(300) to int8 wraps around in onnxruntime; folding must neither crash nor store 300.
+    model = parse("""
+    g (float[N,300] x) => (int8 y, int32 z) <int64 one = {1}> {
+      s = Shape(x)
+      c = Cast<to = 3>(s)
+      y = Gather(c, one)
+      c32 = Cast<to = 6>(s)
+      z = Gather(c32, one)
+    }""")
+    optimized, _ = fold(model)
+    assert initializers(optimized)["z"] == 300
+    assert_same_outputs(model, optimized, {"x": np.zeros((2, 300), np.float32)})
+
+
+def test_shape_folding_without_inferred_types(monkeypatch):
+    # If shape inference fails, dtypes come from what the shape computation starts from.
+    monkeypatch.setattr(ir, "infer_shapes", lambda graph, template=None: None)
+    model = parse(SHAPE_HEADER + """(float[N,192] y)
+        <int64 zero = {0}, int64 one = {1}, int64 two = {2}, int64 eight = {8}, int64[1] axes = {0}> {
+      s = Shape(x)
+      c = Gather(s, one)
+      h = Gather(s, two)
+      ch = Mul(c, h)
+      hw = Mul(ch, eight)
+      n = Gather(s, zero)
+      n1 = Unsqueeze(n, axes)
+      hw1 = Unsqueeze(hw, axes)
+      shape = Concat<axis = 0>(n1, hw1)
+      y = Reshape(x, shape)
+    }""")
+    optimized, _ = fold(model)
+    assert "Mul" not in op_counts(optimized)
     for batch in (1, 5):
         assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 8, 8), np.float32)})
 
@@ -664,6 +716,18 @@ def test_producer_of_a_branch_output_stays_in_the_branch():
     assert op_counts(optimized) == {"If": 1, "Mul": 1, "Neg": 1}
     for condition in (True, False):
         assert_same_outputs(model, optimized, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_shape_folded_branch_output_stays_produced_in_the_branch():
+    # onnxruntime refuses a subgraph output that is an outer-scope value or initializer.
+    model = parse("""
+    g (float[N,3] x, bool c) => (int64 y) <int64 one = {1}> {
+      y = If(c) <then_branch = t () => (int64 a) { s = Shape(x)  a = Gather(s, one) },
+                 else_branch = e () => (int64 b) { b = Constant<value = int64 {0}>() }>
+    }""")
+    optimized, _ = fold(model)
+    for condition in (True, False):
+        assert_same_outputs(model, optimized, {"x": np.zeros((2, 3), np.float32), "c": np.array(condition)})
 
 
 def test_loop_body_stays_valid():
