@@ -320,41 +320,89 @@ def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
     return replaced
 
 
-def _names_in_scope(graph: gs.Graph) -> set[str]:
-    names: set[str] = set()
-    for sub in ir.all_graphs(graph):
-        names |= {t.name for t in sub.inputs}
+def _tensors_outside(root: gs.Graph, branch: gs.Graph) -> list[gs.Tensor]:
+    """Every tensor of ``root`` and its subgraphs, except those only seen inside ``branch``."""
+    tensors: list[gs.Tensor] = []
+
+    def visit(graph: gs.Graph) -> None:
+        if graph is branch:
+            return
+        tensors.extend(graph.inputs)
+        tensors.extend(graph.outputs)
+        for node in graph.nodes:
+            tensors.extend(node.inputs)
+            tensors.extend(node.outputs)
+            for sub in node.subgraphs():
+                visit(sub)
+
+    visit(root)
+    return tensors
+
+
+def _rename_clashes(branch: gs.Graph, root: gs.Graph) -> None:
+    """Renames what a branch defines (node outputs, its own constants) where the name is used elsewhere.
+
+    Inlined, the branch's values join the enclosing graph, where another value (of the enclosing graph,
+    or of a sibling branch inlined before) may bear the same name.
+    """
+    outside = _tensors_outside(root, branch)
+    outside_ids = {id(t) for t in outside}
+    taken = {t.name for t in outside if t.name}
+    owned: dict[int, gs.Tensor] = {}
+    for node in branch.nodes:
+        owned.update((id(t), t) for t in node.outputs if t.name)
+    for sub in ir.all_graphs(branch):
         for node in sub.nodes:
-            names |= {t.name for t in node.inputs if t.name}
-            names |= {t.name for t in node.outputs if t.name}
-    return names
+            owned.update((id(t), t) for t in node.inputs if isinstance(t, gs.Constant))
+    owned.update((id(t), t) for t in branch.outputs if isinstance(t, gs.Constant))
+    for tensor in owned.values():
+        if id(tensor) not in outside_ids and tensor.name in taken:
+            tensor.name = ir.unique_name(root, tensor.name)
 
 
 def inline_constant_ifs(graph: gs.Graph, root: gs.Graph) -> int:
-    """Replaces every ``If`` whose condition is constant by the nodes of the branch it takes."""
+    """Replaces every ``If`` of ``graph`` whose condition is constant by the nodes of the branch it takes.
+
+    Constant Ifs that an inlined branch brings into ``graph`` are inlined too. The branch graphs of an
+    inlined If share their nodes with ``graph`` afterwards: walk subgraphs again rather than reusing a
+    list of them made before.
+    """
     inlined = 0
-    for node in list(graph.nodes):
-        if node.op != "If" or node.domain not in ("", None, "ai.onnx") or not node.outputs:
-            continue
-        condition = ir.constant_value(node.inputs[0])
-        if condition is None or condition.size != 1:
-            continue
-        branch = node.attrs["then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"]
-        taken = set(_names_in_scope(branch))
-        outer = _names_in_scope(root) - taken
-        for inner in branch.nodes:
-            for tensor in inner.outputs:
-                if tensor.name in outer:
-                    tensor.name = ir.unique_name(root, tensor.name)
-        outputs, results = list(node.outputs), list(branch.outputs)
-        position = next(i for i, n in enumerate(graph.nodes) if n is node)
-        ir.remove_nodes(graph, [node])
-        graph.nodes[position:position] = list(branch.nodes)
-        for output, result in zip(outputs, results):
-            ir.replace_all_uses(graph, output, result)
-        inlined += 1
+    pending = True
+    while pending:
+        pending = False
+        for node in list(graph.nodes):
+            if node.op != "If" or node.domain not in ("", None, "ai.onnx") or not node.outputs:
+                continue
+            condition = ir.constant_value(node.inputs[0])
+            if condition is None or condition.size != 1:
+                continue
+            branch = node.attrs["then_branch" if bool(condition.reshape(-1)[0]) else "else_branch"]
+            _rename_clashes(branch, root)
+            outputs, results = list(node.outputs), list(branch.outputs)
+            position = next(i for i, n in enumerate(graph.nodes) if n is node)
+            ir.remove_nodes(graph, [node])
+            graph.nodes[position:position] = list(branch.nodes)
+            carrier: dict[int, gs.Tensor] = {}
+            for output, result in zip(outputs, results):
+                # A branch may return one value as several outputs: once the first output took over its
+                # producer, the value is read from that output.
+                ir.replace_all_uses(graph, output, carrier.get(id(result), result))
+                if id(result) not in carrier:
+                    carrier[id(result)] = output if output.inputs else result
+            inlined += 1
+            pending = True
     if inlined:
         ir.toposort(graph)
+    return inlined
+
+
+def _inline_everywhere(graph: gs.Graph, root: gs.Graph) -> int:
+    """Inlines constant Ifs in ``graph``, then in the subgraphs that are left."""
+    inlined = inline_constant_ifs(graph, root)
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            inlined += _inline_everywhere(sub, root)
     return inlined
 
 
@@ -369,8 +417,7 @@ class ConstantFolding(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"folded": 0, "shapes_folded": 0, "ifs_inlined": 0, "kept_by_size_guard": 0}
-        for sub in list(ir.all_graphs(graph)):
-            stats["ifs_inlined"] += inline_constant_ifs(sub, graph)
+        stats["ifs_inlined"] += _inline_everywhere(graph, graph)
         ir.infer_shapes(graph)
         for sub in list(ir.all_graphs(graph)):
             stats["shapes_folded"] += fold_shapes(sub, in_subgraph=sub is not graph)

@@ -644,6 +644,22 @@ def test_branch_returning_an_outer_value():
     assert_same_outputs(model, optimized)
 
 
+def test_nested_constant_ifs_are_inlined():
+    model = parse("""
+    g (float[2] x) => (float[2] y) {
+      c = Constant<value = bool {1}>()
+      y = If(c) <then_branch = t () => (float[2] a) {
+                   d = Constant<value = bool {0}>()
+                   a = If(d) <then_branch = t2 () => (float[2] p) { p = Relu(x) },
+                              else_branch = e2 () => (float[2] q) { q = Neg(x) }>
+                 },
+                 else_branch = e () => (float[2] b) { b = Abs(x) }>
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Neg": 1}
+    assert_same_outputs(model, optimized)
+
+
 def test_constant_if_nested_in_a_dynamic_if_is_inlined_in_its_branch():
     model = parse("""
     g (float[2] x, bool c) => (float[2] y) {
@@ -658,6 +674,52 @@ def test_constant_if_nested_in_a_dynamic_if_is_inlined_in_its_branch():
     assert op_counts(optimized) == {"If": 1, "Neg": 1, "Abs": 1}
     for condition in (True, False):
         assert_same_outputs(model, optimized, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_inlined_branches_with_clashing_inner_names_are_renamed():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] z) {
+      c = Constant<value = bool {1}>()
+      y = If(c) <then_branch = t1 () => (float[2] a1) { tmp = Relu(x)  a1 = Neg(tmp) },
+                 else_branch = e1 () => (float[2] b1) { b1 = Neg(x) }>
+      z = If(c) <then_branch = t2 () => (float[2] a2) { tmp = Abs(x)  a2 = Neg(tmp) },
+                 else_branch = e2 () => (float[2] b2) { b2 = Neg(x) }>
+    }""")
+    optimized, result = fold(model)
+    assert result.stats["ifs_inlined"] == 2
+    assert op_counts(optimized) == {"Relu": 1, "Abs": 1, "Neg": 2}
+    assert_same_outputs(model, optimized)
+
+
+def test_inlined_branches_with_clashing_initializer_names_keep_their_values():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] z) {
+      c = Constant<value = bool {1}>()
+      y = If(c) <then_branch = t1 () => (float[2] a1) <float[2] k = {1., 2.}> { a1 = Add(x, k) },
+                 else_branch = e1 () => (float[2] b1) { b1 = Neg(x) }>
+      z = If(c) <then_branch = t2 () => (float[2] a2) <float[2] k = {3., 4.}> { a2 = Mul(x, k) },
+                 else_branch = e2 () => (float[2] b2) { b2 = Neg(x) }>
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Add": 1, "Mul": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_branch_returning_one_value_twice():
+    model = parse("""
+    g (float[2] x) => (float[2] y, float[2] z) {
+      c = Constant<value = bool {1}>()
+      y, z = If(c) <then_branch = t () => (float[2] a, float[2] a) { a = Relu(x) },
+                    else_branch = e () => (float[2] b, float[2] b2) { b = Neg(x)  b2 = Abs(x) }>
+    }""")
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Relu": 1, "Identity": 1}
+    assert io_names(optimized) == io_names(model)
+    # onnxruntime (1.32) returns garbage for one output of such an If: compare with the formula.
+    x = np.array([1.5, -2], np.float32)
+    y, z = run(optimized, {"x": x})
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    np.testing.assert_array_equal(z, np.maximum(x, 0))
 
 
 def test_branch_output_that_is_a_graph_output():
