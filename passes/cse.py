@@ -24,13 +24,19 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
                     "Bernoulli", "Dropout"}
 
 
+def _tensor_bytes(array: np.ndarray) -> bytes:
+    return array.tobytes() if array.dtype != object else repr(array.tolist()).encode()
+
+
 def _attribute_key(value) -> object | None:
     """A hashable stand-in for an attribute value; ``None`` when the value cannot be compared."""
     if isinstance(value, gs.Graph):
         return None
     if isinstance(value, gs.Constant):
         array = ir.constant_array(value)
-        return ("tensor", array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+        # dtype.str is "<V1" for several float8 and 4-bit types: the name tells them apart. A string
+        # tensor's tobytes() are pointers (to objects freed and reused between calls): hash the contents.
+        return ("tensor", array.dtype.name, array.shape, hashlib.sha256(_tensor_bytes(array)).hexdigest())
     if isinstance(value, (list, tuple)):
         parts = [_attribute_key(v) for v in value]
         return None if any(p is None for p in parts) else tuple(parts)
@@ -85,6 +91,10 @@ def _merge_constants(graph: gs.Graph) -> int:
             for tensor in node.inputs:
                 if isinstance(tensor, gs.Constant) and id(tensor) not in protected:
                     constants.setdefault(id(tensor), tensor)
+    names: dict[str, set[int]] = {}
+    for sub in ir.all_graphs(graph):
+        for tensor in [*sub.inputs, *sub.outputs, *(t for n in sub.nodes for t in (*n.inputs, *n.outputs))]:
+            names.setdefault(tensor.name, set()).add(id(tensor))
     by_layout: dict[tuple, list[gs.Constant]] = {}
     for constant in constants.values():
         by_layout.setdefault((str(constant.dtype), tuple(constant.shape)), []).append(constant)
@@ -94,8 +104,11 @@ def _merge_constants(graph: gs.Graph) -> int:
             continue
         first_of: dict[bytes, gs.Constant] = {}
         for constant in group:
-            data = ir.constant_array(constant)
-            digest = hashlib.sha256(data.tobytes()).digest() if data.dtype != object else repr(data.tolist()).encode()
+            if len(names.get(constant.name, ())) > 1:
+                # Sibling subgraphs may reuse a name for different values: a reader moved to this constant
+                # could then read another tensor of the same name in its own scope.
+                continue
+            digest = hashlib.sha256(_tensor_bytes(ir.constant_array(constant))).digest()
             keeper = first_of.setdefault(digest, constant)
             if keeper is constant:
                 continue
