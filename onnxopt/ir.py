@@ -295,7 +295,9 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
     _check_tensor_sizes(model, base_dir)
     external = base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(model))
     if check:
-        check_model(source if external else model)
+        # Through the path when there is one: the checker then reads the file itself instead of
+        # serializing the whole loaded model again.
+        check_model(source if base_dir is not None else model)
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
@@ -950,15 +952,18 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> No
     exported = gs.export_onnx(graph, do_type_check=False)
     light.graph.CopyFrom(exported.graph)
     light.functions.extend(exported.functions)
+    # Large weights become graph inputs of the same type: inference still knows their shapes, and
+    # neither engine copies or reads their data (shapes do not depend on large tensors' values).
+    small = []
     for init in light.graph.initializer:
-        if init.data_location != TensorProto.EXTERNAL and len(init.raw_data) > 1 << 16:
-            init.ClearField("raw_data")
-            init.data_location = TensorProto.EXTERNAL
-            init.external_data.add(key="location", value="__stripped__")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception as error:  # noqa: BLE001 - inference is best effort by contract
-        log.debug("shape inference failed: %s", error)
+        if (_declared_nbytes(init) or 0) > 1 << 16:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            small.append(init)
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(small)
+    inferred = _symbolic_inference(light) or _onnx_inference(light)
+    if inferred is None:
         return
     infos = {vi.name: vi for vi in inferred.graph.value_info}
     protected = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
@@ -975,6 +980,41 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> No
             tensor.shape = [
                 d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
             ]
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference, which keeps dimension symbols consistent across the graph.
+
+    onnx's own inference invents a fresh symbol (``unk__N``) wherever it loses track, so two equal
+    dynamic dimensions rarely share a name; onnxruntime's tool propagates them through MatMul,
+    Transpose, Reshape and broadcasting. Symbols are never merged on a guess (``auto_merge=False``):
+    a model where that would be needed falls back to onnx's inference.
+    """
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except ImportError:
+        return None
+    # The steps of SymbolicShapeInference.infer_shapes, which on incomplete inference also writes a
+    # debug model into the current directory; any change in those internals falls back to onnx's inference.
+    try:
+        inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
+        inference._preprocess(model)
+        complete = False
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_ if complete else None
+    except Exception as error:  # noqa: BLE001 - inference is best effort by contract
+        log.debug("symbolic shape inference failed: %s", error)
+        return None
+
+
+def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as error:  # noqa: BLE001 - inference is best effort by contract
+        log.debug("shape inference failed: %s", error)
+        return None
 
 
 _NON_NUMPY = {TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2,

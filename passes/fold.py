@@ -178,13 +178,14 @@ class PartialValue:
     inference failed.
     """
 
-    elements: tuple[int | None, ...]
+    elements: tuple[int | str | None, ...]
     scalar: bool = False
     dtype: np.dtype = np.dtype(np.int64)
 
     @property
     def known(self) -> bool:
-        return all(e is not None for e in self.elements)
+        """All elements are numbers (a ``str`` element is a symbolic dimension, ``None`` unknown)."""
+        return all(isinstance(e, int) for e in self.elements)
 
 
 def _in_range(elements: tuple[int | None, ...], dtype: np.dtype) -> tuple[int | None, ...]:
@@ -210,7 +211,7 @@ def _shape_of(node: gs.Node) -> PartialValue | None:
     shape = node.inputs[0].shape
     if shape is None:
         return None
-    dims = [d if isinstance(d, int) and d >= 0 else None for d in shape]
+    dims = [d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d) else None for d in shape]
     rank = len(dims)
     start = node.attrs.get("start", 0)
     end = node.attrs.get("end", rank)
@@ -281,9 +282,42 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         result = []
         for i in range(count):
             x, y = pick(a, i), pick(b, i)
-            result.append(None if x is None or y is None else _INT_ARITHMETIC[op](x, y))
+            result.append(_INT_ARITHMETIC[op](x, y) if isinstance(x, int) and isinstance(y, int) else None)
         return PartialValue(_in_range(tuple(result), a.dtype), scalar=a.scalar and b.scalar, dtype=a.dtype)
     return None
+
+
+def _reshape_with_copied_dims(graph: gs.Graph, node: gs.Node, target: PartialValue) -> int:
+    """Gives a Reshape a constant shape when its dynamic elements are dimensions of its own input.
+
+    With ``allowzero=0``, a 0 in Reshape's shape copies the input's dimension at that position, so an
+    element known to equal that dimension (the same symbol in inferred shapes, as in
+    ``Reshape(x, Concat(Shape(x)[:2], [12, 64]))``) can be 0. One element left unknown can be -1 when
+    every other element is a known positive number (then the unknown is determined by the size).
+    Returns 1 if the shape became constant.
+    """
+    data_shape = node.inputs[0].shape
+    if node.attrs.get("allowzero", 0) or target.scalar or data_shape is None:
+        return 0
+    resolved: list[int | None] = []
+    for axis, element in enumerate(target.elements):
+        if isinstance(element, int):
+            resolved.append(element)
+        elif isinstance(element, str) and axis < len(data_shape) and data_shape[axis] == element:
+            resolved.append(0)
+        else:
+            resolved.append(None)
+    unknown = [i for i, e in enumerate(resolved) if e is None]
+    if len(unknown) > 1:
+        return 0
+    if unknown:
+        others = [e for i, e in enumerate(resolved) if i != unknown[0]]
+        copies = [axis for axis, e in enumerate(target.elements) if isinstance(e, str)]
+        if any(e <= 0 for e in others) or copies:
+            return 0
+        resolved[unknown[0]] = -1
+    node.inputs[1] = ir.make_constant(graph, np.array(resolved, dtype=np.int64), f"{node.name or 'reshape'}_shape")
+    return 1
 
 
 def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
@@ -299,6 +333,9 @@ def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
     replaced = 0
     for node in list(graph.nodes):
         if node.domain not in ("", None, "ai.onnx") or len(node.outputs) != 1 or not node.inputs:
+            continue
+        if node.op == "Reshape" and len(node.inputs) == 2 and id(node.inputs[1]) in partials:
+            replaced += _reshape_with_copied_dims(graph, node, partials[id(node.inputs[1])])
             continue
         output = node.outputs[0]
         try:
