@@ -9,6 +9,8 @@
   opset 7 or later (older Add and Gemm broadcast by other rules).
 * Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel;
   a Transpose with the identity permutation is removed.
+* Pad + Conv -> Conv, when the Pad adds zeros (constant mode, value 0) on spatial axes only: the Conv's
+  own ``pads`` add the same zeros.
 
 A fusion only fires when the intermediate value has no other reader and is not a graph output.
 """
@@ -185,6 +187,54 @@ def _copy_local_shapes(graph: gs.Graph, proto: onnx.GraphProto, outermost: bool)
                 _copy_local_shapes(sub, attr.g, outermost=False)
 
 
+def _pad_amounts(pad: gs.Node, rank: int) -> list[int] | None:
+    """The zero-padding amounts of a constant-mode Pad with value 0, or ``None``."""
+    if pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
+        return None
+    if "pads" in pad.attrs:
+        amounts, value = list(pad.attrs["pads"]), pad.attrs.get("value", 0.0)
+    else:
+        if len(pad.inputs) < 2 or (len(pad.inputs) > 3 and pad.inputs[3].name):
+            return None
+        amounts = ir.constant_value(pad.inputs[1])
+        if amounts is None:
+            return None
+        amounts = [int(a) for a in amounts.reshape(-1)]
+        value = 0.0
+        if len(pad.inputs) > 2 and pad.inputs[2].name:
+            constant = ir.constant_value(pad.inputs[2])
+            if constant is None or constant.size != 1:
+                return None
+            value = float(constant.reshape(-1)[0])
+    if value != 0.0 or len(amounts) != 2 * rank or any(a < 0 for a in amounts):
+        return None
+    return amounts
+
+
+def _fuse_pad_conv(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
+    """Zero padding before a Conv becomes the Conv's own padding (the same zeros, summed per side)."""
+    if not _standard(node, "Conv") or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        return False
+    pad = _single_use_producer(graph, node.inputs[0], "Pad")
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if pad is None or weight is None or weight.shape is None:
+        return False
+    rank = len(weight.shape)
+    amounts = _pad_amounts(pad, rank)
+    if amounts is None or amounts[0] or amounts[1] or amounts[rank] or amounts[rank + 1]:
+        return False
+    spatial = rank - 2
+    conv_pads = list(node.attrs.get("pads", [0] * (2 * spatial)))
+    if len(conv_pads) != 2 * spatial or not allow(node):
+        return False
+    begins = [conv_pads[i] + amounts[2 + i] for i in range(spatial)]
+    ends = [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)]
+    node.attrs["pads"] = begins + ends
+    node.inputs[0] = pad.inputs[0]
+    ir.remove_nodes(graph, [pad])
+    return True
+
+
 def _perm(node: gs.Node) -> list[int] | None:
     perm = node.attrs.get("perm")
     if perm is not None:
@@ -234,13 +284,13 @@ def _allow(ctx: PassContext, rule: str, node: gs.Node) -> bool:
     return ctx.allow(rule, node.name or node.outputs[0].name)
 
 
-RULES = (("conv_batchnorm", _fuse_conv_batchnorm), ("matmul_add_to_gemm", _fuse_matmul_add),
+RULES = (("pad_conv", _fuse_pad_conv), ("conv_batchnorm", _fuse_conv_batchnorm), ("matmul_add_to_gemm", _fuse_matmul_add),
          ("transpose_transpose", _fuse_transposes))
 
 
 @dataclass(frozen=True)
 class Fuse(Pass):
-    """Fuses Conv+BatchNormalization, MatMul+Add into Gemm, and cancels or merges Transpose pairs."""
+    """Fuses Pad and BatchNormalization into Conv, MatMul+Add into Gemm, and merges Transpose pairs."""
 
     name: ClassVar[str] = "fuse"
 

@@ -611,3 +611,38 @@ def test_fuse_is_idempotent():
     twice, second = fuse(once)
     assert first.modified and not second.modified
     assert op_counts(twice) == op_counts(once)
+
+
+def _pad_conv_model(pads, mode="constant", fill=None, opset=17):
+    rng = np.random.default_rng(3)
+    inits = [tensor("W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+             tensor("pads", np.array(pads, np.int64))]
+    pad_inputs = ["x", "pads"]
+    if fill is not None:
+        inits.append(tensor("value", np.array(fill, np.float32)))
+        pad_inputs.append("value")
+    nodes = [helper.make_node("Pad", pad_inputs, ["p"], mode=mode),
+             helper.make_node("Conv", ["p", "W"], ["y"], pads=[1, 0, 1, 0])]
+    return make_model(nodes, [value("x", TensorProto.FLOAT, [1, 3, 8, 8])], [symbolic("y", TensorProto.FLOAT, 4)],
+                      inits, opset=opset)
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 1, 2, 0, 0, 3, 0], [0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 2, 2, 0, 0, 2, 2]])
+def test_zero_pad_folds_into_conv(pads):
+    model = _pad_conv_model(pads)
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    assert result.stats["pad_conv"] == 1
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("pads, mode, fill", [
+    ([0, 0, 1, 1, 0, 0, 1, 1], "reflect", None),
+    ([0, 0, 1, 1, 0, 0, 1, 1], "constant", 1.0),
+    ([0, 1, 1, 1, 0, 0, 1, 1], "constant", None),
+])
+def test_pad_that_is_not_spatial_zero_padding_stays(pads, mode, fill):
+    model = _pad_conv_model(pads, mode, fill)
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"Pad": 1, "Conv": 1}
+    assert_same_outputs(model, optimized)
