@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
 from onnx import TensorProto, helper, numpy_helper
 
@@ -496,6 +498,20 @@ def test_slice_of_a_shape_with_negative_steps_out_of_range(starts, ends, steps):
     assert_same_outputs(model, optimized, {"x": np.zeros((2, 3, 5, 7), np.float32)})
 
 
+@settings(max_examples=40, deadline=None)
+@given(starts=st.sampled_from([I64_MIN, -9, -5, -4, -1, 0, 1, 3, 4, 9, I64_MAX]),
+       ends=st.sampled_from([I64_MIN, -9, -5, -4, -1, 0, 1, 3, 4, 9, I64_MAX]),
+       steps=st.sampled_from([-3, -2, -1, 1, 2, 3]), axis=st.sampled_from([0, -1]))
+def test_slice_of_a_static_shape_matches_onnxruntime(starts, ends, steps, axis):
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", "st", "en", "ax", "sp"], ["y"])],
+        [value("x", TensorProto.FLOAT, [2, 3, 5, 7])], [value("y", TensorProto.INT64, ["K"])],
+        [tensor("st", np.array([starts])), tensor("en", np.array([ends])), tensor("ax", np.array([axis])),
+         tensor("sp", np.array([steps]))])
+    optimized, _ = fold(model)
+    assert_same_outputs(model, optimized, {"x": np.zeros((2, 3, 5, 7), np.float32)})
+
+
 def test_slice_keeping_a_dynamic_dimension_stays():
     model = parse(SHAPE_HEADER + """(int64[K] y) <int64[1] starts = {0}, int64[1] ends = {2}> {
       s = Shape(x)
@@ -616,6 +632,25 @@ def test_if_with_dynamic_condition_is_left_alone():
     }""" % BRANCHES)
     for condition in (True, False):
         assert_unchanged(model, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_if_with_an_overridable_condition_is_left_alone():
+    model = parse("""
+    g (float[2] x, bool c) => (float[2] y) <bool c = {1}> {
+      y = If(c) %s
+    }""" % BRANCHES)
+    for condition in (True, False):
+        assert_unchanged(model, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+def test_if_with_a_one_element_condition_tensor_is_inlined():
+    model = parse("""
+    g (float[2] x) => (float[2] y) <bool[1] c = {0}> {
+      y = If(c) %s
+    }""" % BRANCHES)
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Neg": 1}
+    assert_same_outputs(model, optimized)
 
 
 def test_inlined_if_output_read_by_later_nodes():
