@@ -225,9 +225,8 @@ class PassManager:
         start = time.perf_counter()
         try:
             result = coerce_result(pass_.name, pass_.run(graph, ctx))
-        except UserError:
-            raise
         except Exception as error:  # noqa: BLE001 - any failure inside a pass is reported with its name
+            # Even a UserError raised inside a pass (say, a cycle the pass itself created) is the pass's fault.
             raise PassFailedError(pass_.name, error, list(ran)) from error
         seconds = time.perf_counter() - start
         ran.append(pass_.name)

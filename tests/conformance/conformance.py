@@ -19,7 +19,6 @@ import onnx
 from onnx import numpy_helper
 
 import onnxopt
-from onnxopt import ir
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-from cli_harness import TINY_CNN, assert_user_error, cli_env, copy_tiny_cnn, run_cli, snapshot
+from cli_harness import TINY_CNN, cli_env, copy_tiny_cnn, run_cli, snapshot
 from helpers import assert_same_outputs
 
 from onnxopt.passes import DEFAULT_PIPELINE

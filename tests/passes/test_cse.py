@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
+from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
 from onnx import TensorProto, helper
 
 import onnxopt

@@ -9,7 +9,7 @@ import onnx.parser
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
+from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt

@@ -1,5 +1,4 @@
-from helpers import apply, assert_same_outputs, make_model, tensor, value
-from onnx import helper
+from helpers import assert_same_outputs
 
 from onnxopt.passes import DEFAULT_PIPELINE
 import onnxopt
