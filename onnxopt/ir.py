@@ -439,20 +439,40 @@ def _has_optional(type_proto: onnx.TypeProto) -> bool:
     return False
 
 
-def _check_representable(graph: onnx.GraphProto) -> None:
-    """Refuses what onnx-graphsurgeon would silently lose: optional types and type-valued attributes."""
+def _defined_names(graph: onnx.GraphProto) -> set[str]:
+    names = {vi.name for vi in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    return names | {out for node in graph.node for out in node.output if out}
+
+
+def _check_representable(graph: onnx.GraphProto, outer: frozenset[str] = frozenset()) -> None:
+    """Refuses what onnx-graphsurgeon would silently lose or change.
+
+    Optional types and type-valued attributes are dropped by its importer, sparse ``Constant`` values
+    are lost on export, and a subgraph value that reuses a name of an enclosing graph is bound to the
+    outer value (changing what the model computes).
+    """
     for value_info in (*graph.input, *graph.output, *graph.value_info):
         if _has_optional(value_info.type):
             raise UserError(f"onnxopt cannot rewrite models with optional-typed values yet ('{value_info.name}')")
+    defined = _defined_names(graph)
+    shadowed = sorted(defined & outer)
+    if shadowed:
+        raise UserError(f"onnxopt cannot rewrite models whose subgraph '{graph.name}' reuses the name "
+                        f"'{shadowed[0]}' of an enclosing graph yet")
+    scope = frozenset(outer | defined)
     for node in graph.node:
         for attr in node.attribute:
             if attr.type in (onnx.AttributeProto.TYPE_PROTO, onnx.AttributeProto.TYPE_PROTOS):
                 raise UserError(f"onnxopt cannot rewrite models with type-valued attributes yet "
                                 f"(node '{node.name or node.op_type}', attribute '{attr.name}')")
+            if attr.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                raise UserError(f"onnxopt cannot rewrite models with sparse tensor attributes yet "
+                                f"(node '{node.name or node.op_type}', attribute '{attr.name}')")
             if attr.HasField("g"):
-                _check_representable(attr.g)
+                _check_representable(attr.g, scope)
             for sub in attr.graphs:
-                _check_representable(sub)
+                _check_representable(sub, scope)
 
 
 def import_model(model: onnx.ModelProto) -> gs.Graph:
