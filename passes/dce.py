@@ -1,8 +1,8 @@
 """``dce``: dead-code elimination.
 
 Removes every node no graph output depends on (in subgraph bodies too, where a node counts as used when
-anything of an enclosing graph reads its value), bypasses ``Identity`` nodes, and drops opset imports no
-node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
+anything of an enclosing graph reads its value), bypasses ``Identity`` nodes and Casts to the type the
+value already has, and drops opset imports no node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
 removed: an ``Identity`` that is the only way to give an output its name stays.
 """
 
@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import ir
@@ -21,10 +23,24 @@ def _is_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.inputs) or any(t is tensor for t in graph.outputs)
 
 
+def _is_identity(node: gs.Node) -> bool:
+    """An Identity, or a Cast to the type its input already has (it copies the tensor unchanged)."""
+    if node.domain not in ("", None, "ai.onnx") or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return False
+    if node.op == "Identity":
+        return True
+    if node.op != "Cast" or node.inputs[0].dtype is None or "to" not in node.attrs:
+        return False
+    try:
+        return np.dtype(node.inputs[0].dtype) == onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+    except (TypeError, KeyError, ValueError):
+        return False
+
+
 def _bypass_identities(graph: gs.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):
-        if node.op != "Identity" or node.domain not in ("", None, "ai.onnx") or len(node.inputs) != 1:
+        if not _is_identity(node):
             continue
         source, result = node.inputs[0], node.outputs[0]
         if not ir.is_graph_output(graph, result):
@@ -35,7 +51,7 @@ def _bypass_identities(graph: gs.Graph) -> int:
                         consumer.inputs[index] = source
             removed += 1
             continue
-        producer_here = len(source.inputs) == 1 and any(n is source.inputs[0] for n in graph.nodes)
+        producer_here = len(source.inputs) == 1 and ir.is_local(graph, source.inputs[0])
         if producer_here and not _is_io(graph, source) and isinstance(source, gs.Variable):
             ir.remove_nodes(graph, [node])
             ir.replace_all_uses(graph, result, source)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.parser
-from helpers import assert_same_outputs, op_counts, random_feeds, run, tensor, value
-from onnx import helper
+from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
+from onnx import TensorProto, helper
 
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
@@ -318,3 +318,16 @@ def test_dce_on_a_graph_with_everything_is_idempotent():
     assert first.modified and not second.modified
     assert op_counts(twice) == op_counts(once)
     assert onnx.printer.to_text(twice.graph) == onnx.printer.to_text(once.graph)
+
+
+def test_cast_to_the_type_a_value_already_has_is_bypassed_and_a_real_cast_stays():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Cast", ["r"], ["same"], to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["same"], ["half"], to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["half"], ["y"], to=TensorProto.FLOAT)]
+    model = make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3])], [value("y", TensorProto.FLOAT, [2, 3])])
+    graph = ir.import_model(model)
+    ir.infer_shapes(graph)
+    DeadCodeElimination()(graph, PassContext(original=model))
+    optimized = ir.export_model(graph, model)
+    assert [n.op_type for n in optimized.graph.node] == ["Relu", "Cast", "Cast"]
+    assert_same_outputs(model, optimized)
