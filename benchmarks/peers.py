@@ -7,7 +7,7 @@ peak memory is its own::
 
 The child imports only what the tool needs, then times ``load + optimize + save`` (the work a user
 waits for from a file on disk to a file on disk; onnxruntime's offline optimizer cannot be split any
-other way) and writes a JSON record with the time, its peak resident memory (``ru_maxrss`` of itself
+other way), in wall time and in CPU time, and writes a JSON record with the times, its peak resident memory (``ru_maxrss`` of itself
 and of any children it started) and the error text if the tool failed.
 """
 
@@ -134,6 +134,16 @@ def _peak_rss_bytes() -> int:
     return max(own, children) * 1024  # Linux reports kilobytes
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) and of children it waited for.
+
+    Less sensitive than wall time to other work on a shared machine; more than wall time for tools that
+    run on several threads."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def child_main(tool: str, src: str, dst: str, result_path: str) -> int:
     record: dict = {"tool": tool, "ok": False}
     start = time.perf_counter()
@@ -144,9 +154,11 @@ def child_main(tool: str, src: str, dst: str, result_path: str) -> int:
             importlib.import_module(package)
         record["import_seconds"] = round(time.perf_counter() - start, 3)
         record["rss_after_import_bytes"] = _peak_rss_bytes()
+        cpu_start = _cpu_seconds()
         start = time.perf_counter()
         record["extra"] = TOOLS[tool](src, dst)
         record["seconds"] = time.perf_counter() - start
+        record["cpu_seconds"] = _cpu_seconds() - cpu_start
         record["ok"] = Path(dst).exists()
         if not record["ok"]:
             record["error"] = "the tool returned without writing a model"

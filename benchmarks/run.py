@@ -111,6 +111,7 @@ def run_tool(tool: str, model: dict, corpus_dir: Path, timeout: float) -> dict:
     cwd = folder.parent / f"{tool}.cwd"
     shutil.rmtree(cwd, ignore_errors=True)
     cwd.mkdir()
+    load_before = os.getloadavg()[0]
     process = run_child(argv, timeout, log_path, cwd)
     if result_file.exists():
         record = json.loads(result_file.read_text())
@@ -122,6 +123,7 @@ def run_tool(tool: str, model: dict, corpus_dir: Path, timeout: float) -> dict:
             record["error"] = (f"the process died (exit code {process['returncode']}) without a result: "
                                f"{_log_tail(log_path, 5)}")
     record.update(process)
+    record["load_average_before"] = load_before
     stray = sorted(p.name for p in cwd.iterdir())
     if stray:
         record["stray_files"] = stray
@@ -194,6 +196,8 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
     warnings = []
     exported = {r["model"] for r in runs if not r["model"].startswith("light_")}
     time_ratios_exported = {peer: [] for peer in TIME_TARGETS}
+    cpu_ratios = {peer: [] for peer in TIME_TARGETS}
+    loads = []
     for run in runs:
         records = run["tools"]
         mine = records.get("onnxopt")
@@ -247,6 +251,8 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
                 for variant, bucket in buckets:
                     if variant in records and records[variant].get("ok") and records.get(peer, {}).get("ok"):
                         bucket[peer].append(records[variant]["seconds"] / max(records[peer]["seconds"], 1e-9))
+                if records.get(peer, {}).get("ok") and "cpu_seconds" in mine and "cpu_seconds" in records[peer]:
+                    cpu_ratios[peer].append(mine["cpu_seconds"] / max(records[peer]["cpu_seconds"], 1e-9))
             for peer in MEMORY_PEERS:
                 if records.get(peer, {}).get("ok") and mine.get("peak_rss_bytes") and records[peer].get("peak_rss_bytes"):
                     ratio = mine["peak_rss_bytes"] / records[peer]["peak_rss_bytes"]
@@ -254,6 +260,7 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
                     memory[peer]["compared"] += 1
                     memory[peer]["not_higher"] += ratio <= 1.0
         per_model.append(row)
+        loads += [r["load_average_before"] for r in records.values() if "load_average_before" in r]
 
     def median(values):
         return statistics.median(values) if values else None
@@ -270,7 +277,8 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
         value = median(time_ratios[peer])
         time_summary[peer] = {"median_ratio": value, "target": limit, "met": value is not None and value <= limit,
                               "models": len(time_ratios[peer]), "median_ratio_noverify": median(time_ratios_noverify[peer]),
-                              "median_ratio_exported_models": median(time_ratios_exported[peer])}
+                              "median_ratio_exported_models": median(time_ratios_exported[peer]),
+                              "median_cpu_ratio": median(cpu_ratios[peer])}
     memory_summary = {}
     for peer, data in memory.items():
         memory_summary[peer] = {"median_ratio": median(data["ratios"]),
@@ -297,7 +305,8 @@ def summarize(runs: list[dict], tools: list[str]) -> dict:
             elif record["eval"]["max_rel"] > PEER_REL_TOLERANCE:
                 peer_failures.append({"model": run["model"], "tool": tool,
                                       "error": f"outputs differ: max rel {record['eval']['max_rel']:.3g}"})
-    return {"per_model": per_model, "targets": targets, "time": time_summary, "memory": memory_summary,
+    load = {"median": median(loads), "max": max(loads) if loads else None}
+    return {"per_model": per_model, "targets": targets, "time": time_summary, "load_average": load, "memory": memory_summary,
             "onnxopt_failures": failures, "onnxopt_warnings": warnings, "peer_failures": peer_failures}
 
 
@@ -319,6 +328,8 @@ def _cell(record: dict, field: str) -> str:
         text = str(evaluation.get("nodes", "?"))
     elif field == "seconds":
         text = f"{record['seconds']:.2f}"
+    elif field == "cpu":
+        text = f"{record['cpu_seconds']:.2f}" if "cpu_seconds" in record else "–"
     elif field == "rss":
         text = _mib(record.get("peak_rss_bytes"))
     elif field == "bytes":
@@ -368,6 +379,9 @@ def write_markdown(path: Path, payload: dict) -> None:
              "`verify=False`. Outputs are compared with the original's in onnxruntime with graph optimizations "
              "disabled on the same random inputs (batch 1, sequence 16, past 4; token ids inside the "
              "vocabulary); `rel` = max |difference| / max |original output|.", "",
+             f"The 1-minute load average before each tool run had median {_fmt(summary['load_average']['median'])} "
+             f"and max {_fmt(summary['load_average']['max'])} on {env['cores']} cores: above the core count, other "
+             "work shared the machine and wall times are inflated; CPU times are less affected.", "",
              "## Targets", ""]
     targets = summary["targets"]
     lines += ["| target | result | met |", "|---|---|---|"]
@@ -380,7 +394,8 @@ def write_markdown(path: Path, payload: dict) -> None:
     for peer, data in summary["time"].items():
         lines.append(f"| median wall time onnxopt / {peer} <= {data['target']} | {_fmt(data['median_ratio'])} over "
                      f"{data['models']} models (without verification: {_fmt(data['median_ratio_noverify'])}; "
-                     f"exported models only: {_fmt(data.get('median_ratio_exported_models'))}) | "
+                     f"exported models only: {_fmt(data.get('median_ratio_exported_models'))}; "
+                     f"CPU time: {_fmt(data.get('median_cpu_ratio'))}) | "
                      f"{'yes' if data['met'] else 'no'} |")
     for peer, data in summary["memory"].items():
         lines.append(f"| peak memory no higher than {peer} | not higher on {data['not_higher_on']}/{data['models']}; "
@@ -410,6 +425,7 @@ def write_markdown(path: Path, payload: dict) -> None:
               "relative.", ""]
     lines += _pivot(runs, tools, "nodes", "Node count (subgraphs included)", "nodes")
     lines += _pivot(runs, tools, "seconds", "Wall time (s): load + optimize + save")
+    lines += _pivot(runs, tools, "cpu", "CPU time (s, user + system, all threads): load + optimize + save")
     lines += _pivot(runs, tools, "rss", "Peak RSS (MiB)")
     lines += _pivot(runs, tools, "bytes", "File size (MiB)", "bytes")
     lines += _pivot(runs, tools, "rel", "Largest relative output difference")
