@@ -52,6 +52,7 @@ __all__ = [
     "load_model",
     "make_constant",
     "outer_scope_names",
+    "purge_detached",
     "remove_nodes",
     "replace_all_uses",
     "replace_with_constant",
@@ -613,6 +614,7 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     opset come from ``template``; opset imports for domains no node uses any more are dropped (the
     default domain is always kept).
     """
+    purge_detached(graph)
     owners = _subgraph_constants(graph)
     _detach_constant_protos(graph)
     exported = gs.export_onnx(graph, do_type_check=False)
@@ -710,6 +712,7 @@ def tensor_nbytes(tensor: gs.Tensor) -> int:
 
 
 def graph_stats(graph: gs.Graph) -> GraphStats:
+    purge_detached(graph)
     constants: dict[int, gs.Constant] = {}
     nodes = 0
     for sub in all_graphs(graph):
@@ -905,13 +908,32 @@ def replace_with_constant(graph: gs.Graph, tensor: gs.Tensor, values: np.ndarray
     return constant
 
 
+def _is_detached(node: gs.Node) -> bool:
+    return not node.outputs and not node.inputs
+
+
 def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
-    """Detaches nodes from the graph (their outputs lose their producer)."""
-    doomed = {id(n) for n in nodes}
+    """Detaches nodes from the graph (their outputs lose their producer).
+
+    Detached nodes (no inputs, no outputs) leave ``graph.nodes`` in batches, so that removing nodes one
+    rewrite at a time stays linear in the graph's size; until then loops over ``graph.nodes`` may meet
+    them and skip them. Export, statistics and sorting drop them first (``purge_detached``).
+    """
     for node in nodes:
         node.inputs.clear()
         node.outputs.clear()
-    graph.nodes = [n for n in graph.nodes if id(n) not in doomed]
+    pending = vars(graph).get("_onnxopt_detached", 0) + len(nodes)
+    setattr(graph, "_onnxopt_detached", pending)
+    if pending * 8 >= len(graph.nodes):
+        purge_detached(graph)
+
+
+def purge_detached(graph: gs.Graph) -> None:
+    """Drops detached nodes from the graph and its subgraphs."""
+    for sub in all_graphs(graph):
+        if vars(sub).get("_onnxopt_detached"):
+            sub.nodes = [n for n in sub.nodes if not _is_detached(n)]
+            setattr(sub, "_onnxopt_detached", 0)
 
 
 def toposort(graph: gs.Graph) -> None:
@@ -920,6 +942,7 @@ def toposort(graph: gs.Graph) -> None:
     Reads from subgraph bodies count as reads by the node that owns the subgraph. Raises ``UserError``
     if the graph has a cycle.
     """
+    purge_detached(graph)
     index_of = {id(node): i for i, node in enumerate(graph.nodes)}
     producer_of: dict[str, int] = {}
     for i, node in enumerate(graph.nodes):
@@ -968,6 +991,7 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> No
     light = onnx.ModelProto()
     light.ir_version = max(graph.ir_version or 8, 8) if template is None else max(template.ir_version, 4)
     light.opset_import.extend(opsets)
+    purge_detached(graph)
     _detach_constant_protos(graph)
     exported = gs.export_onnx(graph, do_type_check=False)
     light.graph.CopyFrom(exported.graph)

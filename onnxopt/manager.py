@@ -231,6 +231,7 @@ class PassManager:
         seconds = time.perf_counter() - start
         ran.append(pass_.name)
         if self.check_contracts:
+            ir.purge_detached(graph)
             problems = check_graph(graph, signature)
             if problems:
                 raise ContractViolation(pass_.name, problems)

@@ -64,6 +64,8 @@ def _merge_nodes(graph: gs.Graph) -> int:
     seen: dict[tuple, gs.Node] = {}
     merged = 0
     for node in list(graph.nodes):
+        if not node.outputs:
+            continue
         key = _node_key(node)
         if key is None:
             continue

@@ -40,7 +40,7 @@ def _is_identity(node: gs.Node) -> bool:
 def _bypass_identities(graph: gs.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):
-        if not _is_identity(node):
+        if not node.outputs or not _is_identity(node):
             continue
         source, result = node.inputs[0], node.outputs[0]
         if not ir.is_graph_output(graph, result):

@@ -467,6 +467,7 @@ class ConstantFolding(Pass):
         return PassResult(modified=modified, stats=stats)
 
     def _fold_constants(self, graph: gs.Graph, in_subgraph: bool) -> tuple[int, list[gs.Node]]:
+        ir.purge_detached(graph)
         constant_names: set[str] = set()
         candidates: list[gs.Node] = []
         for node in graph.nodes:
@@ -523,14 +524,19 @@ class ConstantFolding(Pass):
                 t for n in folded if id(n) in active for t in n.outputs
                 if t.name and (ir.is_graph_output(graph, t) or any(id(c) not in active for c in t.outputs))
             ]
-            freed: dict[int, gs.Constant] = {}
+            # A constant is freed when every reader is folded: count reads from folded nodes once,
+            # rather than scanning each constant's readers per node (quadratic for shared constants).
+            reads: dict[int, int] = {}
+            constants: dict[int, gs.Constant] = {}
             for node in folded:
                 if id(node) not in active:
                     continue
                 for tensor in node.inputs:
-                    if isinstance(tensor, gs.Constant) and all(id(c) in active for c in tensor.outputs) \
-                            and not ir.is_graph_output(graph, tensor):
-                        freed[id(tensor)] = tensor
+                    if isinstance(tensor, gs.Constant):
+                        reads[id(tensor)] = reads.get(id(tensor), 0) + 1
+                        constants[id(tensor)] = tensor
+            freed = {key: tensor for key, tensor in constants.items()
+                     if reads[key] == len(tensor.outputs) and not ir.is_graph_output(graph, tensor)}
             # Folded Constant nodes leave the model with their values, which come back as initializers.
             held = sum(_held_bytes(n, values) for n in folded if id(n) in active)
             growth = (sum(values[t.name].nbytes for t in needed) - sum(ir.tensor_nbytes(c) for c in freed.values())
