@@ -17,8 +17,6 @@ A fusion only fires when the intermediate value has no other reader and is not a
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,21 +25,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import ir
-from onnxopt.pass_infra import Pass, PassContext, PassResult
+from onnxopt.pass_infra import PassContext
+from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
 def _standard(node: gs.Node, op: str) -> bool:
     return node.op == op and node.domain in ("", None, "ai.onnx")
-
-
-def _single_use_producer(graph: gs.Graph, tensor: gs.Tensor, op: str) -> gs.Node | None:
-    """The node producing ``tensor`` if it is an ``op`` node of this graph whose output only this use reads."""
-    if len(tensor.inputs) != 1 or len(tensor.outputs) != 1 or ir.is_graph_output(graph, tensor):
-        return None
-    producer = tensor.inputs[0]
-    if not _standard(producer, op) or not ir.is_local(graph, producer):
-        return None
-    return producer
 
 
 def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, offset: np.ndarray,
@@ -54,84 +43,11 @@ def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarra
     return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
 
 
-def _fuse_conv_batchnorm(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
-    if not _standard(node, "BatchNormalization") or len(node.inputs) != 5:
-        return False
-    if node.attrs.get("training_mode", 0) or node.attrs.get("spatial", 1) != 1:
-        return False
-    # Before opset 7, is_test=0 (the default) asks for batch statistics, i.e. training mode.
-    if (ir.opset_version(root) or 0) < 7 and not node.attrs.get("is_test", 0):
-        return False
-    if any(t.name and (t.outputs or ir.is_graph_output(graph, t)) for t in node.outputs[1:]):
-        return False
-    conv = _single_use_producer(graph, node.inputs[0], "Conv")
-    if conv is None or len(conv.inputs) < 2:
-        return False
-    weight = ir.constant_value(conv.inputs[1])
-    bias = ir.constant_value(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2].name else None
-    params = [ir.constant_value(t) for t in node.inputs[1:]]
-    if weight is None or (len(conv.inputs) > 2 and conv.inputs[2].name and bias is None) or any(p is None for p in params):
-        return False
-    channels = weight.shape[0]
-    if weight.dtype.kind != "f" or any(p.shape != (channels,) for p in params) or (bias is not None and bias.shape != (channels,)):
-        return False
-    if not allow(node):
-        return False
-    new_weight, new_bias = fold_batchnorm(weight, bias, *params, float(node.attrs.get("epsilon", 1e-5)))
-    output = node.outputs[0]
-    # Names come from the whole model, not just this (sub)graph: a branch constant that reuses an outer
-    # name shadows it, and reloading such a model binds the branch to the outer value.
-    fused = gs.Node(
-        "Conv", name=conv.name, attrs=dict(conv.attrs),
-        inputs=[conv.inputs[0], ir.make_constant(root, new_weight, f"{conv.inputs[1].name}_bn"),
-                ir.make_constant(root, new_bias, f"{conv.name or 'conv'}_bn_bias")],
-        outputs=[],
-    )
-    ir.remove_nodes(graph, [conv, node])
-    fused.outputs = [output]
-    graph.nodes.append(fused)
-    return True
-
-
 def _broadcasts_to(shape: tuple, rows, cols: int) -> bool:
     if len(shape) > 2:
         return False
     target = (rows, cols)[2 - len(shape):]
     return all(d == 1 or (isinstance(t, int) and d == t) for d, t in zip(shape, target))
-
-
-def _fuse_matmul_add(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
-    if not _standard(node, "Add") or len(node.inputs) != 2:
-        return False
-    # Before opset 7, Add broadcasts the legacy way (broadcast=1 with an axis, e.g. a bias per row)
-    # and Gemm's C only broadcasts with broadcast=1: numpy broadcasting rules do not apply.
-    if (ir.opset_version(root) or 0) < 7:
-        return False
-    for slot in (0, 1):
-        matmul = _single_use_producer(graph, node.inputs[slot], "MatMul")
-        addend = node.inputs[1 - slot]
-        if matmul is None:
-            continue
-        a, b = matmul.inputs
-        b_value = ir.constant_value(b)
-        c_value = ir.constant_value(addend)
-        if b_value is None or c_value is None or b_value.ndim != 2:
-            continue
-        if a.shape is None or len(a.shape) != 2 or b_value.dtype.name not in ("float32", "float64"):
-            continue
-        if c_value.dtype != b_value.dtype or (a.dtype is not None and np.dtype(a.dtype) != b_value.dtype):
-            continue
-        if not _broadcasts_to(c_value.shape, a.shape[0], b_value.shape[1]):
-            continue
-        if not allow(node):
-            return False
-        output = node.outputs[0]
-        gemm = gs.Node("Gemm", name=matmul.name or node.name, inputs=[a, b, addend], outputs=[])
-        ir.remove_nodes(graph, [matmul, node])
-        gemm.outputs = [output]
-        graph.nodes.append(gemm)
-        return True
-    return False
 
 
 def _infer_subgraph_shapes(graph: gs.Graph) -> None:
@@ -211,30 +127,6 @@ def _pad_amounts(pad: gs.Node, rank: int) -> list[int] | None:
     return amounts
 
 
-def _fuse_pad_conv(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
-    """Zero padding before a Conv becomes the Conv's own padding (the same zeros, summed per side)."""
-    if not _standard(node, "Conv") or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
-        return False
-    pad = _single_use_producer(graph, node.inputs[0], "Pad")
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if pad is None or weight is None or weight.shape is None:
-        return False
-    rank = len(weight.shape)
-    amounts = _pad_amounts(pad, rank)
-    if amounts is None or amounts[0] or amounts[1] or amounts[rank] or amounts[rank + 1]:
-        return False
-    spatial = rank - 2
-    conv_pads = list(node.attrs.get("pads", [0] * (2 * spatial)))
-    if len(conv_pads) != 2 * spatial or not allow(node):
-        return False
-    begins = [conv_pads[i] + amounts[2 + i] for i in range(spatial)]
-    ends = [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)]
-    node.attrs["pads"] = begins + ends
-    node.inputs[0] = pad.inputs[0]
-    ir.remove_nodes(graph, [pad])
-    return True
-
-
 def _perm(node: gs.Node) -> list[int] | None:
     perm = node.attrs.get("perm")
     if perm is not None:
@@ -243,71 +135,175 @@ def _perm(node: gs.Node) -> list[int] | None:
     return list(reversed(range(len(shape)))) if shape is not None else None
 
 
-def _remove_transpose(graph: gs.Graph, node: gs.Node) -> None:
-    source, output = node.inputs[0], node.outputs[0]
-    ir.remove_nodes(graph, [node])
-    ir.replace_all_uses(graph, output, source)
 
 
-def _fuse_transposes(graph: gs.Graph, node: gs.Node, root: gs.Graph, allow: Callable[[gs.Node], bool]) -> bool:
-    if not _standard(node, "Transpose"):
-        return False
-    perm = _perm(node)
-    if perm is None:
-        return False
-    if perm == list(range(len(perm))):
-        if not allow(node):
-            return False
-        _remove_transpose(graph, node)
-        return True
-    first = node.inputs[0]
-    if len(first.inputs) != 1 or not _standard(first.inputs[0], "Transpose") \
-            or not ir.is_local(graph, first.inputs[0]):
-        return False
-    inner = first.inputs[0]
-    inner_perm = _perm(inner)
-    if inner_perm is None or len(inner_perm) != len(perm) or not allow(node):
-        return False
-    composed = [inner_perm[axis] for axis in perm]
-    node.inputs[0] = inner.inputs[0]
-    node.attrs["perm"] = composed
-    if not first.outputs and not ir.is_graph_output(graph, first):
-        ir.remove_nodes(graph, [inner])
-    # A cancelling pair leaves an identity permutation; the sweep does not revisit this node, so drop
-    # it now: otherwise one run leaves a no-op Transpose and a second run still reports a change.
-    if composed == list(range(len(composed))):
-        _remove_transpose(graph, node)
-    return True
+# ---------------------------------------------------------------------------------------------------
+# Rules
 
 
-def _allow(ctx: PassContext, rule: str, node: gs.Node) -> bool:
-    return ctx.allow(rule, node.name or node.outputs[0].name)
+class PadConvToConv(RewriteRule):
+    """Zero padding before a Conv becomes the Conv's own padding (the same zeros, summed per side)."""
+
+    name = "pad_conv"
+
+    def pattern(self, op, x, w, b):
+        return op.Conv(op.Pad(x, _allow_other_inputs=True), w, op.optional(b))
+
+    def check(self, m: Match) -> MatchResult:
+        if m.attr("Conv", "auto_pad", "NOTSET") != "NOTSET":
+            return m.fail("Conv uses auto_pad")
+        shape = m.shape("w")
+        if shape is None:
+            return m.fail("the rank of the Conv weight is unknown")
+        rank = len(shape)
+        amounts = _pad_amounts(m.node("Pad"), rank)
+        if amounts is None:
+            return m.fail("Pad is not a constant zero padding with known amounts")
+        if amounts[0] or amounts[1] or amounts[rank] or amounts[rank + 1]:
+            return m.fail("Pad pads the batch or channel axis")
+        if len(m.attr("Conv", "pads", [0] * (2 * (rank - 2)))) != 2 * (rank - 2):
+            return m.fail("Conv pads do not match the weight's rank")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        rank = len(m.shape("w"))
+        spatial = rank - 2
+        amounts = _pad_amounts(m.node("Pad"), rank)
+        attrs = m.attrs("Conv")
+        conv_pads = list(attrs.get("pads", [0] * (2 * spatial)))
+        begins = [conv_pads[i] + amounts[2 + i] for i in range(spatial)]
+        ends = [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)]
+        attrs["pads"] = begins + ends
+        return op.Conv(m["x"], m["w"], m["b"], _name=m.node("Conv").name, **attrs)
 
 
-RULES = (("pad_conv", _fuse_pad_conv), ("conv_batchnorm", _fuse_conv_batchnorm), ("matmul_add_to_gemm", _fuse_matmul_add),
-         ("transpose_transpose", _fuse_transposes))
+class ConvBatchNormToConv(RewriteRule):
+    """Replaces BatchNormalization(Conv(x, w, b)) in inference mode with Conv(x, w', b')."""
+
+    name = "conv_batchnorm"
+
+    def pattern(self, op, x, w, b, scale, offset, mean, var):
+        return op.BatchNormalization(op.Conv(x, w, op.optional(b)), scale, offset, mean, var)
+
+    def check(self, m: Match) -> MatchResult:
+        if m.attr("BatchNormalization", "training_mode", 0) or m.attr("BatchNormalization", "spatial", 1) != 1:
+            return m.fail("BatchNormalization is in training mode or not spatial")
+        # Before opset 7, is_test=0 (the default) asks for batch statistics, i.e. training mode.
+        if (m.opset() or 0) < 7 and not m.attr("BatchNormalization", "is_test", 0):
+            return m.fail("BatchNormalization before opset 7 without is_test uses batch statistics")
+        weight = m.value("w")
+        if weight is None:
+            return m.fail("Conv weight is not constant")
+        if m["b"] is not None and m.value("b") is None:
+            return m.fail("Conv bias is not constant")
+        params = [m.value(n) for n in ("scale", "offset", "mean", "var")]
+        if any(p is None for p in params):
+            return m.fail("BatchNormalization parameters are not constant")
+        channels = weight.shape[0]
+        if weight.dtype.kind != "f":
+            return m.fail(f"Conv weight is {weight.dtype}, not floating point")
+        bias = m.value("b")
+        if any(p.shape != (channels,) for p in params) or (bias is not None and bias.shape != (channels,)):
+            return m.fail("parameters are not one value per output channel")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        conv = m.node("Conv")
+        params = [m.value(n) for n in ("scale", "offset", "mean", "var")]
+        epsilon = float(m.attr("BatchNormalization", "epsilon", 1e-5))
+        weight, bias = fold_batchnorm(m.value("w"), m.value("b"), *params, epsilon)
+        return op.Conv(m["x"], op.const(weight, f"{m['w'].name}_bn"), op.const(bias, f"{conv.name or 'conv'}_bn_bias"),
+                       _name=conv.name, **m.attrs("Conv"))
+
+
+class MatMulAddToGemm(RewriteRule):
+    """Replaces Add(MatMul(a, B), C) with Gemm(a, B, C) for a 2-D ``a`` and constant 2-D ``B``."""
+
+    name = "matmul_add_to_gemm"
+    # Before opset 7, Add broadcasts the legacy way (broadcast=1 with an axis, e.g. a bias per row)
+    # and Gemm's C only broadcasts with broadcast=1: numpy broadcasting rules do not apply.
+    min_opset = 7
+
+    def pattern(self, op, a, b, c):
+        return op.Add(op.MatMul(a, b), c)
+
+    def check(self, m: Match) -> MatchResult:
+        b_value, c_value = m.value("b"), m.value("c")
+        if b_value is None or b_value.ndim != 2:
+            return m.fail("B is not a constant matrix")
+        if c_value is None:
+            return m.fail("the addend is not constant")
+        a_shape = m.shape("a")
+        if a_shape is None or len(a_shape) != 2:
+            return m.fail("A is not known to be 2-D")
+        if b_value.dtype.name not in ("float32", "float64"):
+            return m.fail(f"Gemm here only for float32/float64, not {b_value.dtype}")
+        a_dtype = m.dtype("a")
+        if c_value.dtype != b_value.dtype or (a_dtype is not None and a_dtype != b_value.dtype):
+            return m.fail("operand dtypes differ")
+        if not _broadcasts_to(c_value.shape, a_shape[0], b_value.shape[1]):
+            return m.fail(f"the addend of shape {list(c_value.shape)} does not broadcast to [M, N] one way")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return op.Gemm(m["a"], m["b"], m["c"], _name=m.node("MatMul").name or m.node("Add").name)
+
+
+class TransposeTransposeToTranspose(RewriteRule):
+    """Replaces Transpose(Transpose(x)) with one Transpose of the composed permutation, or x if they cancel."""
+
+    name = "transpose_transpose"
+    # The inner Transpose may have other readers: it then stays, and this one reads x directly.
+    allow_shared_intermediates = True
+
+    def pattern(self, op, x):
+        return op.Transpose(op.Transpose(x, _tag="inner"), _tag="outer")
+
+    def check(self, m: Match) -> MatchResult:
+        inner, outer = _perm(m.node("inner")), _perm(m.node("outer"))
+        if inner is None or outer is None:
+            return m.fail("a permutation is unknown (no perm and unknown rank)")
+        if len(inner) != len(outer):
+            return m.fail("the permutations have different lengths")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        inner, outer = _perm(m.node("inner")), _perm(m.node("outer"))
+        composed = [inner[axis] for axis in outer]
+        if composed == list(range(len(composed))):
+            return m["x"]
+        return op.Transpose(m["x"], perm=composed, _name=m.node("outer").name)
+
+
+class TransposeIdentityToNothing(RewriteRule):
+    """Removes a Transpose with the identity permutation."""
+
+    name = "transpose_identity"
+
+    def pattern(self, op, x):
+        return op.Transpose(x)
+
+    def check(self, m: Match) -> MatchResult:
+        perm = _perm(m.node("Transpose"))
+        if perm is None or perm != list(range(len(perm))):
+            return m.fail("the permutation is not the identity (or unknown)")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m["x"]
+
+
+RULES = (PadConvToConv(), ConvBatchNormToConv(), MatMulAddToGemm(), TransposeTransposeToTranspose(),
+         TransposeIdentityToNothing())
 
 
 @dataclass(frozen=True)
-class Fuse(Pass):
+class Fuse(RewritePass):
     """Fuses Pad and BatchNormalization into Conv, MatMul+Add into Gemm, and merges Transpose pairs."""
 
     name: ClassVar[str] = "fuse"
+    rules: ClassVar[tuple] = RULES
 
-    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        counts = {rule: 0 for rule, _ in RULES}
+    def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
         ir.infer_shapes(graph)
         _infer_subgraph_shapes(graph)
-        for sub in list(ir.all_graphs(graph)):
-            changed = False
-            for node in list(sub.nodes):
-                if not node.outputs:
-                    continue
-                for rule, rewrite in RULES:
-                    if rewrite(sub, node, graph, functools.partial(_allow, ctx, rule)):
-                        counts[rule] += 1
-                        changed = True
-                        break
-            if changed:
-                ir.toposort(sub)
-        return PassResult(modified=sum(counts.values()) > 0, stats=counts)

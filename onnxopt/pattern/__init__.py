@@ -1,0 +1,61 @@
+"""The rewrite-rule API: patterns written like the formula, checks that explain, a driver that rewrites.
+
+A rule says what to find, when it is safe, and what to put instead::
+
+    from onnxopt.pattern import RewritePass, RewriteRule
+
+    class MatMulAddToGemm(RewriteRule):
+        \"\"\"Replaces Add(MatMul(a, b), c) with Gemm(a, b, c).\"\"\"
+        name = "matmul_add_to_gemm"
+        min_opset = 7                      # the rule is skipped on models of older opsets
+
+        def pattern(self, op, a, b, c):    # parameters after ``op`` are the pattern's variables
+            return op.Add(op.MatMul(a, b), c)      # Add is commutative: c + a @ b matches too
+
+        def check(self, m):
+            if not m.is_constant("b"):
+                return m.fail("B is not constant")  # a reason, never an exception
+            return m.ok()
+
+        def rewrite(self, op, m):          # only builds nodes; the driver splices them in
+            return op.Gemm(m["a"], m["b"], m["c"])
+
+    class MyRules(RewritePass):
+        \"\"\"My fusions.\"\"\"
+        name = "my-rules"
+        rules = [MatMulAddToGemm()]
+
+The matcher tries both operand orders of commutative binary operators, treats ``op.optional(v)`` as an
+input that may be absent (``m["v"] is None``), matches numbers as constants (``op.Add(x, 0)``), and
+accepts nodes with several outputs (``op.Dropout(x, _outputs=2)``: outputs the pattern does not return
+must be unused). A value inside the pattern that is read elsewhere or is a graph output stops the
+match, unless the rule sets ``allow_shared_intermediates``. In ``check`` and ``rewrite``,
+``m["x"]`` is a bound value, ``m.node("Conv")`` / ``m.attrs("Conv")`` a matched node and its
+attributes (``_tag="name"`` tells apart two nodes of one type), ``m.is_constant("w")`` and
+``m.value("w")`` read constants.
+
+The driver (``RuleSet.apply``) asks ``ctx.allow(rule_name, site)`` before every rewrite, keeps the
+names of replaced values (graph outputs stay outputs), removes matched nodes left unused, works in
+subgraph bodies and repeats until no rule fires; it refuses replacements whose operator the model's
+opset lacks. ``explain(model, rules)`` records why each rule did not fire at each candidate node.
+"""
+
+from onnxopt.pattern._driver import Attempt, Explanation, RewritePass, RuleSet, explain, rule_pass
+from onnxopt.pattern._pattern import COMMUTATIVE_OPS, PatternBuilder
+from onnxopt.pattern._rule import Match, MatchResult, ReplacementBuilder, RewriteRefused, RewriteRule
+
+__all__ = [
+    "COMMUTATIVE_OPS",
+    "Attempt",
+    "Explanation",
+    "Match",
+    "MatchResult",
+    "PatternBuilder",
+    "ReplacementBuilder",
+    "RewritePass",
+    "RewriteRefused",
+    "RewriteRule",
+    "RuleSet",
+    "explain",
+    "rule_pass",
+]

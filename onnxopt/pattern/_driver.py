@@ -1,0 +1,324 @@
+"""The rewrite driver: finds matches, asks permission, splices replacements in and cleans up.
+
+Every graph mutation a rule causes happens here, so statistics, bisection (``ctx.allow``), name
+keeping and dead-node removal are handled once for all rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt import ir
+from onnxopt.pass_infra import Pass, PassContext, PassResult
+from onnxopt.pattern._pattern import Bindings, Matcher, _same_domain
+from onnxopt.pattern._rule import CompiledPattern, Match, ReplacementBuilder, RewriteRefused, RewriteRule, _Namer
+
+__all__ = ["Attempt", "Explanation", "RewritePass", "RuleSet", "explain", "rule_pass"]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One rule tried at one candidate node (a node whose operator is the pattern's root)."""
+
+    rule: str
+    graph: str
+    node: str
+    outcome: str  # "rewritten", "no match", "check failed", "shared", "denied", "refused", "not applicable"
+    reason: str = ""
+
+    def __str__(self) -> str:
+        where = f" at '{self.node}'" if self.node else ""
+        scope = f" in graph '{self.graph}'" if self.graph else ""
+        reason = f": {self.reason}" if self.reason else ""
+        return f"{self.rule}{where}{scope}: {self.outcome}{reason}"
+
+
+@dataclass
+class Explanation:
+    """Why each rule did or did not fire at each candidate; filled in by ``RuleSet.apply``."""
+
+    attempts: list[Attempt] = field(default_factory=list)
+
+    def record(self, attempt: Attempt) -> None:
+        if attempt not in self.attempts:
+            self.attempts.append(attempt)
+
+    def misses(self, rule: str | None = None) -> list[Attempt]:
+        """Attempts that did not rewrite, optionally of one rule."""
+        fired = {(a.rule, a.graph, a.node) for a in self.attempts if a.outcome == "rewritten"}
+        return [a for a in self.attempts if a.outcome != "rewritten" and (rule is None or a.rule == rule)
+                and (a.rule, a.graph, a.node) not in fired]
+
+    def format(self, rule: str | None = None) -> str:
+        return "\n".join(str(a) for a in self.attempts if rule is None or a.rule == rule)
+
+
+def _opsets(graph: gs.Graph) -> dict[str, int]:
+    versions = {domain: ir.opset_version(graph, domain) for domain in ir.imported_domains(graph)}
+    return {("" if d == "ai.onnx" else d): v for d, v in versions.items() if v is not None}
+
+
+class RuleSet:
+    """Rules applied together, over the graph and every subgraph body, until none fires any more."""
+
+    def __init__(self, rules: Iterable[RewriteRule | type[RewriteRule]], max_sweeps: int = 32) -> None:
+        self.rules: list[RewriteRule] = [r() if isinstance(r, type) else r for r in rules]
+        names = [r.name for r in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique in a rule set; repeated: {', '.join(duplicates)}")
+        self.max_sweeps = max_sweeps
+        for rule in self.rules:
+            rule.compiled()  # a broken pattern fails when the set is made, not half way through a model
+
+    def apply(self, graph: gs.Graph, ctx: PassContext | None = None,
+              explain: Explanation | None = None) -> dict[str, int]:
+        """Rewrites ``graph`` in place; returns the number of rewrites per rule name."""
+        ctx = ctx or PassContext()
+        explain = explain if explain is not None else getattr(ctx, "explain", None)
+        opsets = _opsets(graph)
+        counts = {rule.name: 0 for rule in self.rules}
+        by_root: dict[str, list[RewriteRule]] = {}
+        for rule in self.rules:
+            reason = rule.applies_to(opsets)
+            if reason is not None:
+                if explain is not None:
+                    explain.record(Attempt(rule.name, "", "", "not applicable", reason))
+                continue
+            by_root.setdefault(rule.compiled().root.op_type, []).append(rule)
+        if not by_root:
+            return counts
+        state = _RunState(graph, ctx, opsets, _Namer(graph), explain)
+        for _ in range(self.max_sweeps):
+            changed = False
+            for sub in list(ir.all_graphs(graph)):
+                sub_changed = False
+                for node in list(sub.nodes):
+                    for rule in by_root.get(node.op, ()):
+                        if not node.outputs:
+                            break  # removed by an earlier rewrite of this sweep
+                        if state.try_rule(rule, sub, node):
+                            counts[rule.name] += 1
+                            sub_changed = True
+                            break
+                if sub_changed:
+                    ir.toposort(sub)
+                    changed = True
+            if not changed:
+                break
+        else:
+            ctx.log.warning("rewrite rules still firing after %d sweeps; stopped", self.max_sweeps)
+        return counts
+
+
+@dataclass
+class _RunState:
+    graph: gs.Graph
+    ctx: PassContext
+    opsets: dict[str, int]
+    namer: _Namer
+    explain: Explanation | None
+
+    def note(self, rule: RewriteRule, sub: gs.Graph, node: gs.Node, outcome: str, reason: str = "") -> None:
+        if self.explain is not None:
+            scope = "" if sub is self.graph else (sub.name or "subgraph")
+            self.explain.record(Attempt(rule.name, scope, _site(node), outcome, reason))
+
+    def try_rule(self, rule: RewriteRule, sub: gs.Graph, node: gs.Node) -> bool:
+        compiled = rule.compiled()
+        if not _same_domain(node.domain, compiled.root.domain):
+            return False
+        matcher = Matcher(sub, commute=rule.commute)
+        last: tuple[str, str] | None = None
+        for bound in matcher.match_root(compiled.root, node):
+            shared = _containment(compiled, bound, sub, node, rule.allow_shared_intermediates)
+            if shared is not None:
+                last = ("shared", shared)
+                continue
+            match = _make_match(compiled, bound, sub, self.graph, node)
+            try:
+                result = rule.check(match)
+            except Exception as error:  # noqa: BLE001 - name the rule and the node, keep the cause
+                raise RuntimeError(f"rule '{rule.name}' failed checking node '{_site(node)}': "
+                                   f"{type(error).__name__}: {error}") from error
+            if not result:
+                last = ("check failed", result.reason or "check failed")
+                continue
+            return self._rewrite(rule, compiled, match, sub, node, bound)
+        outcome, reason = last if last is not None else ("no match", matcher.failure or "no match")
+        self.note(rule, sub, node, outcome, reason)
+        return False
+
+    def _rewrite(self, rule: RewriteRule, compiled: CompiledPattern, match: Match, sub: gs.Graph, node: gs.Node,
+                 bound: Bindings) -> bool:
+        builder = ReplacementBuilder(self.namer, self.opsets, node.name or rule.name)
+        try:
+            replacement = rule.rewrite(builder, match)
+        except RewriteRefused as refused:
+            self.note(rule, sub, node, "refused", str(refused))
+            return False
+        except Exception as error:  # noqa: BLE001 - name the rule and the node, keep the cause
+            raise RuntimeError(f"rule '{rule.name}' failed rewriting node '{_site(node)}': "
+                               f"{type(error).__name__}: {error}") from error
+        values = list(replacement) if isinstance(replacement, (tuple, list)) else [replacement]
+        if len(values) != len(compiled.outputs) or not all(isinstance(v, gs.Tensor) for v in values):
+            raise TypeError(f"rule '{rule.name}': rewrite() must return {len(compiled.outputs)} value(s), "
+                            f"got {replacement!r}")
+        if not self.ctx.allow(rule.name, _site(node)):
+            self.note(rule, sub, node, "denied", "switched off (bisection)")
+            return False
+        self.note(rule, sub, node, "rewritten")
+        _splice(sub, node, compiled, values, builder.nodes, bound)
+        self.ctx.log.debug("%s rewrote '%s'", rule.name, _site(node))
+        return True
+
+
+def _site(node: gs.Node) -> str:
+    return node.name or (node.outputs[0].name if node.outputs else "")
+
+
+def _containment(compiled: CompiledPattern, bound: Bindings, sub: gs.Graph, root: gs.Node,
+                 allow_shared: bool) -> str | None:
+    """Why this match would lose or duplicate a value, or ``None``.
+
+    Outputs of the root that the pattern does not replace must be unused; values made inside the
+    pattern must have no reader outside it and must not be graph outputs (unless the rule allows
+    shared intermediates: those nodes then stay).
+    """
+    matched = {id(n) for n in bound.nodes.values()}
+    replaced = {o.index for o in compiled.outputs}
+    for index, tensor in enumerate(root.outputs):
+        if index not in replaced and tensor.name and (tensor.outputs or ir.is_graph_output(sub, tensor)):
+            return f"output '{tensor.name}' of '{_site(root)}' is used, but the rule does not replace it"
+    if allow_shared:
+        return None
+    for node in bound.nodes.values():
+        if node is root:
+            continue
+        for tensor in node.outputs:
+            if ir.is_graph_output(sub, tensor):
+                return f"'{tensor.name}' inside the pattern is a graph output"
+            if any(id(reader) not in matched for reader in tensor.outputs):
+                return f"'{tensor.name}' inside the pattern has other readers"
+    return None
+
+
+def _make_match(compiled: CompiledPattern, bound: Bindings, sub: gs.Graph, graph: gs.Graph,
+                root: gs.Node) -> Match:
+    labels = compiled.labels()
+    nodes: dict[str, list[gs.Node]] = {}
+    for pattern in compiled.nodes:  # pattern order: inner nodes first, as written
+        node = bound.nodes.get(id(pattern))
+        if node is not None:
+            nodes.setdefault(labels[id(pattern)], []).append(node)
+    values = {name: bound.values.get(name) for name in compiled.variables}
+    return Match(sub, graph, values, nodes, root)
+
+
+def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: list[gs.Tensor],
+            new_nodes: list[gs.Node], bound: Bindings) -> None:
+    """Puts the replacement in place of the root's outputs and removes matched nodes left unused.
+
+    A replacement value made by a new node takes over the old value itself (its name, and its place
+    as a graph output); an existing value replaces the old one through ``ir.replace_all_uses``.
+    """
+    for index, new in enumerate(new_nodes):
+        if not new.name:
+            new.name = root.name if index == 0 and root.name else ""
+    sub.nodes.extend(new_nodes)
+    producers = {id(t): n for n in new_nodes for t in n.outputs}
+    taken_over: set[int] = set()
+    for pattern_output, new in zip(compiled.outputs, values):
+        old = root.outputs[pattern_output.index]
+        if new is old:
+            continue
+        producer = producers.get(id(new))
+        if producer is not None and id(new) not in taken_over and isinstance(old, gs.Variable):
+            taken_over.add(id(new))
+            for reader in list(new.outputs):
+                for slot, tensor in enumerate(reader.inputs):
+                    if tensor is new:
+                        reader.inputs[slot] = old
+            old.inputs.clear()
+            slot = next(i for i, t in enumerate(producer.outputs) if t is new)
+            producer.outputs[slot] = old
+            if old.dtype is None:
+                old.dtype = new.dtype
+        else:
+            ir.replace_all_uses(sub, old, new)
+    candidates = [root] + [n for n in bound.nodes.values() if n is not root]
+    gone: set[int] = set()
+    removed = True
+    while removed:
+        removed = False
+        for node in candidates:
+            if id(node) not in gone and not any(t.outputs or ir.is_graph_output(sub, t) for t in node.outputs):
+                ir.remove_nodes(sub, [node])
+                gone.add(id(node))
+                removed = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Passes made of rules
+
+
+@dataclass(frozen=True)
+class RewritePass(Pass):
+    """A pass that applies the class's ``rules`` (a ``RuleSet``) to a fixed point.
+
+    ``PassResult.stats`` holds the number of rewrites per rule name. Subclasses set ``name`` and
+    ``rules`` (rule objects or classes), and may override ``prepare`` (e.g. to infer shapes first).
+    """
+
+    rules: ClassVar[Sequence[RewriteRule | type[RewriteRule]]] = ()
+
+    def rule_set(self) -> RuleSet:
+        cached = vars(type(self)).get("_rule_set")
+        if cached is None:
+            cached = RuleSet(self.rules)
+            type.__setattr__(type(self), "_rule_set", cached)
+        return cached
+
+    def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
+        """Called before the rules run; does nothing by default."""
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        self.prepare(graph, ctx)
+        counts = self.rule_set().apply(graph, ctx)
+        return PassResult(modified=any(counts.values()), stats=dict(counts))
+
+
+def rule_pass(name: str, rules: Sequence[RewriteRule | type[RewriteRule]], description: str | None = None,
+              module: str | None = None) -> type[RewritePass]:
+    """Makes a pass class named ``name`` from rules: ``MyRules = rule_pass("my-rules", [AddZeroToX()])``.
+
+    The class belongs to the calling module (so that ``--plugin`` files find it).
+    """
+    module = module or sys._getframe(1).f_globals.get("__name__", __name__)
+    doc = description or f"Applies the rewrite rules {', '.join(RuleSet(rules) and _names(rules))}."
+    class_name = "".join(part.capitalize() for part in name.replace("_", "-").split("-") if part) or "Rules"
+    cls = type(class_name, (RewritePass,), {"name": name, "rules": tuple(rules), "__doc__": doc,
+                                            "__module__": module})
+    return dataclasses.dataclass(frozen=True)(cls)
+
+
+def _names(rules: Sequence[Any]) -> list[str]:
+    return [r.name for r in rules]
+
+
+def explain(model: onnx.ModelProto | gs.Graph, rules: Iterable[RewriteRule | type[RewriteRule]],
+            ctx: PassContext | None = None) -> Explanation:
+    """Runs ``rules`` on a copy of ``model`` and tells, for every candidate node, why each rule fired or not."""
+    graph = ir.import_model(model) if isinstance(model, onnx.ModelProto) else model.copy()
+    if isinstance(model, onnx.ModelProto):
+        ir.infer_shapes(graph)
+    explanation = Explanation()
+    RuleSet(rules).apply(graph, ctx or PassContext(), explanation)
+    return explanation
