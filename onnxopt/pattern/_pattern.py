@@ -182,10 +182,16 @@ class Matcher:
     def __init__(self, graph: gs.Graph, commute: bool = True) -> None:
         self.graph = graph
         self.commute = commute
-        self.failure: str | None = None
+        self.failures: list[str] = []
+
+    @property
+    def failure(self) -> str | None:
+        """Why the pattern did not match: every distinct reason met on the way (both operand orders)."""
+        return "; ".join(self.failures) or None
 
     def fail(self, reason: str) -> None:
-        self.failure = reason
+        if reason not in self.failures:
+            self.failures.append(reason)
 
     def match_root(self, root: NodePattern, node: gs.Node) -> Iterator[Bindings]:
         yield from self._node(root, node, Bindings())
