@@ -9,6 +9,7 @@ walking nested graphs). Built-in passes use nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -32,6 +33,7 @@ G_LOGGER.severity = G_LOGGER.ERROR
 # protobuf refuses to serialize a message of 2 GiB or more; keep a margin for the graph itself.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD_BYTES = 1024
+STUB_THRESHOLD_BYTES = 1 << 16
 
 __all__ = [
     "Graph",
@@ -607,6 +609,31 @@ def used_domains(graph: gs.Graph) -> set[str]:
     return domains
 
 
+@contextlib.contextmanager
+def _weights_stubbed(graph: gs.Graph) -> Iterator[dict[str, TensorProto]]:
+    """Makes large weights export as name, dims and type only; yields their real TensorProtos by name.
+
+    graphsurgeon's exporter copies every weight into the new model, and building the final model copies
+    it again; exporting stubs and copying each weight once afterwards makes that one copy.
+    """
+    swapped: list[tuple[gs.Constant, object]] = []
+    for sub in all_graphs(graph):
+        for tensor in sub.tensors().values():
+            lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
+            proto = getattr(lazy, "tensor", None)
+            if (isinstance(lazy, gs.ir.tensor.LazyValues) and isinstance(proto, TensorProto)
+                    and proto.name == tensor.name and lazy.nbytes > STUB_THRESHOLD_BYTES):
+                stub = TensorProto(name=proto.name, data_type=proto.data_type)
+                stub.dims.extend(proto.dims)
+                tensor._values = gs.ir.tensor.LazyValues(stub)
+                swapped.append((tensor, lazy))
+    try:
+        yield {tensor.name: lazy.tensor for tensor, lazy in swapped}
+    finally:
+        for tensor, lazy in swapped:
+            tensor._values = lazy
+
+
 def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Builds a ModelProto from the graph, keeping the template's model-level fields.
 
@@ -617,11 +644,18 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     purge_detached(graph)
     owners = _subgraph_constants(graph)
     _detach_constant_protos(graph)
-    exported = gs.export_onnx(graph, do_type_check=False)
+    with _weights_stubbed(graph) as weights:
+        exported = gs.export_onnx(graph, do_type_check=False)
     _hoist_captured_constants(exported.graph, owners)
     model = onnx.ModelProto()
     _copy_shell(template, model)
     model.graph.CopyFrom(exported.graph)
+    exported.ClearField("graph")
+    for tensor in _iter_graph_tensors(model.graph):
+        source = weights.get(tensor.name)
+        if source is not None and not tensor.raw_data and tensor.data_location != TensorProto.EXTERNAL \
+                and list(tensor.dims) == list(source.dims) and tensor.data_type == source.data_type:
+            tensor.CopyFrom(source)
     del model.functions[:]
     model.functions.extend(exported.functions)
     needed = used_domains(graph) | {""}
@@ -993,7 +1027,8 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> No
     light.opset_import.extend(opsets)
     purge_detached(graph)
     _detach_constant_protos(graph)
-    exported = gs.export_onnx(graph, do_type_check=False)
+    with _weights_stubbed(graph):
+        exported = gs.export_onnx(graph, do_type_check=False)
     light.graph.CopyFrom(exported.graph)
     light.functions.extend(exported.functions)
     # Large weights become graph inputs of the same type: inference still knows their shapes, and
