@@ -293,8 +293,251 @@ class TransposeIdentityToNothing(RewriteRule):
         return m["x"]
 
 
+def _per_channel(scale: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``scale`` as one value per channel if it broadcasts against a ``[N, C, ...]`` Conv output that way.
+
+    The constant must not raise the rank (that would change the output's shape) and must be 1 on every
+    axis but the channel axis, where it is 1 or ``C``.
+    """
+    if scale.ndim > rank:
+        return None
+    aligned = (1,) * (rank - scale.ndim) + scale.shape
+    if any(size != 1 for axis, size in enumerate(aligned) if axis != 1) or aligned[1] not in (1, channels):
+        return None
+    return np.broadcast_to(scale.reshape(-1) if scale.size else scale, (channels,))
+
+
+class _ConvAffineToConv(RewriteRule):
+    """Shared check of Conv followed by a per-channel constant Mul or Add."""
+
+    def check(self, m: Match) -> MatchResult:
+        weight, constant = m.value("w"), m.value("s")
+        if weight is None:
+            return m.fail("Conv weight is not constant")
+        if constant is None:
+            return m.fail("the other operand is not constant")
+        if m["b"] is not None and m.value("b") is None:
+            return m.fail("Conv bias is not constant")
+        if weight.dtype.kind != "f" or constant.dtype != weight.dtype:
+            return m.fail(f"operands are {weight.dtype} and {constant.dtype}, not one floating-point type")
+        if _per_channel(constant, weight.ndim, weight.shape[0]) is None:
+            return m.fail(f"the constant of shape {list(constant.shape)} is not one value per output channel")
+        if not np.all(np.isfinite(constant)):
+            return m.fail("the constant is not finite")
+        return m.ok()
+
+    def folded(self, m: Match) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def rewrite(self, op, m: Match):
+        conv = m.node("Conv")
+        weight, bias = self.folded(m)
+        inputs = [m["x"], op.const(weight, f"{m['w'].name}_{self.name}") if weight is not None else m["w"],
+                  op.const(bias, f"{conv.name or 'conv'}_{self.name}_bias")]
+        return op.Conv(*inputs, _name=conv.name, **m.attrs("Conv"))
+
+
+class ConvMulToConv(_ConvAffineToConv):
+    """Replaces Conv(x, w, b) * s, with ``s`` a constant per output channel, by Conv(x, w * s, b * s)."""
+
+    name = "conv_mul"
+
+    def pattern(self, op, x, w, b, s):
+        return op.Mul(op.Conv(x, w, op.optional(b)), s)
+
+    def folded(self, m: Match):
+        weight = m.value("w")
+        factor = _per_channel(m.value("s"), weight.ndim, weight.shape[0]).astype(np.float64)
+        new_weight = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+        bias = m.value("b")
+        new_bias = (bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])) * factor
+        return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
+
+
+class ConvAddToConv(_ConvAffineToConv):
+    """Replaces Conv(x, w, b) + s, with ``s`` a constant per output channel, by Conv(x, w, b + s)."""
+
+    name = "conv_add"
+
+    def pattern(self, op, x, w, b, s):
+        return op.Add(op.Conv(x, w, op.optional(b)), s)
+
+    def folded(self, m: Match):
+        weight = m.value("w")
+        shift = _per_channel(m.value("s"), weight.ndim, weight.shape[0]).astype(np.float64)
+        bias = m.value("b")
+        new_bias = (bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])) + shift
+        return None, new_bias.astype(weight.dtype)
+
+
+# -- no-ops at inference
+
+
+class NoopDropout(RewriteRule):
+    """Removes a Dropout in inference mode (its mask output unused): it passes its input through."""
+
+    name = "noop_dropout"
+
+    def pattern(self, op, x):
+        return op.Dropout(x, _allow_other_inputs=True)
+
+    def check(self, m: Match) -> MatchResult:
+        dropout = m.node("Dropout")
+        opset = m.opset() or 0
+        if opset < 7 and not m.attr("Dropout", "is_test", 0):
+            return m.fail("Dropout before opset 7 without is_test trains")
+        if opset >= 12 and len(dropout.inputs) > 2 and dropout.inputs[2].name:
+            training = ir.constant_value(dropout.inputs[2])
+            if training is None or training.size != 1 or bool(training.reshape(-1)[0]):
+                return m.fail("training_mode is not the constant false")
+        if m.dtype("x") is not None and dropout.outputs[0].dtype is not None \
+                and np.dtype(m.dtype("x")) != np.dtype(dropout.outputs[0].dtype):
+            return m.fail("Dropout changes the type")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m["x"]
+
+
+def _static_dims(shape) -> list | None:
+    return None if shape is None else list(shape)
+
+
+class NoopExpand(RewriteRule):
+    """Removes an Expand whose target shape broadcasts to the input's own shape."""
+
+    name = "noop_expand"
+
+    def pattern(self, op, x, shape):
+        return op.Expand(x, shape)
+
+    def check(self, m: Match) -> MatchResult:
+        target = m.value("shape")
+        dims = _static_dims(m.shape("x"))
+        if target is None:
+            return m.fail("the target shape is not constant")
+        if dims is None:
+            return m.fail("the input's shape is unknown")
+        target = [int(d) for d in target.reshape(-1)]
+        if len(target) > len(dims):
+            return m.fail("Expand raises the rank")
+        for size, dim in zip(reversed(target), reversed(dims)):
+            if size != 1 and not (isinstance(dim, int) and dim == size):
+                return m.fail(f"target size {size} may differ from the input's {dim}")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m["x"]
+
+
+_SLICE_END_ALL = 2**31 - 1  # exporters write INT_MAX or INT64_MAX for "to the end"
+
+
+class NoopSlice(RewriteRule):
+    """Removes a Slice that takes every element: start 0, step 1 and an end at or past each axis' size."""
+
+    name = "noop_slice"
+    min_opset = 10  # starts, ends, axes and steps are inputs from opset 10 on
+
+    def pattern(self, op, x, starts, ends, axes, steps):
+        return op.Slice(x, starts, ends, op.optional(axes), op.optional(steps))
+
+    def check(self, m: Match) -> MatchResult:
+        starts, ends = m.value("starts"), m.value("ends")
+        if starts is None or ends is None:
+            return m.fail("starts or ends are not constant")
+        axes = m.value("axes") if m["axes"] is not None else np.arange(starts.size)
+        steps = m.value("steps") if m["steps"] is not None else np.ones(starts.size, np.int64)
+        if axes is None or steps is None:
+            return m.fail("axes or steps are not constant")
+        dims = _static_dims(m.shape("x"))
+        for start, end, axis, step in zip(starts.reshape(-1), ends.reshape(-1), axes.reshape(-1), steps.reshape(-1)):
+            dim = None
+            if dims is not None and -len(dims) <= axis < len(dims) and isinstance(dims[axis], int):
+                dim = dims[axis]
+            if step != 1:
+                return m.fail(f"step {step} on axis {axis}")
+            if start != 0 and not (dim is not None and start <= -dim):
+                return m.fail(f"start {start} on axis {axis} skips elements")
+            if end < _SLICE_END_ALL and not (dim is not None and end >= dim):
+                return m.fail(f"end {end} on axis {axis} may cut elements")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m["x"]
+
+
+class NoopPad(RewriteRule):
+    """Removes a Pad that adds nothing (all amounts 0), whatever its mode."""
+
+    name = "noop_pad"
+
+    def pattern(self, op, x):
+        return op.Pad(x, _allow_other_inputs=True)
+
+    def check(self, m: Match) -> MatchResult:
+        pad = m.node("Pad")
+        if "pads" in pad.attrs:
+            amounts = np.asarray(pad.attrs["pads"])
+        else:
+            amounts = ir.constant_value(pad.inputs[1]) if len(pad.inputs) > 1 and pad.inputs[1].name else None
+        if amounts is None:
+            return m.fail("the pad amounts are not constant")
+        if np.any(amounts != 0):
+            return m.fail("Pad adds or removes elements")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m["x"]
+
+
+def _lossless(source: np.dtype, wider: np.dtype) -> bool:
+    """Whether every value of ``source`` is exactly representable in ``wider``."""
+    if source == wider:
+        return True
+    if source == np.bool_:
+        return wider.kind in "biuf"
+    if source.kind == "f":
+        return wider.kind == "f" and wider.itemsize > source.itemsize
+    if source.kind in "iu" and wider.kind == "f":
+        mantissa = {2: 11, 4: 24, 8: 53}.get(wider.itemsize, 0)
+        return source.itemsize * 8 - (1 if source.kind == "i" else 0) <= mantissa
+    if source.kind in "iu" and wider.kind in "iu":
+        return np.can_cast(source, wider, casting="safe")
+    return False
+
+
+class NoopCastPair(RewriteRule):
+    """Removes Cast(Cast(x, to=wider), to=type of x) when the first Cast loses nothing."""
+
+    name = "noop_cast_pair"
+
+    def pattern(self, op, x):
+        return op.Cast(op.Cast(x, _tag="widen"), _tag="back")
+
+    def check(self, m: Match) -> MatchResult:
+        source = m.dtype("x")
+        widen, back = m.attr("widen", "to"), m.attr("back", "to")
+        if source is None or widen is None or back is None:
+            return m.fail("a type is unknown")
+        try:
+            wider = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(widen))
+            final = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(back))
+        except (KeyError, TypeError, ValueError):
+            return m.fail("a Cast goes to a type numpy lacks")
+        if final != source:
+            return m.fail(f"the second Cast goes to {final}, not back to {source}")
+        if not _lossless(source, wider) or widen == onnx.TensorProto.BFLOAT16:
+            return m.fail(f"casting {source} to {wider} may lose values")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m["x"]
+
+
 RULES = (PadConvToConv(), ConvBatchNormToConv(), MatMulAddToGemm(), TransposeTransposeToTranspose(),
-         TransposeIdentityToNothing())
+         TransposeIdentityToNothing(), ConvMulToConv(), ConvAddToConv(), NoopDropout(), NoopExpand(), NoopSlice(),
+         NoopPad(), NoopCastPair())
 
 
 @dataclass(frozen=True)

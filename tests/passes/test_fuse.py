@@ -634,7 +634,8 @@ def test_zero_pad_folds_into_conv(pads):
     model = _pad_conv_model(pads)
     optimized, result = fuse(model)
     assert op_counts(optimized) == {"Conv": 1}
-    assert result.stats["pad_conv"] == 1
+    # A Pad of zeros everywhere is removed as a no-op before the Conv is looked at.
+    assert result.stats["pad_conv"] + result.stats["noop_pad"] == 1
     assert_same_outputs(model, optimized)
 
 
@@ -648,3 +649,285 @@ def test_pad_that_is_not_spatial_zero_padding_stays(pads, mode, fill):
     optimized, result = fuse(model)
     assert op_counts(optimized) == {"Pad": 1, "Conv": 1}
     assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conv followed by a per-channel Mul or Add
+
+
+def structure(model: onnx.ModelProto) -> list[tuple[str, list[str], list[str]]]:
+    return [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+
+
+def conv_affine_model(op_type="Mul", const_shape=(4, 1, 1), conv_bias=True, swap=False, const_input=False,
+                      conv_used_elsewhere=False, dtype=np.float32, width=6, out_rank=4):
+    rng = np.random.default_rng(5)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [tensor("W", rng.standard_normal((4, 3, 3, 3)).astype(dtype))]
+    conv_inputs = ["x", "W"]
+    if conv_bias:
+        inits.append(tensor("B", rng.standard_normal(4).astype(dtype)))
+        conv_inputs.append("B")
+    inputs = [value("x", elem, [1, 3, 6, width])]
+    if const_input:
+        inputs.append(value("s", elem, list(const_shape)))
+    else:
+        inits.append(tensor("s", rng.uniform(0.5, 2.0, const_shape).astype(dtype)))
+    nodes = [helper.make_node("Conv", conv_inputs, ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node(op_type, ["s", "c"] if swap else ["c", "s"], ["y"], name="affine")]
+    outputs = [symbolic("y", elem, out_rank)]
+    if conv_used_elsewhere:
+        outputs.append(symbolic("c", elem, 4))
+    return make_model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.parametrize("op_type", ["Mul", "Add"])
+@pytest.mark.parametrize("const_shape", [(4, 1, 1), (1, 4, 1, 1), (), (1,), (1, 1, 1)],
+                         ids=["C11", "1C11", "scalar", "1", "111"])
+@pytest.mark.parametrize("conv_bias", [True, False], ids=["bias", "nobias"])
+def test_conv_per_channel_affine_folds_into_the_conv(op_type, const_shape, conv_bias):
+    model = conv_affine_model(op_type, const_shape, conv_bias)
+    optimized, result = fuse(model)
+    rule = "conv_mul" if op_type == "Mul" else "conv_add"
+    assert result.stats[rule] == 1
+    weight = "W_conv_mul" if op_type == "Mul" else "W"
+    assert structure(optimized) == [("Conv", ["x", weight, f"conv_{rule}_bias"], ["y"])]
+    assert_same_outputs(model, optimized, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_affine_with_commuted_operands_folds():
+    model = conv_affine_model("Mul", swap=True)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    assert_same_outputs(model, optimized, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_batchnorm_mul_add_chain_becomes_one_conv():
+    model = conv_bn_model()
+    model.graph.output[0].name = "z"
+    model.graph.node.extend([helper.make_node("Mul", ["y", "s"], ["m"]), helper.make_node("Add", ["a", "m"], ["z"])])
+    model.graph.initializer.extend([tensor("s", np.full((6, 1, 1), 0.5, np.float32)),
+                                    tensor("a", np.arange(6, dtype=np.float32).reshape(1, 6, 1, 1))])
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    assert (result.stats["conv_batchnorm"], result.stats["conv_mul"], result.stats["conv_add"]) == (1, 1, 1)
+    assert_same_outputs(model, optimized, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("op_type", ["Mul", "Add"])
+@pytest.mark.parametrize("case", ["last-axis", "spatial", "batch", "higher-rank", "not-constant", "conv-shared"])
+def test_conv_affine_that_is_not_per_channel_stays(op_type, case):
+    # The Conv output is [1, 4, 6, 4] (or [4, 4, 6, 4] for "batch"): a constant of shape [4] scales
+    # columns, [4, 6, 1] rows and channels, [4, 1, 1, 1] the batch, [1, 1, 4, 1, 1] raises the rank.
+    kwargs = {"last-axis": {"const_shape": (4,)}, "spatial": {"const_shape": (4, 6, 1)},
+              "batch": {"const_shape": (4, 1, 1, 1)}, "higher-rank": {"const_shape": (1, 1, 4, 1, 1), "out_rank": 5},
+              "not-constant": {"const_input": True}, "conv-shared": {"conv_used_elsewhere": True}}[case]
+    model = conv_affine_model(op_type, width=4, **kwargs)
+    if case == "batch":
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    onnx.checker.check_model(model, full_check=True)
+    optimized, result = fuse(model)
+    assert not result.modified, result.stats
+    assert op_counts(optimized) == {"Conv": 1, op_type: 1}
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# No-ops at inference
+
+
+def test_inference_dropout_is_removed():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) {
+      d, mask = Dropout(x)
+      y = Relu(d)
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_dropout"] == 1
+    assert structure(optimized) == [("Relu", ["x"], ["y"])]
+    assert_same_outputs(model, optimized)
+
+
+def test_dropout_with_constant_false_training_mode_is_removed():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) <float ratio = {0.5}, bool train = {0}> {
+      d = Dropout(x, ratio, train)
+      y = Relu(d)
+    }""")
+    optimized, _ = fuse(model)
+    assert structure(optimized) == [("Relu", ["x"], ["y"])]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("text", [
+    """g (float[2,3] x, bool train) => (float[2,3] y) <float ratio = {0.5}> {
+      d = Dropout(x, ratio, train)
+      y = Relu(d)
+    }""",
+    """g (float[2,3] x) => (float[2,3] y, bool[2,3] mask) {
+      d, mask = Dropout(x)
+      y = Relu(d)
+    }""",
+], ids=["training-input", "mask-used"])
+def test_dropout_that_may_train_or_whose_mask_is_used_stays(text):
+    model = parse(text)
+    optimized, result = fuse(model)
+    assert result.stats["noop_dropout"] == 0
+    assert op_counts(optimized) == {"Dropout": 1, "Relu": 1}
+
+
+def test_dropout_before_graph_output_keeps_the_output_name():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) {
+      r = Relu(x)
+      y = Dropout(r)
+    }""")
+    optimized, _ = fuse(model)
+    assert structure(optimized) == [("Relu", ["x"], ["y"])]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("shape,dims", [("[1,3]", "2,3"), ("[2,3]", "2,3"), ("[1]", "2,3"), ("[1,3]", "N,3")])
+def test_expand_to_the_same_shape_is_removed(shape, dims):
+    model = parse("""
+    g (float[%s] x) => (float[%s] y) <int64[%d] s = %s> {
+      e = Expand(x, s)
+      y = Relu(e)
+    }""" % (dims, dims, shape.count(",") + 1, shape.replace("[", "{").replace("]", "}")))
+    optimized, result = fuse(model)
+    assert result.stats["noop_expand"] == 1
+    assert structure(optimized) == [("Relu", ["x"], ["y"])]
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)}
+    assert_same_outputs(model, optimized, feeds)
+
+
+@pytest.mark.parametrize("shape,dims,out", [("[4,2,3]", "2,3", "a,b,c"), ("[2,3]", "2,1", "a,b"), ("[2,3]", "N,3", "a,b")],
+                         ids=["rank", "grows", "symbolic"])
+def test_expand_that_may_grow_stays(shape, dims, out):
+    model = parse("""
+    g (float[%s] x) => (float[%s] y) <int64[%d] s = %s> {
+      e = Expand(x, s)
+      y = Relu(e)
+    }""" % (dims, out, shape.count(",") + 1, shape.replace("[", "{").replace("]", "}")))
+    optimized, result = fuse(model)
+    assert result.stats["noop_expand"] == 0
+    assert op_counts(optimized) == {"Expand": 1, "Relu": 1}
+
+
+@pytest.mark.parametrize("starts,ends,axes", [
+    ("{0}", "{9223372036854775807}", "{1}"), ("{0, 0}", "{2, 3}", "{0, 1}"), ("{-3}", "{3}", "{-1}"),
+    ("{0}", "{100}", "{0}"),
+])
+def test_slice_taking_everything_is_removed(starts, ends, axes):
+    count = starts.count(",") + 1
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) <int64[%d] st = %s, int64[%d] en = %s, int64[%d] ax = %s> {
+      s = Slice(x, st, en, ax)
+      y = Relu(s)
+    }""" % (count, starts, count, ends, count, axes))
+    optimized, result = fuse(model)
+    assert result.stats["noop_slice"] == 1
+    assert structure(optimized) == [("Relu", ["x"], ["y"])]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("starts,ends,steps", [("{1}", "{3}", "{1}"), ("{0}", "{2}", "{1}"),
+                                               ("{0}", "{3}", "{2}"), ("{2}", "{0}", "{-1}")],
+                         ids=["start", "end", "step", "reverse"])
+def test_slice_that_cuts_stays(starts, ends, steps):
+    model = parse("""
+    g (float[2,3] x) => (float[a, b] y) <int64[1] st = %s, int64[1] en = %s, int64[1] ax = {1}, int64[1] sp = %s> {
+      s = Slice(x, st, en, ax, sp)
+      y = Relu(s)
+    }""" % (starts, ends, steps))
+    optimized, result = fuse(model)
+    assert result.stats["noop_slice"] == 0
+    assert op_counts(optimized) == {"Slice": 1, "Relu": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_slice_to_a_static_end_of_an_unknown_dimension_stays():
+    model = parse("""
+    g (float[N,3] x) => (float[a, b] y) <int64[1] st = {0}, int64[1] en = {2}, int64[1] ax = {0}> {
+      s = Slice(x, st, en, ax)
+      y = Relu(s)
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_slice"] == 0
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
+def test_pad_of_zeros_is_removed(mode):
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) <int64[4] p = {0, 0, 0, 0}> {
+      q = Pad<mode = "%s">(x, p)
+      y = Relu(q)
+    }""" % mode)
+    optimized, result = fuse(model)
+    assert result.stats["noop_pad"] == 1
+    assert structure(optimized) == [("Relu", ["x"], ["y"])]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("pads", ["{0, 1, 0, 0}", "{0, 0, 0, -1}"])
+def test_pad_that_changes_the_shape_stays(pads):
+    model = parse("""
+    g (float[2,3] x) => (float[a, b] y) <int64[4] p = %s> {
+      q = Pad(x, p)
+      y = Relu(q)
+    }""" % pads)
+    optimized, result = fuse(model)
+    assert result.stats["noop_pad"] == 0
+    assert op_counts(optimized) == {"Pad": 1, "Relu": 1}
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lossless Cast pairs
+
+
+@pytest.mark.parametrize("source,wider", [("float", 11), ("float16", 1), ("int8", 10), ("int32", 7), ("uint8", 6),
+                                          ("int16", 1), ("bool", 6), ("int32", 11)])
+def test_lossless_cast_round_trip_is_removed(source, wider):
+    back = helper.np_dtype_to_tensor_dtype(helper.tensor_dtype_to_np_dtype(
+        getattr(TensorProto, source.upper() if source != "float" else "FLOAT")))
+    model = parse("""
+    g (%s[2,3] x) => (%s[2,3] y) {
+      w = Cast<to = %d>(x)
+      c = Cast<to = %d>(w)
+      y = Identity(c)
+    }""" % (source, source, wider, back))
+    optimized, result = fuse(model)
+    assert result.stats["noop_cast_pair"] == 1
+    assert structure(optimized) == [("Identity", ["x"], ["y"])]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("source,middle", [("float", 10), ("int32", 1), ("int64", 11), ("float", 6), ("int16", 10),
+                                           ("uint32", 6)],
+                         ids=["float-half", "int32-float", "int64-double", "float-int32", "int16-half", "uint32-int32"])
+def test_lossy_cast_round_trip_stays(source, middle):
+    back = getattr(TensorProto, source.upper())
+    model = parse("""
+    g (%s[2,3] x) => (%s[2,3] y) {
+      w = Cast<to = %d>(x)
+      c = Cast<to = %d>(w)
+      y = Identity(c)
+    }""" % (source, source, middle, back))
+    optimized, result = fuse(model)
+    assert result.stats["noop_cast_pair"] == 0
+    assert op_counts(optimized) == {"Cast": 2, "Identity": 1}
+    feeds = random_feeds(model)
+    feeds["x"] = (feeds["x"] * 1e5 + 0.3).astype(feeds["x"].dtype) if feeds["x"].dtype.kind == "f" else \
+        (feeds["x"] + np.iinfo(feeds["x"].dtype).max // 2 + 1).astype(feeds["x"].dtype)
+    assert_same_outputs(model, optimized, feeds)
+
+
+def test_cast_pair_to_another_type_stays():
+    model = parse("""
+    g (float[2,3] x) => (int32[2,3] y) {
+      w = Cast<to = 11>(x)
+      y = Cast<to = 6>(w)
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_cast_pair"] == 0
