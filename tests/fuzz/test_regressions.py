@@ -1,0 +1,75 @@
+"""Regression tests for the bugs the differential fuzzer (``test_differential.py``) found.
+
+One test per bug, each on the smallest graph that shows it, built with ``onnx.helper``. A bug that is
+not fixed yet carries ``xfail(strict=True)``: the suite stays green, and the test turns into a failure
+(XPASS) the day the bug is fixed, so that whoever fixed it removes the mark. ``test_differential.py``
+recognizes these bugs (``KNOWN_BUGS``) so that it keeps looking for new ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_model, run, tensor, value
+from onnx import TensorProto, helper
+
+import onnxopt
+
+OPSET = 18
+
+
+def model(nodes, inputs, outputs, initializers=()) -> onnx.ModelProto:
+    return make_model(nodes, inputs, outputs, initializers, opset=OPSET, ir_version=8)
+
+
+def assert_equivalent(original: onnx.ModelProto, passes: str, feeds: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``passes`` run without error, the result passes the full check and computes the same outputs."""
+    optimized = onnxopt.optimize(original, passes=passes, verify=False)
+    onnx.checker.check_model(optimized, full_check=True)
+    for want, got in zip(run(original, feeds), run(optimized, feeds)):
+        assert want.dtype == got.dtype and want.shape == got.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    return optimized
+
+
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Split num_outputs=3 of 8 "
+                                       "gets [2,2,2] not [3,3,2]; fold folds Shape wrong, value_info invalid")
+def test_split_num_outputs_uneven_chunks_keep_their_shapes():
+    """Split-18 with ``num_outputs`` cuts ceil(8/3) = 3 elements per chunk: [3, 3, 2].
+
+    ``ir.infer_shapes`` takes onnxruntime's symbolic shape inference, which gives every chunk 8 // 3 = 2
+    elements. ``fold`` then folds ``Shape(a)`` to [2] (with ``dce`` after it the wrong constant is the
+    whole model: a silent miscompile), and alone it writes value_info that onnx.checker rejects.
+    """
+    original = model(
+        [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3),
+         helper.make_node("Shape", ["a"], ["s"])],
+        [value("x", TensorProto.FLOAT, [8])],
+        [value("s", TensorProto.INT64, [1])],
+    )
+    feeds = {"x": np.arange(8, dtype=np.float32)}
+    assert_equivalent(original, "fold", feeds)
+    assert_equivalent(original, "fold,dce", feeds)
+
+
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Slice step -1 with an end "
+                                       "below -dim gets a wrong length; the exported value_info fails onnx.checker")
+@pytest.mark.parametrize("end", [-5, np.iinfo(np.int64).min])
+def test_slice_negative_step_to_before_the_start_keeps_its_length(end):
+    """``Slice(x[4], starts=[1], ends=[end], steps=[-1])`` takes x[1], x[0]: 2 elements.
+
+    With a negative step, an end below ``-dim`` (-5, or INT64_MIN as exporters write it) clamps to
+    "before the first element". onnxruntime's symbolic shape inference, which ``ir.infer_shapes``
+    trusts, gets the length wrong (-2 for -5), and ``fold`` writes it into the value_info of ``y``:
+    the result fails onnx.checker's full check ("existing shape differ").
+    """
+    original = model(
+        [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
+         helper.make_node("Shape", ["y"], ["n"])],
+        [value("x", TensorProto.FLOAT, [4])],
+        [value("n", TensorProto.INT64, [1])],
+        [tensor("starts", np.array([1], np.int64)), tensor("ends", np.array([end], np.int64)),
+         tensor("axes", np.array([0], np.int64)), tensor("steps", np.array([-1], np.int64))],
+    )
+    assert_equivalent(original, "fold", {"x": np.arange(4, dtype=np.float32)})
