@@ -1,18 +1,33 @@
-"""``fuse``: operator fusions that are exact for every target.
+"""``fuse``: operator fusions and no-op removals that are exact for every target.
 
-* Conv + BatchNormalization -> Conv. In inference mode BatchNormalization computes
+Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
+
+* Conv + BatchNormalization -> Conv [``conv_batchnorm``]. In inference mode BatchNormalization computes
   ``y = (x - mean) * s + bias`` with ``s = scale / sqrt(var + epsilon)`` per channel, so for
   ``x = Conv(input, W, b)`` it equals ``Conv(input, W * s, (b - mean) * s + bias)`` with ``s`` scaling
   each output channel of ``W``. Computed in float64, then cast to the weight's dtype.
-* MatMul + Add -> Gemm, when ``A`` is known to be 2-D, ``B`` is a constant 2-D matrix and the added
-  constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule); float32/float64 only, and
-  opset 7 or later (older Add and Gemm broadcast by other rules).
-* Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel;
-  a Transpose with the identity permutation is removed.
-* Pad + Conv -> Conv, when the Pad adds zeros (constant mode, value 0) on spatial axes only: the Conv's
-  own ``pads`` add the same zeros.
+* Conv * s -> Conv [``conv_mul``] and Conv + s -> Conv [``conv_add``], for a finite constant ``s``
+  with one value per output channel (1 on every other axis, not raising the rank): ``Conv(x, W, b) * s
+  = Conv(x, W * s, b * s)`` and ``Conv(x, W, b) + s = Conv(x, W, b + s)``, since the Conv is linear in
+  ``W`` and ``b`` per output channel.
+* MatMul + Add -> Gemm [``matmul_add_to_gemm``], when ``A`` is known to be 2-D, ``B`` is a constant 2-D
+  matrix and the added constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule);
+  float32/float64 only, and opset 7 or later (older Add and Gemm broadcast by other rules).
+* Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel
+  [``transpose_transpose``]; a Transpose with the identity permutation is removed [``transpose_identity``].
+* Pad + Conv -> Conv [``pad_conv``], when the Pad adds zeros (constant mode, value 0) on spatial axes
+  only: the Conv's own ``pads`` add the same zeros.
+* No-ops at inference, replaced by their input: Dropout whose training mode is absent or the constant
+  false (``is_test=1`` before opset 7) and whose mask is unused [``noop_dropout``]; Expand whose target
+  shape is 1 or the input's known size on every axis without raising the rank [``noop_expand``]; Slice
+  with step 1, start 0 and an end at or past each sliced axis' size [``noop_slice``]; Pad whose amounts
+  are all 0, in any mode [``noop_pad``].
+* Cast(Cast(x, wider), back to x's type) -> x [``noop_cast_pair``], when every value of x's type is
+  exactly representable in the wider type (e.g. float16 -> float32, int8 -> float16, int32 -> float64,
+  bool -> any number), so the round trip gives back each value.
 
-A fusion only fires when the intermediate value has no other reader and is not a graph output.
+A fusion only fires when the intermediate value has no other reader and is not a graph output (Transpose
+pairs excepted: a shared first Transpose stays, and the second reads its input directly).
 """
 
 from __future__ import annotations

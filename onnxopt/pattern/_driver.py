@@ -274,10 +274,12 @@ class RewritePass(Pass):
     """A pass that applies the class's ``rules`` (a ``RuleSet``) to a fixed point.
 
     ``PassResult.stats`` holds the number of rewrites per rule name. Subclasses set ``name`` and
-    ``rules`` (rule objects or classes), and may override ``prepare`` (e.g. to infer shapes first).
+    ``rules`` (rule objects or classes), ``needs_shapes`` when rules read shapes or dtypes of values
+    inside the graph, and may override ``prepare`` for other preparation.
     """
 
     rules: ClassVar[Sequence[RewriteRule | type[RewriteRule]]] = ()
+    needs_shapes: ClassVar[bool] = False  # run ir.infer_shapes first, for rules that read shapes or dtypes
 
     def rule_set(self) -> RuleSet:
         cached = vars(type(self)).get("_rule_set")
@@ -287,7 +289,9 @@ class RewritePass(Pass):
         return cached
 
     def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
-        """Called before the rules run; does nothing by default."""
+        """Called before the rules run; infers shapes when ``needs_shapes`` is set."""
+        if self.needs_shapes:
+            ir.infer_shapes(graph)
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         self.prepare(graph, ctx)
