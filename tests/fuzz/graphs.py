@@ -595,6 +595,20 @@ class Builder:
             x = self.squash(x)
         return self.cast(x, to)
 
+    def op_cast_pair(self) -> Value:
+        """Cast to another type and back: a lossless round trip (fuse removes it) or a lossy one (it must not)."""
+        x = self.pick(lambda v: v.dtype in (F32, F16, I32, I64, BOOL), lambda: self.pick_float())
+        if x.dtype in FLOATS:
+            middles = [F64, F32, F16] + ([I32, I64] if x.stable and x.bound < 1e6 else [])
+        elif x.dtype == BOOL:
+            middles = [F32, F16, I64]
+        else:
+            middles = [I64, I32, F32, F64, F16]
+        middle = self.choice([m for m in middles if m != x.dtype])
+        if middle == F16 and x.bound > 6e4:
+            raise Skip
+        return self.cast(self.cast(x, middle), x.dtype)
+
     def op_matmul(self) -> Value:
         a = self.pick_float(min_rank=1, max_rank=4, dtypes=(F32, F16))
         a = self.squash(a, 10.0)
@@ -723,8 +737,8 @@ class Builder:
             attrs["kernel_shape"] = list(kernel)
         return attrs, kernel, out, group
 
-    def op_conv(self, with_batchnorm: bool | None = None) -> Value:
-        x = self.squash(self.image(dtypes=(F32, F16)), 10.0)
+    def op_conv(self, with_batchnorm: bool | None = None, x: Value | None = None) -> Value:
+        x = self.squash(x or self.image(dtypes=(F32, F16)), 10.0)
         n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
         attrs, kernel, out_spatial, group = self.conv_attrs(spatial, c)
         m = group * self.integer(1, 3)
@@ -742,7 +756,59 @@ class Builder:
         y = self.emit("Conv", inputs, [{"dtype": x.dtype, "shape": out_shape, "bound": bound, "stable": False}], **attrs)[0]
         if with_batchnorm if with_batchnorm is not None else self.chance(0.2):
             return self.batchnorm(y)
+        if self.chance(0.3):
+            return self.channel_affine(y)
         return y
+
+    def channel_affine(self, y: Value) -> Value:
+        """Mul or Add of a constant with one value per channel (or one in all): fuse folds it into a Conv."""
+        m, rank = y.shape[1], y.rank
+        shape = self.choice([(m,) + (1,) * (rank - 2), (1, m) + (1,) * (rank - 2), (), (1,), (m, 1, 1, 1)[:rank]])
+        op = self.choice(["Mul", "Add"])
+        c = self.random_const(shape, y.dtype)
+        out = broadcast(y.shape, shape)
+        if out is None:
+            raise Skip
+        inputs = [y, c] if self.chance(0.7) else [c, y]
+        return self.emit(op, inputs, [{"dtype": y.dtype, "shape": out, "bound": y.bound * 2 + 1, "stable": False}])[0]
+
+    def op_pad(self, before_conv: bool = False) -> Value:
+        """Pad in constant (zero or not), reflect or edge mode, sometimes with nothing to add."""
+        x = self.image() if before_conv else self.any_value(min_rank=1, max_size=64)
+        rank = x.rank
+        mode = "constant" if before_conv else self.choice(["constant", "constant", "reflect", "edge"])
+        axes = list(range(2, rank)) if before_conv else self.subset(range(rank))
+        pads_begin, pads_end = [], []
+        for axis in axes:
+            d = x.shape[axis]
+            limit = d - 1 if mode == "reflect" else 2
+            low = -(d - 1) if mode == "constant" and self.chance(0.2) else 0
+            nothing = self.chance(0.3)
+            pads_begin.append(0 if nothing else self.integer(max(low, -limit), limit))
+            pads_end.append(0 if nothing else self.integer(max(low, -limit), limit))
+        shape = list(x.shape)
+        for axis, a, b in zip(axes, pads_begin, pads_end):
+            shape[axis] += a + b
+        if min(shape) < 1 or int(np.prod(shape)) > MAX_ELEMENTS:
+            raise Skip
+        if before_conv and self.chance(0.5):
+            axes, pads_begin, pads_end = list(range(rank)), [0, 0] + pads_begin, [0, 0] + pads_end
+        explicit_axes = axes != list(range(rank)) or self.chance(0.2)
+        inputs: list[Value | None] = [x, self.const(np.array(pads_begin + pads_end, np.int64))]
+        if mode == "constant" and x.dtype != BOOL and (self.chance(0.4) or explicit_axes):
+            fill = 0 if before_conv or self.chance(0.5) else 1.5 if x.dtype in FLOATS else 2
+            inputs.append(self.const(np.array(fill, x.dtype)) if not (fill == 0 and self.chance(0.3)) else None)
+        if explicit_axes:
+            if len(inputs) == 2:
+                inputs.append(None)
+            inputs.append(self.const(np.array([a - rank if self.chance(0.3) else a for a in axes], np.int64)))
+        attrs = {"mode": mode} if mode != "constant" or self.chance(0.3) else {}
+        y = self.emit("Pad", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": max(x.bound, 1.5)}], **attrs)[0]
+        return y
+
+    def op_pad_conv(self) -> Value:
+        """Pad with zeros on the spatial axes, then Conv: fuse moves the padding into the Conv."""
+        return self.op_conv(x=self.op_pad(before_conv=True))
 
     def op_conv_batchnorm(self) -> Value:
         return self.op_conv(with_batchnorm=True)
@@ -947,6 +1013,8 @@ class Builder:
         target = [self.integer(1, 3) for _ in range(extra)]
         for d in x.shape:
             target.append(self.integer(1, 3) if d == 1 and self.chance(0.6) else (1 if self.chance(0.2) else d))
+        if self.chance(0.2):
+            target = list(x.shape)  # to its own shape: a no-op
         out = broadcast(x.shape, tuple(target))
         if out is None or int(np.prod(out)) > MAX_ELEMENTS:
             raise Skip
@@ -1056,7 +1124,9 @@ class Builder:
             d = x.shape[axis]
             step = self.choice([1, 1, 2, -1, -2])
             start = self.integer(-d, d - 1)
-            if step > 0:
+            if step == 1 and self.chance(0.3):
+                start, end = 0, self.choice([d, d + 1, INT64_MAX])  # the whole axis
+            elif step > 0:
                 end = self.choice([self.integer(-d, d + 1), INT64_MAX])
             else:
                 end = self.choice([self.integer(-d - 1, d - 1), INT64_MIN])
@@ -1275,7 +1345,8 @@ class Builder:
         "op_conv_batchnorm", "op_transpose", "op_reshape", "op_reduce", "op_concat", "op_slice", "op_gather",
         "op_cast", "op_compare", "op_where", "op_logic", "op_int_binary", "op_softmax", "op_gemm", "op_pool",
         "op_normalization", "op_flatten", "op_squeeze_unsqueeze", "op_expand", "op_tile", "op_split",
-        "op_shape_arithmetic", "op_conv_transpose", "op_dropout", "op_duplicate", "op_if",
+        "op_shape_arithmetic", "op_conv_transpose", "op_dropout", "op_duplicate", "op_if", "op_pad", "op_pad_conv",
+        "op_cast_pair",
     )
 
     def steps(self, count: int) -> None:

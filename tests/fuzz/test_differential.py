@@ -156,6 +156,16 @@ def has_negative_step_slice(case: FuzzCase) -> bool:
                for n in all_nodes(case.model.graph))
 
 
+def has_multi_axis_unsqueeze(case: FuzzCase) -> bool:
+    values = constants(case)
+    return any(n.op_type == "Unsqueeze" and n.input[1] in values and values[n.input[1]].size >= 2
+               for n in all_nodes(case.model.graph))
+
+
+def runs_fold(failure: Failure) -> bool:
+    return any(name in failure.pipeline for name in ("fold", "O1", "O2", "O3"))
+
+
 def runs_shape_inference(failure: Failure) -> bool:
     return any(name in failure.pipeline.split("/")[0] for name in ("fold", "fuse", "O1", "O2", "O3"))
 
@@ -166,6 +176,8 @@ KNOWN_BUGS: list[KnownBug] = [
     KnownBug("test_slice_negative_step_to_before_the_start_keeps_its_length",
              lambda case, failure: has_negative_step_slice(case) and failure.kind == "crash"
              and "Inferred shape and existing shape differ" in failure.detail),
+    KnownBug("test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two",
+             lambda case, failure: has_multi_axis_unsqueeze(case) and runs_fold(failure)),
 ]
 
 _failure_types: dict[tuple[str, str], type] = {}

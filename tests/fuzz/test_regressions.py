@@ -73,3 +73,22 @@ def test_slice_negative_step_to_before_the_start_keeps_its_length(end):
          tensor("axes", np.array([0], np.int64)), tensor("steps", np.array([-1], np.int64))],
     )
     assert_equivalent(original, "fold", {"x": np.arange(4, dtype=np.float32)})
+
+
+@pytest.mark.xfail(strict=True, reason="fold (fold_shapes): Unsqueeze of a scalar by two axes becomes a 1-D "
+                                       "constant; Shape of it folds to [1] instead of [1, 1]")
+def test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two():
+    """``Unsqueeze(b, axes=[0, 1])`` of a scalar constant ``b`` is ``int64[1, 1]``.
+
+    ``fold_shapes`` carries small integer tensors as partial values and turns a scalar into a 1-D
+    value on any Unsqueeze, whatever the number of axes: ``y`` becomes ``int64[1]``, so ``Shape(y)``
+    folds to ``[1]`` (a silent miscompile); with ``y`` itself an output declared rank 2, the result
+    fails onnx.checker.
+    """
+    original = model(
+        [helper.make_node("Unsqueeze", ["b", "axes"], ["y"]), helper.make_node("Shape", ["y"], ["s"])],
+        [value("x", TensorProto.FLOAT, [2])],
+        [value("s", TensorProto.INT64, [None])],
+        [tensor("b", np.array(0, np.int64)), tensor("axes", np.array([0, 1], np.int64))],
+    )
+    assert_equivalent(original, "fold", {"x": np.zeros(2, np.float32)})
