@@ -8,7 +8,7 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
   each output channel of ``W``. Computed in float64, then cast to the weight's dtype.
 * Conv * s -> Conv [``conv_mul``] and Conv + s -> Conv [``conv_add``], for a finite constant ``s``
   with one value per output channel (1 on every other axis, not raising the rank): ``Conv(x, W, b) * s
-  = Conv(x, W * s, b * s)`` and ``Conv(x, W, b) + s = Conv(x, W, b + s)``, since the Conv is linear in
+  = Conv(x, W * s, b * s)`` (not when another node reads ``W``: that would store a second weight) and ``Conv(x, W, b) + s = Conv(x, W, b + s)``, since the Conv is linear in
   ``W`` and ``b`` per output channel.
 * MatMul + Add -> Gemm [``matmul_add_to_gemm``], when ``A`` is known to be 2-D, ``B`` is a constant 2-D
   matrix and the added constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule);
@@ -359,6 +359,12 @@ class ConvMulToConv(_ConvAffineToConv):
 
     def pattern(self, op, x, w, b, s):
         return op.Mul(op.Conv(x, w, op.optional(b)), s)
+
+    def check(self, m: Match) -> MatchResult:
+        # Another reader keeps the old weight alive: folding would store a second, scaled copy.
+        if len(m["w"].outputs) > 1:
+            return m.fail("the Conv weight is shared with other nodes")
+        return super().check(m)
 
     def folded(self, m: Match):
         weight = m.value("w")

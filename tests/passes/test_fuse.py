@@ -931,3 +931,13 @@ def test_cast_pair_to_another_type_stays():
     }""")
     optimized, result = fuse(model)
     assert result.stats["noop_cast_pair"] == 0
+
+
+def test_conv_mul_with_a_shared_weight_stays():
+    # Folding the scale into a weight another Conv also reads would store a second copy of it.
+    model = conv_affine_model("Mul")
+    model.graph.node.append(helper.make_node("Conv", ["x", "W"], ["c2"], pads=[1, 1, 1, 1]))
+    model.graph.output.append(symbolic("c2", TensorProto.FLOAT, 4))
+    optimized, result = fuse(model)
+    assert result.stats["conv_mul"] == 0
+    assert op_counts(optimized) == {"Conv": 2, "Mul": 1}
