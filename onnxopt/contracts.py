@@ -57,7 +57,7 @@ def _check_scope(graph: gs.Graph, available: set[str], where: str, problems: lis
             else:
                 problems.append(f"{where}dangling reference: node '{node.name}' ({node.op}) reads "
                                 f"'{tensor.name}', which nothing produces")
-        for sub in node.subgraphs():
+        for sub in ir.subgraphs(node):
             _check_scope(sub, defined, f"{where}subgraph '{sub.name}' of node '{node.name}': ", problems)
         for tensor in node.outputs:
             if not tensor.name:

@@ -58,6 +58,7 @@ __all__ = [
     "remove_nodes",
     "replace_all_uses",
     "replace_with_constant",
+    "subgraphs",
     "save_model",
     "tensor_nbytes",
     "toposort",
@@ -765,11 +766,24 @@ def graph_stats(graph: gs.Graph) -> GraphStats:
     )
 
 
+def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    """The graphs held by a node's attributes (If branches, Loop and Scan bodies).
+
+    The same as graphsurgeon's ``Node.subgraphs()``, which costs several times more per node; graph
+    walks call this for every node of every graph, many times per pass.
+    """
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, list) and value and isinstance(value[0], gs.Graph):
+            yield from value
+
+
 def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graph and every subgraph nested in its nodes' attributes, outermost first."""
     yield graph
     for node in graph.nodes:
-        for sub in node.subgraphs():
+        for sub in subgraphs(node):
             yield from all_graphs(sub)
 
 
@@ -787,7 +801,7 @@ def outer_scope_names(graph: gs.Graph) -> set[str]:
         for tensor in node.inputs:
             if tensor.name and not isinstance(tensor, gs.Constant):
                 used.add(tensor.name)
-        for sub in node.subgraphs():
+        for sub in subgraphs(node):
             used |= outer_scope_names(sub)
         defined |= {t.name for t in node.outputs}
     used |= {t.name for t in graph.outputs if not isinstance(t, gs.Constant)}
@@ -985,7 +999,7 @@ def toposort(graph: gs.Graph) -> None:
     deps: list[set[int]] = []
     for node in graph.nodes:
         names = {t.name for t in node.inputs if t.name}
-        for sub in node.subgraphs():
+        for sub in subgraphs(node):
             names |= outer_scope_names(sub)
         deps.append({producer_of[n] for n in names if n in producer_of} - {index_of[id(node)]})
     order: list[int] = []

@@ -67,7 +67,7 @@ def _remove_dead(graph: gs.Graph) -> int:
         if any(t.name in live for t in node.outputs if t.name):
             kept.append(node)
             live |= {t.name for t in node.inputs if t.name}
-            for sub in node.subgraphs():
+            for sub in ir.subgraphs(node):
                 live |= ir.outer_scope_names(sub)
         else:
             dead.append(node)

@@ -55,7 +55,7 @@ def _held_bytes(node: gs.Node, values: dict[str, np.ndarray]) -> int:
 
 
 def _may_fold(node: gs.Node) -> bool:
-    return node.domain in ("", None, "ai.onnx") and node.op not in NEVER_FOLDED and not any(True for _ in node.subgraphs())
+    return node.domain in ("", None, "ai.onnx") and node.op not in NEVER_FOLDED and not any(True for _ in ir.subgraphs(node))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -369,7 +369,7 @@ def _tensors_outside(root: gs.Graph, branch: gs.Graph) -> list[gs.Tensor]:
         for node in graph.nodes:
             tensors.extend(node.inputs)
             tensors.extend(node.outputs)
-            for sub in node.subgraphs():
+            for sub in ir.subgraphs(node):
                 visit(sub)
 
     visit(root)
@@ -438,7 +438,7 @@ def _inline_everywhere(graph: gs.Graph, root: gs.Graph) -> int:
     """Inlines constant Ifs in ``graph``, then in the subgraphs that are left."""
     inlined = inline_constant_ifs(graph, root)
     for node in graph.nodes:
-        for sub in node.subgraphs():
+        for sub in ir.subgraphs(node):
             inlined += _inline_everywhere(sub, root)
     return inlined
 
