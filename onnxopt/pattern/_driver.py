@@ -45,9 +45,12 @@ class Explanation:
     """Why each rule did or did not fire at each candidate; filled in by ``RuleSet.apply``."""
 
     attempts: list[Attempt] = field(default_factory=list)
+    _seen: set[Attempt] = field(default_factory=set, repr=False, compare=False)
 
     def record(self, attempt: Attempt) -> None:
-        if attempt not in self.attempts:
+        # Every sweep of the fixed point asks again; each answer is kept once.
+        if attempt not in self._seen:
+            self._seen.add(attempt)
             self.attempts.append(attempt)
 
     def misses(self, rule: str | None = None) -> list[Attempt]:
@@ -100,6 +103,7 @@ class RuleSet:
             changed = False
             for sub in list(ir.all_graphs(graph)):
                 sub_changed = False
+                state.begin(sub)
                 for node in list(sub.nodes):
                     for rule in by_root.get(node.op, ()):
                         if not node.outputs:
@@ -109,6 +113,7 @@ class RuleSet:
                             sub_changed = True
                             break
                 if sub_changed:
+                    state.finish(sub)
                     ir.toposort(sub)
                     changed = True
             if not changed:
@@ -125,6 +130,20 @@ class _RunState:
     opsets: dict[str, int]
     namer: _Namer
     explain: Explanation | None
+    # The nodes of the graph being swept, by id, and those removed from it: a membership test and
+    # one filtering of the node list per sweep, instead of a scan of the graph for every rewrite.
+    members: dict[int, gs.Node] = field(default_factory=dict)
+    removed: set[int] = field(default_factory=set)
+
+    def begin(self, sub: gs.Graph) -> None:
+        self.members = {id(n): n for n in sub.nodes}
+        self.removed = set()
+
+    def finish(self, sub: gs.Graph) -> None:
+        sub.nodes = [n for n in sub.nodes if id(n) not in self.removed]
+
+    def is_member(self, node: gs.Node) -> bool:
+        return self.members.get(id(node)) is node
 
     def note(self, rule: RewriteRule, sub: gs.Graph, node: gs.Node, outcome: str, reason: str = "") -> None:
         if self.explain is not None:
@@ -135,7 +154,7 @@ class _RunState:
         compiled = rule.compiled()
         if not _same_domain(node.domain, compiled.root.domain):
             return False
-        matcher = Matcher(sub, commute=rule.commute)
+        matcher = Matcher(sub, commute=rule.commute, is_member=self.is_member)
         last: tuple[str, str] | None = None
         for bound in matcher.match_root(compiled.root, node):
             shared = _containment(compiled, bound, sub, node, rule.allow_shared_intermediates)
@@ -175,7 +194,7 @@ class _RunState:
             self.note(rule, sub, node, "denied", "switched off (bisection)")
             return False
         self.note(rule, sub, node, "rewritten")
-        _splice(sub, node, compiled, values, builder.nodes, bound)
+        _splice(sub, node, compiled, values, builder.nodes, bound, self)
         self.ctx.log.debug("%s rewrote '%s'", rule.name, _site(node))
         return True
 
@@ -223,7 +242,7 @@ def _make_match(compiled: CompiledPattern, bound: Bindings, sub: gs.Graph, graph
 
 
 def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: list[gs.Tensor],
-            new_nodes: list[gs.Node], bound: Bindings) -> None:
+            new_nodes: list[gs.Node], bound: Bindings, state: _RunState) -> None:
     """Puts the replacement in place of the root's outputs and removes matched nodes left unused.
 
     A replacement value made by a new node takes over the old value itself (its name, and its place
@@ -233,6 +252,7 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
         if not new.name:
             new.name = root.name if index == 0 and root.name else ""
     sub.nodes.extend(new_nodes)
+    state.members.update((id(n), n) for n in new_nodes)
     producers = {id(t): n for n in new_nodes for t in n.outputs}
     taken_over: set[int] = set()
     for pattern_output, new in zip(compiled.outputs, values):
@@ -260,8 +280,12 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
         removed = False
         for node in candidates:
             if id(node) not in gone and not any(t.outputs or ir.is_graph_output(sub, t) for t in node.outputs):
-                ir.remove_nodes(sub, [node])
+                # Detached now, dropped from the node list when the sweep of this graph ends.
+                node.inputs.clear()
+                node.outputs.clear()
                 gone.add(id(node))
+                state.members.pop(id(node), None)
+                state.removed.add(id(node))
                 removed = True
 
 

@@ -179,9 +179,11 @@ def _attr_matches(expected: Any, actual: Any) -> bool:
 class Matcher:
     """Finds one pattern rooted at a given node; remembers why the last attempt failed."""
 
-    def __init__(self, graph: gs.Graph, commute: bool = True) -> None:
+    def __init__(self, graph: gs.Graph, commute: bool = True,
+                 is_member: Callable[[gs.Node], bool] | None = None) -> None:
         self.graph = graph
         self.commute = commute
+        self.is_member = is_member or (lambda node: ir.is_local(graph, node))
         self.failures: list[str] = []
 
     @property
@@ -244,7 +246,7 @@ class Matcher:
                 self.fail(f"'{tensor.name}' is not produced by a node (the pattern wants {pattern.node.op_type})")
                 return
             producer = tensor.inputs[0]
-            if not ir.is_local(self.graph, producer):
+            if not self.is_member(producer):
                 self.fail(f"'{tensor.name}' is produced outside this graph")
                 return
             if pattern.index >= len(producer.outputs) or producer.outputs[pattern.index] is not tensor:
