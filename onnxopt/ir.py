@@ -298,10 +298,15 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
     _check_opsets(model)
     _check_tensor_sizes(model, base_dir)
     external = base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(model))
-    if check:
-        # Through the path when there is one: the checker then reads the file itself instead of
-        # serializing the whole loaded model again.
-        check_model(source if base_dir is not None else model)
+    if check and base_dir is not None:
+        # Through the path: the checker then reads the file itself instead of serializing the model.
+        check_model(source)
+    elif check and model_weight_bytes(model) < PROTOBUF_LIMIT_BYTES // 2:
+        check_model(model)
+    elif check:
+        # The checker serializes the model, which protobuf refuses past 2 GiB; the structural checks
+        # above, graph sorting and the pass contracts still run.
+        log.info("onnx.checker skipped for an in-memory model over 1 GiB of weights")
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
