@@ -81,15 +81,22 @@ class RuleSet:
         for rule in self.rules:
             rule.compiled()  # a broken pattern fails when the set is made, not half way through a model
 
-    def apply(self, graph: gs.Graph, ctx: PassContext | None = None,
-              explain: Explanation | None = None) -> dict[str, int]:
-        """Rewrites ``graph`` in place; returns the number of rewrites per rule name."""
+    def apply(self, graph: gs.Graph, ctx: PassContext | None = None, explain: Explanation | None = None,
+              skip: Iterable[str] = ()) -> dict[str, int]:
+        """Rewrites ``graph`` in place; returns the number of rewrites per rule name.
+
+        Rules named in ``skip`` do not run (they count 0). ``explain`` (or ``ctx.explain`` when the
+        context has one) collects why each rule did or did not fire at each candidate node.
+        """
         ctx = ctx or PassContext()
         explain = explain if explain is not None else getattr(ctx, "explain", None)
         opsets = _opsets(graph)
         counts = {rule.name: 0 for rule in self.rules}
+        skip = set(skip)
         by_root: dict[str, list[RewriteRule]] = {}
         for rule in self.rules:
+            if rule.name in skip:
+                continue
             reason = rule.applies_to(opsets)
             if reason is not None:
                 if explain is not None:
@@ -193,8 +200,13 @@ class _RunState:
         if not self.ctx.allow(rule.name, _site(node)):
             self.note(rule, sub, node, "denied", "switched off (bisection)")
             return False
-        self.note(rule, sub, node, "rewritten")
+        site = _site(node)
         _splice(sub, node, compiled, values, builder.nodes, bound, self)
+        if self.explain is not None:
+            made = ", ".join(f"{n.op} '{_site(n)}'" for n in builder.nodes)
+            scope = "" if sub is self.graph else (sub.name or "subgraph")
+            self.explain.record(Attempt(rule.name, scope, site, "rewritten", f"made {made}" if made else
+                                        "replaced by an existing value"))
         self.ctx.log.debug("%s rewrote '%s'", rule.name, _site(node))
         return True
 
@@ -304,6 +316,18 @@ class RewritePass(Pass):
 
     rules: ClassVar[Sequence[RewriteRule | type[RewriteRule]]] = ()
     needs_shapes: ClassVar[bool] = False  # run ir.infer_shapes first, for rules that read shapes or dtypes
+    # Rule names to leave out, joined by '+': ``fuse{disable=noop_pad+conv_mul}``.
+    disable: str = ""
+
+    def __post_init__(self) -> None:
+        known = [rule.name for rule in self.rule_set().rules]
+        unknown = [name for name in self.disabled() if name not in known]
+        if unknown:
+            raise ValueError(f"no rule named {', '.join(repr(n) for n in unknown)} to disable "
+                             f"(rules: {', '.join(known)})")
+
+    def disabled(self) -> list[str]:
+        return [name.strip() for name in self.disable.replace(" ", "+").split("+") if name.strip()]
 
     def rule_set(self) -> RuleSet:
         cached = vars(type(self)).get("_rule_set")
@@ -319,7 +343,7 @@ class RewritePass(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         self.prepare(graph, ctx)
-        counts = self.rule_set().apply(graph, ctx)
+        counts = self.rule_set().apply(graph, ctx, skip=self.disabled())
         return PassResult(modified=any(counts.values()), stats=dict(counts))
 
 

@@ -485,3 +485,26 @@ def test_rewrite_pass_reports_counts_per_rule():
     result = made()(ir.import_model(model), PassContext())
     assert result.stats == {"sub_neg_to_add": 1}
     assert not made()(graph, PassContext()).modified
+
+
+def test_rules_can_be_disabled_by_name_from_the_pipeline_spec():
+    from onnxopt.errors import PipelineSpecError
+    from onnxopt.registry import parse_pipeline
+
+    (fuse,) = parse_pipeline("fuse{disable=noop_pad+conv_mul}")
+    assert fuse.disabled() == ["noop_pad", "conv_mul"] and fuse.spec() == "fuse{disable=noop_pad+conv_mul}"
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) <int64[4] p = {0, 0, 0, 0}> {
+      q = Pad(x, p)
+      y = Relu(q)
+    }""")
+    result = fuse(ir.import_model(model), PassContext())
+    assert not result.modified and result.stats["noop_pad"] == 0
+    with pytest.raises(PipelineSpecError, match="no rule named 'nope'"):
+        parse_pipeline("fuse{disable=nope}")
+
+
+def test_explain_names_what_a_rewrite_made():
+    explanation = explain(parse(SUB_NEG), [SubNegToAdd()])
+    (attempt,) = explanation.attempts
+    assert attempt.outcome == "rewritten" and attempt.reason == "made Add 'y'"
