@@ -171,7 +171,7 @@ class _RunState:
             match = _make_match(compiled, bound, sub, self.graph, node)
             try:
                 result = rule.check(match)
-            except Exception as error:  # noqa: BLE001 - name the rule and the node, keep the cause
+            except Exception as error:  # any failure in a rule's code: name the rule and the node
                 raise RuntimeError(f"rule '{rule.name}' failed checking node '{_site(node)}': "
                                    f"{type(error).__name__}: {error}") from error
             if not result:
@@ -190,7 +190,7 @@ class _RunState:
         except RewriteRefused as refused:
             self.note(rule, sub, node, "refused", str(refused))
             return False
-        except Exception as error:  # noqa: BLE001 - name the rule and the node, keep the cause
+        except Exception as error:  # any failure in a rule's code: name the rule and the node
             raise RuntimeError(f"rule '{rule.name}' failed rewriting node '{_site(node)}': "
                                f"{type(error).__name__}: {error}") from error
         values = list(replacement) if isinstance(replacement, (tuple, list)) else [replacement]

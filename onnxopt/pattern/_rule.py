@@ -163,7 +163,9 @@ class ReplacementBuilder:
 
     def const(self, values: np.ndarray, hint: str = "const") -> gs.Constant:
         """A new constant with a name unique in the whole model (subgraphs included)."""
-        constant = gs.Constant(self._namer.fresh(hint), _as_exportable(values))
+        # The name is made unique here, once per run; make_constant on an empty graph keeps it and
+        # stores the data the way graphsurgeon exports (types numpy lacks, strings, scalars).
+        constant = ir.make_constant(_NO_NAMES, values, self._namer.fresh(hint))
         self.constants.append(constant)
         return constant
 
@@ -177,12 +179,7 @@ class ReplacementBuilder:
             raise RewriteRefused(f"{op_type} does not exist in opset {version} of domain '{key}'")
 
 
-def _as_exportable(values: np.ndarray) -> Any:
-    # ir.make_constant holds the knowledge of what graphsurgeon can export; borrow it with a throwaway name.
-    return ir.make_constant(_EMPTY_GRAPH, values, "_")._values
-
-
-_EMPTY_GRAPH = gs.Graph()
+_NO_NAMES = gs.Graph()
 
 
 class _Namer:
@@ -290,8 +287,3 @@ class CompiledPattern:
 
     def labels(self) -> dict[int, str]:
         return {id(n): n.label for n in self.nodes}
-
-
-def describe_failure(reason: str | None) -> str:
-    return reason or "no match"
-

@@ -266,7 +266,7 @@ def test_node_with_a_used_output_the_rule_does_not_replace_is_not_matched():
       y = Relu(d)
     }""")
     explanation = Explanation()
-    optimized, counts = apply(model, DropoutToInput(), explanation=explanation)
+    _, counts = apply(model, DropoutToInput(), explanation=explanation)
     assert counts == {"dropout_to_input": 0}
     assert explanation.misses()[0].outcome == "shared"
     assert "mask" in explanation.misses()[0].reason

@@ -20,7 +20,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 def readme_example() -> dict:
     text = README.read_text()
     section = text[text.index("## Writing a rewrite rule"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     namespace: dict = {"__name__": "readme_example"}
     exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - our own README
     return namespace
