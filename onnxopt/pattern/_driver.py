@@ -267,8 +267,9 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
     state.members.update((id(n), n) for n in new_nodes)
     producers = {id(t): n for n in new_nodes for t in n.outputs}
     taken_over: set[int] = set()
-    for pattern_output, new in zip(compiled.outputs, values):
-        old = root.outputs[pattern_output.index]
+    # Read all replaced values first: taking one over detaches it from the root, shifting the others.
+    olds = [root.outputs[pattern_output.index] for pattern_output in compiled.outputs]
+    for old, new in zip(olds, values):
         if new is old:
             continue
         producer = producers.get(id(new))

@@ -508,3 +508,33 @@ def test_explain_names_what_a_rewrite_made():
     explanation = explain(parse(SUB_NEG), [SubNegToAdd()])
     (attempt,) = explanation.attempts
     assert attempt.outcome == "rewritten" and attempt.reason == "made Add 'y'"
+
+
+class SplitInTwoToSlices(RewriteRule):
+    """Split(x) into two halves along axis 0 becomes two Slices: a pattern with two outputs."""
+
+    def pattern(self, op, x):
+        return op.Split(x, _outputs=2, _allow_other_inputs=True, num_outputs=2)
+
+    def check(self, m):
+        shape = m.shape("x")
+        if shape is None or not isinstance(shape[0], int) or shape[0] % 2 or m.attr("Split", "axis", 0) != 0:
+            return m.fail("not an even split along a known axis 0")
+        return m.ok()
+
+    def rewrite(self, op, m):
+        half = m.shape("x")[0] // 2
+        const = lambda *v: op.const(np.array(v, np.int64), "bounds")  # noqa: E731
+        return (op.Slice(m["x"], const(0), const(half), const(0)),
+                op.Slice(m["x"], const(half), const(2 * half), const(0)))
+
+
+def test_a_pattern_with_two_outputs_replaces_both():
+    model = parse("""
+    g (float[4,3] x) => (float[2,3] a, float[2,3] b) {
+      a, b = Split<axis = 0, num_outputs = 2>(x)
+    }""", opset=18)
+    optimized, counts = apply(model, SplitInTwoToSlices())
+    assert counts == {"split_in_two_to_slices": 1}
+    assert [(n.op_type, list(n.output)) for n in optimized.graph.node] == [("Slice", ["a"]), ("Slice", ["b"])]
+    assert_same_outputs(model, optimized)
