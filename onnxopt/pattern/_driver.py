@@ -266,15 +266,16 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
     sub.nodes.extend(new_nodes)
     state.members.update((id(n), n) for n in new_nodes)
     producers = {id(t): n for n in new_nodes for t in n.outputs}
-    taken_over: set[int] = set()
+    taken_over: dict[int, gs.Tensor] = {}  # id of a new value -> the old value now standing for it
     # Read all replaced values first: taking one over detaches it from the root, shifting the others.
     olds = [root.outputs[pattern_output.index] for pattern_output in compiled.outputs]
     for old, new in zip(olds, values):
+        new = taken_over.get(id(new), new)  # one new value returned for two outputs
         if new is old:
             continue
         producer = producers.get(id(new))
-        if producer is not None and id(new) not in taken_over and isinstance(old, gs.Variable):
-            taken_over.add(id(new))
+        if producer is not None and isinstance(old, gs.Variable):
+            taken_over[id(new)] = old
             for reader in list(new.outputs):
                 for slot, tensor in enumerate(reader.inputs):
                     if tensor is new:

@@ -538,3 +538,27 @@ def test_a_pattern_with_two_outputs_replaces_both():
     assert counts == {"split_in_two_to_slices": 1}
     assert [(n.op_type, list(n.output)) for n in optimized.graph.node] == [("Slice", ["a"]), ("Slice", ["b"])]
     assert_same_outputs(model, optimized)
+
+
+class ConcatSplitToCopies(RewriteRule):
+    """Split(Concat(x, x)) in halves is (x, x): one new value stands for both outputs."""
+
+    def pattern(self, op, x):
+        return op.Split(op.Concat(x, x, axis=0), _outputs=2, _allow_other_inputs=True, axis=0)
+
+    def rewrite(self, op, m):
+        copy = op.Identity(m["x"])
+        return copy, copy
+
+
+def test_one_new_value_may_replace_two_outputs():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] a, float[2,3] b) {
+      c = Concat<axis = 0>(x, x)
+      a, b = Split<axis = 0, num_outputs = 2>(c)
+    }""", opset=18)
+    optimized, counts = apply(model, ConcatSplitToCopies())
+    assert counts == {"concat_split_to_copies": 1}
+    assert [o.name for o in optimized.graph.output] == ["a", "b"]
+    assert op_counts(optimized) == {"Identity": 2}
+    assert_same_outputs(model, optimized)
