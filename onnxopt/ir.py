@@ -320,60 +320,99 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
     return sum(_declared_nbytes(t) or len(t.raw_data) for t in _iter_model_tensors(model))
 
 
-def _externalize(model: onnx.ModelProto, data_path: Path, moved: list[tuple[TensorProto, bytes, bool]]) -> None:
-    """Moves large tensors' bytes into ``data_path``, noting in ``moved`` what to put back afterwards.
+class _DataWriter:
+    """Appends tensor bytes to an external data file, 4 KiB aligned, and stubs tensors that point there."""
 
-    ``moved`` is filled as tensors move, so that a failure half way (disk full) can still be undone.
+    def __init__(self, data_file, location: str) -> None:
+        self.file = data_file
+        self.location = location
+        self.offset = 0
+        self.count = 0
+
+    def stub(self, tensor: TensorProto) -> TensorProto:
+        """A copy of ``tensor`` without data, its bytes written to the file."""
+        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+        padding = (-self.offset) % 4096
+        self.file.write(b"\0" * padding)
+        self.offset += padding
+        self.file.write(raw)
+        stub = TensorProto(name=tensor.name, data_type=tensor.data_type, doc_string=tensor.doc_string)
+        stub.dims.extend(tensor.dims)
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            stub.external_data.add(key=key, value=value)
+        stub.data_location = TensorProto.EXTERNAL
+        self.offset += len(raw)
+        self.count += 1
+        return stub
+
+
+def _movable(tensor: TensorProto) -> bool:
+    return (tensor.data_location != TensorProto.EXTERNAL
+            and tensor.data_type not in (TensorProto.STRING, TensorProto.UNDEFINED)
+            and (_declared_nbytes(tensor) or 0) >= EXTERNAL_DATA_THRESHOLD_BYTES)
+
+
+def _copy_tensor(tensor: TensorProto, target: TensorProto, writer: _DataWriter) -> None:
+    target.CopyFrom(writer.stub(tensor) if _movable(tensor) else tensor)
+
+
+def _holds_tensors(node: onnx.NodeProto) -> bool:
+    return any(attr.HasField("t") or attr.tensors or attr.HasField("g") or attr.graphs for attr in node.attribute)
+
+
+def _copy_graph(graph: onnx.GraphProto, target: onnx.GraphProto, writer: _DataWriter) -> None:
+    """Copies a graph, writing its large tensors (subgraphs included) through ``writer`` instead."""
+    for field, value in graph.ListFields():
+        if field.name not in ("node", "initializer"):
+            if field.message_type is not None and not (field.is_repeated if hasattr(field, "is_repeated")
+                                                       else field.label == field.LABEL_REPEATED):
+                getattr(target, field.name).CopyFrom(value)
+            elif field.message_type is not None or (hasattr(field, "is_repeated") and field.is_repeated):
+                getattr(target, field.name).extend(value)
+            else:
+                setattr(target, field.name, value)
+    for tensor in graph.initializer:
+        _copy_tensor(tensor, target.initializer.add(), writer)
+    for node in graph.node:
+        copy = target.node.add()
+        if not _holds_tensors(node):
+            copy.CopyFrom(node)
+            continue
+        copy.input.extend(node.input)
+        copy.output.extend(node.output)
+        copy.name, copy.op_type, copy.domain, copy.doc_string = node.name, node.op_type, node.domain, node.doc_string
+        if node.HasField("overload"):
+            copy.overload = node.overload
+        copy.metadata_props.extend(node.metadata_props)
+        for attr in node.attribute:
+            if not (attr.HasField("t") or attr.tensors or attr.HasField("g") or attr.graphs):
+                copy.attribute.add().CopyFrom(attr)
+                continue
+            new = copy.attribute.add(name=attr.name, type=attr.type, doc_string=attr.doc_string)
+            if attr.ref_attr_name:
+                new.ref_attr_name = attr.ref_attr_name
+            if attr.HasField("t"):
+                _copy_tensor(attr.t, new.t, writer)
+            for tensor in attr.tensors:
+                _copy_tensor(tensor, new.tensors.add(), writer)
+            if attr.HasField("g"):
+                _copy_graph(attr.g, new.g, writer)
+            for sub in attr.graphs:
+                _copy_graph(sub, new.graphs.add(), writer)
+
+
+def _with_external_data(model: onnx.ModelProto, data_path: Path) -> tuple[onnx.ModelProto, int]:
+    """A copy of the model whose large tensors live in ``data_path``; the number of tensors moved.
+
+    The model given is not touched, and its weights are never held twice: each one is written to the
+    file and only a stub goes into the copy.
     """
-    offset = 0
+    light = onnx.ModelProto()
+    _copy_shell(model, light)
     with open(data_path, "wb") as data_file:
-        for tensor in _iter_model_tensors(model):
-            if tensor.data_location == TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
-                continue
-            if len(tensor.raw_data) < EXTERNAL_DATA_THRESHOLD_BYTES:
-                continue
-            raw = tensor.raw_data
-            had_location = tensor.HasField("data_location")
-            padding = (-offset) % 4096
-            data_file.write(b"\0" * padding)
-            offset += padding
-            data_file.write(raw)
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            tensor.data_location = TensorProto.EXTERNAL
-            moved.append((tensor, raw, had_location))
-            offset += len(raw)
-
-
-def _restore(moved: list[tuple[TensorProto, bytes, bool]]) -> None:
-    for tensor, raw, had_location in moved:
-        del tensor.external_data[:]
-        # Clearing rather than setting DEFAULT keeps the message byte for byte as it was (proto2 presence).
-        tensor.data_location = TensorProto.DEFAULT
-        if not had_location:
-            tensor.ClearField("data_location")
-        tensor.raw_data = raw
-
-
-def _make_raw(model: onnx.ModelProto, converted: list[tuple[TensorProto, TensorProto]]) -> None:
-    """Stores tensor data as raw bytes so that it can move to an external file.
-
-    Notes each converted tensor in ``converted`` with a copy of how it was, so that the caller's model
-    can be put back (also after a failure half way).
-    """
-    for tensor in _iter_model_tensors(model):
-        if tensor.data_location != TensorProto.EXTERNAL and not tensor.HasField("raw_data"):
-            if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-                continue
-            if (_declared_nbytes(tensor) or 0) >= EXTERNAL_DATA_THRESHOLD_BYTES:
-                original = TensorProto()
-                original.CopyFrom(tensor)
-                array = numpy_helper.to_array(tensor)
-                tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
-                converted.append((tensor, original))
+        writer = _DataWriter(data_file, data_path.name)
+        _copy_graph(model.graph, light.graph, writer)
+    return light, writer.count
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
@@ -404,20 +443,13 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     written: list[Path] = []
     try:
         staged_model = staging / path.name
-        moved: list[tuple[TensorProto, bytes, bool]] = []
-        converted: list[tuple[TensorProto, TensorProto]] = []
         data_file = staging / f"{path.name}.data"
-        try:
-            if external_data:
-                _make_raw(model, converted)
-                _externalize(model, data_file, moved)
-            with open(staged_model, "wb") as model_file:
-                model_file.write(model.SerializeToString())
-        finally:
-            # The caller's model is left as it was: weights back inline and in their original encoding.
-            _restore(moved)
-            for tensor, original in converted:
-                tensor.CopyFrom(original)
+        moved = 0
+        to_write = model
+        if external_data:
+            to_write, moved = _with_external_data(model, data_file)
+        with open(staged_model, "wb") as model_file:
+            model_file.write(to_write.SerializeToString())
         if data_file.exists() and not moved:
             data_file.unlink()  # no tensor was large enough to move: don't leave an empty, unreferenced file
         if data_file.exists():
