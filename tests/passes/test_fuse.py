@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from helpers import assert_same_outputs, make_model, op_counts, random_feeds, tensor, value
+from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -941,3 +941,44 @@ def test_conv_mul_with_a_shared_weight_stays():
     optimized, result = fuse(model)
     assert result.stats["conv_mul"] == 0
     assert op_counts(optimized) == {"Conv": 2, "Mul": 1}
+
+
+CAST_TYPES = ["FLOAT16", "FLOAT", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64",
+              "BOOL"]
+
+
+def _extremes(dtype: np.dtype) -> np.ndarray:
+    if dtype == np.bool_:
+        return np.array([True, False, True, False], dtype)
+    info = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
+    values = [info.min, info.max, 0, 1]
+    if dtype.kind == "f":
+        values += [info.tiny, -info.eps, np.nan, np.inf, 1 / 3]
+    else:
+        values += [info.max - 1, info.min + 1, info.max // 3]
+    return np.array(values, dtype)
+
+
+@pytest.mark.parametrize("source", CAST_TYPES)
+def test_removed_cast_round_trips_are_bit_exact_in_onnxruntime(source):
+    # One model per source type holding a round trip through every other type: each one fuse removes
+    # must give back exactly the input, extreme values included; the others must stay.
+    elem = getattr(TensorProto, source)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+    nodes, outputs = [], []
+    for wider in CAST_TYPES:
+        if wider == source:
+            continue
+        nodes += [helper.make_node("Cast", ["x"], [f"to_{wider}"], to=getattr(TensorProto, wider)),
+                  helper.make_node("Cast", [f"to_{wider}"], [f"back_{wider}"], to=elem)]
+        outputs.append(value(f"back_{wider}", elem, [len(_extremes(dtype))]))
+    model = make_model(nodes, [value("x", elem, [len(_extremes(dtype))])], outputs)
+    optimized, result = fuse(model)
+    feeds = {"x": _extremes(dtype)}
+    kept = {n.output[0] for n in optimized.graph.node if n.op_type == "Cast"}
+    assert len(kept) == 2 * (len(outputs) - result.stats["noop_cast_pair"])
+    for output, got in zip(outputs, run(optimized, feeds)):
+        if f"to_{output.name[5:]}" not in kept:
+            np.testing.assert_array_equal(got, feeds["x"], err_msg=output.name)
+            assert got.dtype == dtype
+    assert result.stats["noop_cast_pair"] >= (1 if source not in ("INT64", "UINT64", "DOUBLE") else 0)
