@@ -982,3 +982,23 @@ def test_removed_cast_round_trips_are_bit_exact_in_onnxruntime(source):
             np.testing.assert_array_equal(got, feeds["x"], err_msg=output.name)
             assert got.dtype == dtype
     assert result.stats["noop_cast_pair"] >= (1 if source not in ("INT64", "UINT64", "DOUBLE") else 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(["Mul", "Add"]), st.integers(0, 5).flatmap(
+    lambda rank: st.lists(st.booleans(), min_size=rank, max_size=rank)), st.booleans())
+def test_conv_affine_by_any_broadcastable_constant_is_exact(op_type, keep_axes, swap):
+    # The constant's axes line up with the Conv output [1, 4, 6, 4] from the right; each axis is either
+    # 1 or the output's size (axes beyond rank 4 are 1 or 2, raising the rank).
+    out_shape = [1, 4, 6, 4]
+    const_shape = []
+    for position, keep in enumerate(keep_axes):
+        axis = 4 - len(keep_axes) + position
+        const_shape.append((out_shape[axis] if axis >= 0 else 2) if keep else 1)
+    result_shape = list(np.broadcast_shapes(tuple(out_shape), tuple(const_shape)))
+    model = conv_affine_model(op_type, tuple(const_shape), swap=swap, width=4, out_rank=len(result_shape))
+    optimized, result = fuse(model)
+    per_channel = len(const_shape) <= 4 and all(
+        size == 1 for position, size in enumerate(const_shape) if 4 - len(const_shape) + position != 1)
+    assert result.stats["conv_mul" if op_type == "Mul" else "conv_add"] == int(per_channel)
+    assert_same_outputs(model, optimized, rtol=1e-4, atol=1e-4)
