@@ -107,27 +107,33 @@ class RuleSet:
             return counts
         state = _RunState(graph, ctx, opsets, _Namer(graph), explain)
         for _ in range(self.max_sweeps):
-            changed = False
-            for sub in list(ir.all_graphs(graph)):
-                sub_changed = False
-                state.begin(sub)
-                for node in list(sub.nodes):
-                    for rule in by_root.get(node.op, ()):
-                        if not node.outputs:
-                            break  # removed by an earlier rewrite of this sweep
-                        if state.try_rule(rule, sub, node):
-                            counts[rule.name] += 1
-                            sub_changed = True
-                            break
-                if sub_changed:
-                    state.finish(sub)
-                    ir.toposort(sub)
-                    changed = True
-            if not changed:
+            if not self._sweep(graph, state, by_root, counts):
                 break
         else:
             ctx.log.warning("rewrite rules still firing after %d sweeps; stopped", self.max_sweeps)
         return counts
+
+    def _sweep(self, sub: gs.Graph, state: _RunState, by_root: dict[str, list[RewriteRule]],
+               counts: dict[str, int]) -> bool:
+        """Tries the rules at every node of ``sub``, then in the bodies of the nodes still there."""
+        changed = False
+        state.begin(sub)
+        for node in list(sub.nodes):
+            for rule in by_root.get(node.op, ()):
+                if not node.outputs:
+                    break  # removed by an earlier rewrite of this sweep
+                if state.try_rule(rule, sub, node):
+                    counts[rule.name] += 1
+                    changed = True
+                    break
+        if changed:
+            state.finish(sub)
+            ir.toposort(sub)
+        # Bodies of removed nodes are skipped: rewriting them would count changes the model no longer has.
+        for node in list(sub.nodes):
+            for body in node.subgraphs():
+                changed |= self._sweep(body, state, by_root, counts)
+        return changed
 
 
 @dataclass
