@@ -1,8 +1,9 @@
 """``dce``: dead-code elimination.
 
 Removes every node no graph output depends on (in subgraph bodies too, where a node counts as used when
-anything of an enclosing graph reads its value), bypasses ``Identity`` nodes and Casts to the type the
-value already has, and drops opset imports no node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
+anything of an enclosing graph reads its value), bypasses ``Identity`` nodes and what computes the same
+(Casts to the type the value already has, adding 0, multiplying or dividing by 1), and drops opset
+imports no node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
 removed: an ``Identity`` that is the only way to give an output its name stays.
 """
 
@@ -23,26 +24,53 @@ def _is_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.inputs) or any(t is tensor for t in graph.outputs)
 
 
-def _is_identity(node: gs.Node) -> bool:
-    """An Identity, or a Cast to the type its input already has (it copies the tensor unchanged)."""
-    if node.domain not in ("", None, "ai.onnx") or len(node.inputs) != 1 or len(node.outputs) != 1:
+# x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1 and x ** 1 are x (for every x, NaN and infinities included).
+_NEUTRAL = {"Add": (0, (0, 1)), "Sub": (0, (1,)), "Mul": (1, (0, 1)), "Div": (1, (1,)), "Pow": (1, (1,))}
+
+
+def _broadcast_keeps_shape(constant: np.ndarray, shape) -> bool:
+    """Broadcasting ``constant`` against a value of ``shape`` leaves the value's shape as it was."""
+    if shape is None or constant.ndim > len(shape):
         return False
-    if node.op == "Identity":
-        return True
-    if node.op != "Cast" or node.inputs[0].dtype is None or "to" not in node.attrs:
-        return False
-    try:
-        return np.dtype(node.inputs[0].dtype) == onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
-    except (TypeError, KeyError, ValueError):
-        return False
+    dims = list(shape)[len(shape) - constant.ndim:]
+    return all(c == 1 or (isinstance(d, int) and c == d) for c, d in zip(constant.shape, dims))
+
+
+def _identity_source(node: gs.Node) -> gs.Tensor | None:
+    """The input a node passes on unchanged, if it is an identity in disguise, else ``None``.
+
+    Identity; Cast to the type its input already has; arithmetic with a neutral constant (adding 0,
+    multiplying or dividing by 1) that broadcasting does not widen and that has the value's type.
+    """
+    if node.domain not in ("", None, "ai.onnx") or len(node.outputs) != 1:
+        return None
+    if node.op == "Identity" and len(node.inputs) == 1:
+        return node.inputs[0]
+    if node.op == "Cast" and len(node.inputs) == 1 and node.inputs[0].dtype is not None and "to" in node.attrs:
+        try:
+            same = np.dtype(node.inputs[0].dtype) == onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
+        except (TypeError, KeyError, ValueError):
+            return None
+        return node.inputs[0] if same else None
+    if node.op in _NEUTRAL and len(node.inputs) == 2:
+        neutral, slots = _NEUTRAL[node.op]
+        for slot in slots:
+            constant, value = ir.constant_value(node.inputs[slot]), node.inputs[1 - slot]
+            if constant is None or constant.size > 1 << 20 or value.dtype is None:
+                continue
+            if np.dtype(value.dtype) == constant.dtype and _broadcast_keeps_shape(constant, value.shape) \
+                    and constant.dtype.kind in "iuf" and bool(np.all(constant == neutral)):
+                return value
+    return None
 
 
 def _bypass_identities(graph: gs.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):
-        if not node.outputs or not _is_identity(node):
+        source = _identity_source(node) if node.outputs else None
+        if source is None:
             continue
-        source, result = node.inputs[0], node.outputs[0]
+        result = node.outputs[0]
         if not ir.is_graph_output(graph, result):
             ir.remove_nodes(graph, [node])
             for consumer in list(result.outputs):

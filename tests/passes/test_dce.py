@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.parser
+import pytest
 from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
 from onnx import TensorProto, helper
 
@@ -330,4 +331,30 @@ def test_cast_to_the_type_a_value_already_has_is_bypassed_and_a_real_cast_stays(
     DeadCodeElimination()(graph, PassContext(original=model))
     optimized = ir.export_model(graph, model)
     assert [n.op_type for n in optimized.graph.node] == ["Relu", "Cast", "Cast"]
+    assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("op, constant, constant_first, removed", [
+    ("Add", np.zeros(3, np.float32), False, True),
+    ("Add", np.zeros(3, np.float32), True, True),
+    ("Sub", np.zeros((1, 3), np.float32), False, True),
+    ("Sub", np.zeros(3, np.float32), True, False),        # 0 - x is -x
+    ("Mul", np.ones(3, np.float32), True, True),
+    ("Div", np.ones(3, np.float32), False, True),
+    ("Div", np.ones(3, np.float32), True, False),         # 1 / x
+    ("Add", np.zeros((4, 2, 3), np.float32), False, False),  # broadcasting widens x
+    ("Add", np.full(3, 1e-30, np.float32), False, False),
+    ("Mul", np.array([1, 1, 2], np.float32), False, False),
+])
+def test_arithmetic_with_a_neutral_constant_is_bypassed(op, constant, constant_first, removed):
+    inputs = ["c", "r"] if constant_first else ["r", "c"]
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node(op, inputs, ["a"]),
+             helper.make_node("Neg", ["a"], ["y"])]
+    model = make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3])], [value("y", TensorProto.FLOAT, None)],
+                       [tensor("c", constant)], check=False)
+    graph = ir.import_model(model)
+    ir.infer_shapes(graph)
+    DeadCodeElimination()(graph, PassContext(original=model))
+    optimized = ir.export_model(graph, model)
+    assert (op not in [n.op_type for n in optimized.graph.node]) == removed
     assert_same_outputs(model, optimized)
