@@ -562,3 +562,56 @@ def test_one_new_value_may_replace_two_outputs():
     assert [o.name for o in optimized.graph.output] == ["a", "b"]
     assert op_counts(optimized) == {"Identity": 2}
     assert_same_outputs(model, optimized)
+
+
+class SwapLastAxesTwiceToInput(RewriteRule):
+    """Attribute constraints in the pattern: a value to equal, or a predicate."""
+
+    def pattern(self, op, x):
+        return op.Transpose(op.Transpose(x, perm=[0, 2, 1]), perm=lambda perm: list(perm or []) == [0, 2, 1])
+
+    def rewrite(self, op, m):
+        return m["x"]
+
+
+def test_attribute_constraints_in_the_pattern():
+    model = parse("""
+    g (float[2,3,4] x) => (float[2,3,4] y, float[2,3,4] z) {
+      a = Transpose<perm = [0, 2, 1]>(x)
+      y = Transpose<perm = [0, 2, 1]>(a)
+      b = Transpose<perm = [1, 0, 2]>(x)
+      z = Transpose<perm = [1, 0, 2]>(b)
+    }""")
+    explanation = Explanation()
+    optimized, counts = apply(model, SwapLastAxesTwiceToInput(), explanation=explanation)
+    assert counts == {"swap_last_axes_twice_to_input": 1}
+    assert op_counts(optimized) == {"Identity": 1, "Transpose": 2}
+    assert any("attribute perm" in a.reason for a in explanation.misses())
+    assert_same_outputs(model, optimized)
+
+
+class CustomScaleToMul(RewriteRule):
+    """A rule on an operator of another domain; it only runs on models importing that domain."""
+
+    domain = "my.domain"
+
+    def pattern(self, op, x):
+        return op.Double(x, _domain="my.domain")
+
+    def rewrite(self, op, m):
+        return op.Add(m["x"], m["x"])
+
+
+def test_rules_of_another_domain_run_only_where_it_is_imported():
+    model = parse("""
+    g (float[2,3] x) => (float[2,3] y) { y = Relu(x) }""")
+    explanation = Explanation()
+    _, counts = apply(model, CustomScaleToMul(), explanation=explanation)
+    assert counts == {"custom_scale_to_mul": 0}
+    assert explanation.attempts[0].outcome == "not applicable"
+
+    custom = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17, "my.domain" : 1]>
+    g (float[2,3] x) => (float[2,3] y) { y = my.domain.Double(x) }""")
+    graph = ir.import_model(custom)
+    assert RuleSet([CustomScaleToMul()]).apply(graph, PassContext()) == {"custom_scale_to_mul": 1}
+    assert [(n.op, n.domain or "") for n in graph.nodes] == [("Add", "")]
