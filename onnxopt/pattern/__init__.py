@@ -37,7 +37,8 @@ attributes (``_tag="name"`` tells apart two nodes of one type), ``m.is_constant(
 The driver (``RuleSet.apply``) asks ``ctx.allow(rule_name, site)`` before every rewrite, keeps the
 names of replaced values (graph outputs stay outputs), removes matched nodes left unused, works in
 subgraph bodies and repeats until no rule fires; it refuses replacements whose operator the model's
-opset lacks. ``explain(model, rules)`` records why each rule did not fire at each candidate node.
+opset lacks. ``explain(model, rules_or_pass)`` records why each rule did not fire at each candidate
+node; ``python -m onnxopt.pattern MODEL --pass fuse [--plugin FILE] [--rule NAME] [--misses]`` prints it.
 """
 
 from onnxopt.pattern._driver import Attempt, Explanation, RewritePass, RuleSet, explain, rule_pass

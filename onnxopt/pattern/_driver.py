@@ -373,12 +373,23 @@ def _names(rules: Sequence[Any]) -> list[str]:
     return [r.name for r in rules]
 
 
-def explain(model: onnx.ModelProto | gs.Graph, rules: Iterable[RewriteRule | type[RewriteRule]],
+def explain(model: onnx.ModelProto | gs.Graph,
+            rules: RewritePass | type[RewritePass] | Iterable[RewriteRule | type[RewriteRule]],
             ctx: PassContext | None = None) -> Explanation:
-    """Runs ``rules`` on a copy of ``model`` and tells, for every candidate node, why each rule fired or not."""
+    """Runs rules on a copy of ``model`` and tells, for every candidate node, why each rule fired or not.
+
+    ``rules`` is a list of rules, or a ``RewritePass`` (class or object), whose own preparation (shape
+    inference) and disabled rules then apply.
+    """
+    ctx = ctx or PassContext()
     graph = ir.import_model(model) if isinstance(model, onnx.ModelProto) else model.copy()
-    if isinstance(model, onnx.ModelProto):
-        ir.infer_shapes(graph)
     explanation = Explanation()
-    RuleSet(rules).apply(graph, ctx or PassContext(), explanation)
+    if isinstance(rules, type) and issubclass(rules, RewritePass):
+        rules = rules()
+    if isinstance(rules, RewritePass):
+        rules.prepare(graph, ctx)
+        rules.rule_set().apply(graph, ctx, explanation, skip=rules.disabled())
+        return explanation
+    ir.infer_shapes(graph)
+    RuleSet(rules).apply(graph, ctx, explanation)
     return explanation

@@ -250,7 +250,7 @@ class Matcher:
                 self.fail(f"'{tensor.name}' is produced outside this graph")
                 return
             if pattern.index >= len(producer.outputs) or producer.outputs[pattern.index] is not tensor:
-                self.fail(f"'{tensor.name}' is not output {pattern.index} of '{producer.name}'")
+                self.fail(f"'{tensor.name}' is not output {pattern.index} of '{_name(producer)}'")
                 return
             yield from self._node(pattern.node, producer, bound)
             return
@@ -265,21 +265,21 @@ class Matcher:
                 self.fail(f"the pattern's {pattern.label} would be two different nodes")
             return
         if node.op != pattern.op_type or not _same_domain(node.domain, pattern.domain):
-            self.fail(f"'{node.name}' is {node.op}, the pattern wants {pattern.op_type}")
+            self.fail(f"'{_name(node)}' is {node.op}, the pattern wants {pattern.op_type}")
             return
         if any(other is node for other in bound.nodes.values()):
-            self.fail(f"node '{node.name}' would match two nodes of the pattern")
+            self.fail(f"node '{_name(node)}' would match two nodes of the pattern")
             return
         if len(node.outputs) < pattern.num_outputs:
-            self.fail(f"'{node.name}' has {len(node.outputs)} outputs, the pattern wants {pattern.num_outputs}")
+            self.fail(f"'{_name(node)}' has {len(node.outputs)} outputs, the pattern wants {pattern.num_outputs}")
             return
         for key, expected in pattern.attrs.items():
             if not _attr_matches(expected, node.attrs.get(key)):
-                self.fail(f"attribute {key} of '{node.name}' is {node.attrs.get(key)!r}")
+                self.fail(f"attribute {key} of '{_name(node)}' is {node.attrs.get(key)!r}")
                 return
         listed = len(pattern.inputs)
         if not pattern.allow_other_inputs and any(not _absent(t) for t in node.inputs[listed:]):
-            self.fail(f"'{node.name}' has more inputs than the pattern lists")
+            self.fail(f"'{_name(node)}' has more inputs than the pattern lists")
             return
         actual = [node.inputs[i] if i < len(node.inputs) else None for i in range(listed)]
         bound = bound.copy()
@@ -296,6 +296,11 @@ class Matcher:
             return
         for partial in self._value(patterns[index], tensors[index], bound):
             yield from self._inputs(patterns, tensors, index + 1, partial)
+
+
+def _name(node: gs.Node) -> str:
+    """How messages name a node: its name, else its first output (nodes are often unnamed)."""
+    return node.name or (node.outputs[0].name if node.outputs else node.op)
 
 
 def _standard(domain: str | None) -> bool:

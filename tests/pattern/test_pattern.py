@@ -615,3 +615,23 @@ def test_rules_of_another_domain_run_only_where_it_is_imported():
     graph = ir.import_model(custom)
     assert RuleSet([CustomScaleToMul()]).apply(graph, PassContext()) == {"custom_scale_to_mul": 1}
     assert [(n.op, n.domain or "") for n in graph.nodes] == [("Add", "")]
+
+
+def test_explain_from_the_command_line(tmp_path, capsys):
+    from onnxopt.pattern.__main__ import main
+
+    path = tmp_path / "model.onnx"
+    onnx.save(parse("""
+    g (float[2,3] x) => (float[2,3] y) <float[3] s = {1., 2., 3.}> {
+      t = Transpose<perm = [0, 1]>(x)
+      y = Mul(t, s)
+    }"""), path)
+    assert main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "transpose_identity at 't': rewritten: replaced by an existing value" in lines
+    assert main([str(path), "--misses", "--rule", "conv_mul"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "conv_mul at 'y': no match: 'x' is not produced by a node (the pattern wants Conv); "
+        "'s' is not produced by a node (the pattern wants Conv)"]
+    assert main([str(path), "--pass", "dce"]) == 2
+    assert "not made of rewrite rules" in capsys.readouterr().err
