@@ -434,8 +434,9 @@ def write_markdown(path: Path, payload: dict) -> None:
     for model in payload["corpus"]:
         params = f"{model['parameters'] / 1e6:.1f}M" if model.get("parameters") else "–"
         exporter = model.get("exporter") or "–"
-        if model.get("notes"):
-            exporter += " (" + "; ".join(model["notes"])[:200] + ")"
+        failures = [n for n in model.get("notes", []) if "exporter failed" in n]
+        if failures:
+            exporter += " (" + "; ".join(failures)[:200] + ")"
         lines.append(f"| {model['name']} | {model['source']} | {model['architecture']} | {model['size_note']} | "
                      f"{params} | {exporter} | {model.get('opset') or '–'} | {_mib(model.get('file_bytes'))} |")
     lines += ["", "## onnxopt failures and miscompiles", ""]
