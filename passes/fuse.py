@@ -563,7 +563,7 @@ RULES = (PadConvToConv(), ConvBatchNormToConv(), MatMulAddToGemm(), TransposeTra
 
 @dataclass(frozen=True)
 class Fuse(RewritePass):
-    """Fuses BatchNormalization, Pad and per-channel Mul/Add into Conv and MatMul+Add into Gemm, merges Transpose pairs, removes no-ops."""
+    """Fuses BatchNormalization, Pad, Mul and Add into Conv, MatMul+Add into Gemm; removes no-ops."""
 
     name: ClassVar[str] = "fuse"
     rules: ClassVar[tuple] = RULES

@@ -43,6 +43,7 @@ class Match:
         self.values = values
         self._nodes = nodes
         self.root = root
+        self._values: dict[str, np.ndarray | None] = {}  # check and rewrite read weights more than once
 
     def __getitem__(self, name: str) -> gs.Tensor | None:
         if name not in self.values:
@@ -81,9 +82,16 @@ class Match:
         return tensor is not None and ir.is_constant(tensor)
 
     def value(self, name: str) -> np.ndarray | None:
-        """The constant value of ``match[name]``, or ``None`` if it is absent or not constant."""
-        tensor = self.values.get(name)
-        return None if tensor is None else ir.constant_value(tensor)
+        """The constant value of ``match[name]`` (read-only), or ``None`` if it is absent or not constant."""
+        if name not in self._values:
+            tensor = self.values.get(name)
+            array = None if tensor is None else ir.constant_value(tensor)
+            if array is not None:
+                # A read-only view: the array may be the graph's own data, which a rule must not change.
+                array = array.view()
+                array.flags.writeable = False
+            self._values[name] = array
+        return self._values[name]
 
     def shape(self, name: str) -> list | None:
         tensor = self.values.get(name)
