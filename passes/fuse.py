@@ -420,10 +420,6 @@ class NoopDropout(RewriteRule):
         return m["x"]
 
 
-def _static_dims(shape) -> list | None:
-    return None if shape is None else list(shape)
-
-
 class NoopExpand(RewriteRule):
     """Removes an Expand whose target shape broadcasts to the input's own shape."""
 
@@ -434,7 +430,7 @@ class NoopExpand(RewriteRule):
 
     def check(self, m: Match) -> MatchResult:
         target = m.value("shape")
-        dims = _static_dims(m.shape("x"))
+        dims = m.shape("x")
         if target is None:
             return m.fail("the target shape is not constant")
         if dims is None:
@@ -471,7 +467,7 @@ class NoopSlice(RewriteRule):
         steps = m.value("steps") if m["steps"] is not None else np.ones(starts.size, np.int64)
         if axes is None or steps is None:
             return m.fail("axes or steps are not constant")
-        dims = _static_dims(m.shape("x"))
+        dims = m.shape("x")
         for start, end, axis, step in zip(starts.reshape(-1), ends.reshape(-1), axes.reshape(-1), steps.reshape(-1)):
             dim = None
             if dims is not None and -len(dims) <= axis < len(dims) and isinstance(dims[axis], int):
