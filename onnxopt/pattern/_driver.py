@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -362,15 +362,12 @@ def rule_pass(name: str, rules: Sequence[RewriteRule | type[RewriteRule]], descr
     The class belongs to the calling module (so that ``--plugin`` files find it).
     """
     module = module or sys._getframe(1).f_globals.get("__name__", __name__)
-    doc = description or f"Applies the rewrite rules {', '.join(RuleSet(rules) and _names(rules))}."
+    rule_set = RuleSet(rules)  # checks the rules (unique names, buildable patterns) now, not at the first run
+    doc = description or f"Applies the rewrite rules {', '.join(r.name for r in rule_set.rules)}."
     class_name = "".join(part.capitalize() for part in name.replace("_", "-").split("-") if part) or "Rules"
-    cls = type(class_name, (RewritePass,), {"name": name, "rules": tuple(rules), "__doc__": doc,
+    cls = type(class_name, (RewritePass,), {"name": name, "rules": tuple(rule_set.rules), "__doc__": doc,
                                             "__module__": module})
     return dataclasses.dataclass(frozen=True)(cls)
-
-
-def _names(rules: Sequence[Any]) -> list[str]:
-    return [r.name for r in rules]
 
 
 def explain(model: onnx.ModelProto | gs.Graph,
