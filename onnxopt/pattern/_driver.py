@@ -131,7 +131,7 @@ class RuleSet:
             ir.toposort(sub)
         # Bodies of removed nodes are skipped: rewriting them would count changes the model no longer has.
         for node in list(sub.nodes):
-            for body in node.subgraphs():
+            for body in ir.subgraphs(node):
                 changed |= self._sweep(body, state, by_root, counts)
         return changed
 
