@@ -105,10 +105,21 @@ def _merge_constants(graph: gs.Graph) -> int:
         if len(group) < 2:
             continue
         first_of: dict[bytes, gs.Constant] = {}
+        by_sample: dict[bytes, int] = {}
+        candidates = []
         for constant in group:
             if len(names.get(constant.name, ())) > 1:
                 # Sibling subgraphs may reuse a name for different values: a reader moved to this constant
                 # could then read another tensor of the same name in its own scope.
+                continue
+            # Hashing every large weight in full is slow on big models where many share a shape; a
+            # strided sample tells most apart, and only tensors whose samples collide are hashed whole.
+            array = ir.constant_array(constant)
+            sample = hashlib.sha256(_tensor_bytes(array.reshape(-1)[:: max(1, array.size // 4096)])).digest()
+            by_sample[sample] = by_sample.get(sample, 0) + 1
+            candidates.append((constant, sample))
+        for constant, sample in candidates:
+            if by_sample[sample] < 2:
                 continue
             digest = hashlib.sha256(_tensor_bytes(ir.constant_array(constant))).digest()
             keeper = first_of.setdefault(digest, constant)
