@@ -411,9 +411,6 @@ class NoopDropout(RewriteRule):
             training = ir.constant_value(dropout.inputs[2])
             if training is None or training.size != 1 or bool(training.reshape(-1)[0]):
                 return m.fail("training_mode is not the constant false")
-        if m.dtype("x") is not None and dropout.outputs[0].dtype is not None \
-                and np.dtype(m.dtype("x")) != np.dtype(dropout.outputs[0].dtype):
-            return m.fail("Dropout changes the type")
         return m.ok()
 
     def rewrite(self, op, m: Match):
