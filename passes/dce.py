@@ -58,8 +58,12 @@ def _identity_source(node: gs.Node) -> gs.Tensor | None:
             constant, value = ir.constant_value(node.inputs[slot]), node.inputs[1 - slot]
             if constant is None or constant.size > 1 << 20 or value.dtype is None:
                 continue
-            if np.dtype(value.dtype) == constant.dtype and _broadcast_keeps_shape(constant, value.shape) \
-                    and constant.dtype.kind in "iuf" and bool(np.all(constant == neutral)):
+            try:
+                same_type = np.dtype(value.dtype) == constant.dtype
+            except TypeError:  # types numpy lacks (bfloat16, float8) are kept as ONNX type numbers
+                continue
+            if same_type and _broadcast_keeps_shape(constant, value.shape) and constant.dtype.kind in "iuf" \
+                    and bool(np.all(constant == neutral)):
                 return value
     return None
 
