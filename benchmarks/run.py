@@ -679,7 +679,14 @@ def main(argv=None) -> int:
             task = progress.add_task("starting", total=len(todo) * len(tools))
             for model in todo:
                 run = benchmark_model(model, tools, args.corpus, args.timeout, progress, task)
-                (RUNS / f"{model['name']}.json").write_text(json.dumps(run, indent=1, default=float))
+                stored = RUNS / f"{model['name']}.json"
+                if stored.exists():  # a run of some tools only keeps the other tools' earlier records
+                    earlier = json.loads(stored.read_text())
+                    kept = {t: r for t, r in earlier["tools"].items() if t not in run["tools"]}
+                    if kept:
+                        run["tools"] = {t: run["tools"].get(t) or kept[t] for t in TOOLS
+                                        if t in run["tools"] or t in kept}
+                stored.write_text(json.dumps(run, indent=1, default=float))
                 runs.append(run)
                 mine = run["tools"]["onnxopt"]
                 ok, reason = status_of(mine)
@@ -689,6 +696,7 @@ def main(argv=None) -> int:
                     + ("" if ok else f"  [red]onnxopt: {reason[:200]}[/]"))
         order = {m["name"]: i for i, m in enumerate(manifest)}
         runs.sort(key=lambda r: order.get(r["model"], len(order)))
+        tools = [t for t in TOOLS if any(t in r["tools"] for r in runs)]
     if not runs:
         console.print("no records to report")
         return 1
