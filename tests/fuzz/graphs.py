@@ -92,6 +92,9 @@ class Scope:
     initializers: list[onnx.TensorProto] = field(default_factory=list)
     values: list[Value] = field(default_factory=list)
     depth: int = 0
+    # Branch bodies may name their values from a counter of their own: sibling branches (the then and
+    # else of one If, or branches of different Ifs) then reuse names, as exported models often do.
+    local_names: itertools.count | None = None
 
     def visible(self) -> list[Value]:
         outer = self.parent.visible() if self.parent else []
@@ -147,6 +150,7 @@ class Builder:
         self.scope = self.root
         self.inputs: list[tuple[Value, onnx.ValueInfoProto]] = []
         self.ops: Counter = Counter()
+        self.overridden: set[str] = set()
         self.batch = self.integer(1, 3)
         self.rng = np.random.default_rng(self.integer(0, 1 << 16))
 
@@ -173,6 +177,8 @@ class Builder:
         return values[len(values) - 1 - index]
 
     def fresh(self, prefix: str) -> str:
+        if self.scope.local_names is not None and prefix not in ("in", "default"):
+            return f"b{self.scope.depth}_{next(self.scope.local_names)}"
         return f"{prefix}_{next(self.names)}"
 
     def subset(self, items, min_size: int = 1) -> list:
@@ -250,7 +256,21 @@ class Builder:
                 if v.kind == "const" and v.dtype == dtype and v.shape == tuple(shape) and v.data is not None]
         if same and self.chance(0.25):
             return self.const(self.recent(same).data.copy())
+        if np.dtype(dtype) in FLOATS and self.scope.depth == 0 and self.chance(0.05):
+            return self.overridable(self.random_array(shape, dtype, scale))
         return self.const(self.random_array(shape, dtype, scale))
+
+    def overridable(self, array: np.ndarray) -> Value:
+        """An initializer that is also a graph input: a default the caller may replace, so no constant.
+
+        The case's first input set leaves the default, the second one feeds other values.
+        """
+        name = self.fresh("default")
+        self.root.initializers.append(numpy_helper.from_array(array, name))
+        value = Value(name, array.dtype, tuple(array.shape), bound=1.0, kind="input")
+        self.inputs.append((value, helper.make_tensor_value_info(name, elem_type(array.dtype), list(array.shape))))
+        self.overridden.add(name)
+        return self.register(value)
 
     def add_node(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
         name = self.fresh(op.lower())
@@ -365,7 +385,7 @@ class Builder:
         low, high = self.const(np.array(-limit, x.dtype)), self.const(np.array(limit, x.dtype))
         return self.emit("Clip", [x, low, high], [{"dtype": x.dtype, "shape": x.shape, "bound": limit}])[0]
 
-    def positive(self, x: Value) -> tuple[Value, float]:
+    def positive(self, x: Value, keep_shape: bool = False) -> tuple[Value, float]:
         """A value computed from ``x`` that is positive everywhere, and a lower bound of it."""
         how = self.choice(["abs_plus", "exp", "sigmoid_plus"])
         if how == "exp":
@@ -376,8 +396,8 @@ class Builder:
             inner = self.unary("Abs", x)
         else:
             inner = self.unary("Sigmoid", x, stable=False, bound=1.0)
-        c = self.const(np.array(offset, x.dtype) if self.chance(0.7) else np.full(self.compatible_shape(x.shape),
-                                                                                   offset, x.dtype))
+        scalar = keep_shape or self.chance(0.7)
+        c = self.const(np.array(offset, x.dtype) if scalar else np.full(self.compatible_shape(x.shape), offset, x.dtype))
         out_shape = broadcast(inner.shape, c.shape)
         return self.emit("Add", [inner, c], [{"dtype": x.dtype, "shape": out_shape, "bound": inner.bound + offset}])[0], offset
 
@@ -891,7 +911,7 @@ class Builder:
         bias = self.random_const((c,), x.dtype)
         mean = self.random_const((c,), x.dtype)
         if params_as_inputs:
-            var = self.positive(self.new_input(x.dtype, (c,)))[0]
+            var = self.positive(self.new_input(x.dtype, (c,)), keep_shape=True)[0]
         else:
             var = self.const((self.rng.uniform(0.5, 2.0, c) * 64).round().astype(x.dtype) / np.array(64, x.dtype))
         epsilon = self.choice([1e-5, 1e-3, 0.1])
@@ -1188,6 +1208,8 @@ class Builder:
                 raise Skip
             return self.emit("Concat", [a, b], [{"dtype": I64, "shape": data.shape, "bound": float(data.max()),
                                                  "data": data}], axis=0)[0]
+        if what == "constant_of_shape" and self.chance(0.05):
+            return self.big_constant()
         if what == "constant_of_shape":
             target = tuple(self.integer(1, 4) for _ in range(self.integer(0, 3)))
             shape = self.shape_tensor(target)
@@ -1223,6 +1245,20 @@ class Builder:
         data = np.take(shape.data, index)
         return self.emit("Gather", [shape, self.const(index)], [{"dtype": I64, "shape": data.shape,
                                                                  "bound": float(np.max(data)), "data": data}], axis=0)[0]
+
+    def big_constant(self) -> Value:
+        """A ConstantOfShape or Expand far larger than its inputs (fold's size guard keeps it a node), reduced."""
+        target = (self.choice([128, 160]), self.choice([128, 160]))
+        if self.chance(0.5):
+            big = self.emit("ConstantOfShape", [self.const(np.array(target, np.int64))],
+                            [{"dtype": F32, "shape": target, "bound": 0.5}],
+                            value=numpy_helper.from_array(np.array([0.5], np.float32), "fill"))[0]
+        else:
+            small = self.random_const((1, target[1]), F32)
+            big = self.emit("Expand", [small, self.const(np.array(target, np.int64))],
+                            [{"dtype": F32, "shape": target, "bound": small.bound}])[0]
+        return self.emit("ReduceMean", [big], [{"dtype": F32, "shape": (), "bound": big.bound, "stable": False}],
+                         keepdims=0)[0]
 
     def op_dropout(self) -> Value:
         x = self.pick_float(dtypes=(F32, F16))
@@ -1278,17 +1314,18 @@ class Builder:
             reduced = self.emit("ReduceMax", [x], [{"dtype": x.dtype, "shape": (), "bound": x.bound}], keepdims=0)[0]
             threshold = self.const(np.array(self.choice([0.0, 0.5, -0.5]), np.float32))
             cond = self.emit("Greater", [reduced, threshold], [{"dtype": BOOL, "shape": (), "bound": 1.0}])[0]
-        then_graph, outputs = self.branch("then", None)
-        else_graph, outputs_else = self.branch("else", outputs)
+        local_names = self.chance(0.4)
+        then_graph, outputs = self.branch("then", None, local_names)
+        else_graph, outputs_else = self.branch("else", outputs, local_names)
         specs = [{"dtype": a.dtype, "shape": a.shape, "bound": max(a.bound, b.bound), "stable": a.stable and b.stable}
                  for a, b in zip(outputs, outputs_else)]
         values = self.emit("If", [cond], specs, then_branch=then_graph, else_branch=else_graph)
         return values[0]
 
-    def branch(self, label: str, like: list[Value] | None) -> tuple[onnx.GraphProto, list[Value]]:
+    def branch(self, label: str, like: list[Value] | None, local_names: bool) -> tuple[onnx.GraphProto, list[Value]]:
         """A branch body: a few operators over outer values, then outputs (shaped ``like`` the other branch's)."""
         outer = self.scope
-        self.scope = Scope(parent=outer, depth=outer.depth + 1)
+        self.scope = Scope(parent=outer, depth=outer.depth + 1, local_names=itertools.count() if local_names else None)
         try:
             self.steps(self.integer(1, 4))
             produced = {name for node in self.scope.nodes for name in node.output}
@@ -1374,6 +1411,9 @@ class Builder:
             outputs = [candidates[-1]]
         if self.chance(0.03):
             outputs.append(self.inputs[0][0])
+        constants = [v for v in self.root.values if v.kind == "const"]
+        if constants and self.chance(0.05):
+            outputs.append(self.recent(constants))  # a constant (initializer or Constant node) as an output
         outputs = list({v.name: v for v in outputs}.values())
         inputs = [info for _, info in self.inputs]
         graph = helper.make_graph(self.root.nodes, "fuzz", inputs, [self.output_info(v) for v in outputs],
@@ -1389,7 +1429,11 @@ class Builder:
         rng = np.random.default_rng(seed)
         feeds = {}
         for value, _ in self.inputs:
-            if value.dtype in FLOATS:
+            if value.name in self.overridden:
+                if seed == 0:
+                    continue  # the default
+                array = rng.uniform(-1, 1, value.shape)
+            elif value.dtype in FLOATS:
                 array = rng.standard_normal(value.shape).clip(-5, 5)
             elif value.dtype == BOOL:
                 array = rng.random(value.shape) < 0.5

@@ -92,3 +92,60 @@ def test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two():
         [tensor("b", np.array(0, np.int64)), tensor("axes", np.array([0, 1], np.int64))],
     )
     assert_equivalent(original, "fold", {"x": np.zeros(2, np.float32)})
+
+
+def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initializers=()) -> onnx.ModelProto:
+    """``y = If(c)`` over ``x: float[2]``, with the given branch bodies; ``y`` is float."""
+    then_branch = helper.make_graph(then_nodes, "then", [], [value(then_out, TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph(else_nodes, "else", [], [value(else_out, TensorProto.FLOAT, None)],
+                                    list(else_initializers))
+    return model(
+        [helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)],
+        [value("x", TensorProto.FLOAT, [2]), value("c", TensorProto.BOOL, [])],
+        [value("y", TensorProto.FLOAT, out_shape)],
+    )
+
+
+@pytest.mark.xfail(strict=True, reason="ir export: a branch constant is hoisted into the main graph, where a value "
+                                       "of the other branch with its name breaks SSA")
+@pytest.mark.parametrize(("defined_by", "passes"), [("initializer", "fold"), ("initializer", "cse"),
+                                                    ("initializer", "fuse"), ("initializer", "dce"),
+                                                    ("constant_node", "fold")])
+def test_branch_constant_named_like_a_value_of_the_other_branch(defined_by, passes):
+    """The else branch has a constant ``t``; the then branch computes a value also named ``t``.
+
+    Sibling branches are separate scopes, so the model is valid. Exporting the graph moves the else
+    branch's constant into the main graph's initializers: ``t`` is then an outer value the then branch
+    redefines, and onnx.checker rejects the result ("single static assignment"). A branch initializer
+    breaks every pass; a Constant node breaks ``fold``, which turns it into an initializer.
+    """
+    constant = np.array(0, np.int64)
+    if defined_by == "initializer":
+        else_nodes, initializers = [], [tensor("t", constant)]
+    else:
+        else_nodes, initializers = [helper.make_node("Constant", [], ["t"], value=tensor("t", constant))], []
+    original = if_model(
+        then_nodes=[helper.make_node("ReduceSum", ["x"], ["t"], keepdims=0)],
+        else_nodes=else_nodes + [helper.make_node("Gather", ["x", "t"], ["s"])],
+        then_out="t", else_out="s", out_shape=[], else_initializers=initializers,
+    )
+    for condition in (True, False):
+        assert_equivalent(original, passes, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+@pytest.mark.xfail(strict=True, reason="dce: dead nodes with the same output name in both If branches crash it "
+                                       "(ValueError: list.remove(x): x not in list)")
+def test_dce_dead_values_with_one_name_in_both_branches():
+    """Both branches compute an unused ``a = Relu(x)``; graphsurgeon gives the two one tensor object.
+
+    Removing the first dead Relu also detaches the shared tensor from the second, and removing the
+    second then fails inside ``ir.remove_nodes`` (``list.remove``): dce raises an internal error on a
+    valid model.
+    """
+    original = if_model(
+        then_nodes=[helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Abs", ["x"], ["b"])],
+        else_nodes=[helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["b"])],
+        then_out="b", else_out="b", out_shape=[2],
+    )
+    for condition in (True, False):
+        assert_equivalent(original, "dce", {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
