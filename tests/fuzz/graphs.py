@@ -1,4 +1,4 @@
-"""Hypothesis strategies for random, valid ONNX models (opset 18), used to fuzz onnxopt differentially.
+"""Hypothesis strategies for random, valid ONNX models (opsets 18 to 21), used to fuzz onnxopt differentially.
 
 A model is built node by node. For every value the builder knows its dtype and its concrete shape (the
 shape it has on the inputs the case comes with), so each node is chosen to be valid by construction:
@@ -39,8 +39,7 @@ import onnx.printer
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-OPSET = 18
-IR_VERSION = 8
+OPSETS = {18: 8, 19: 9, 21: 10}  # opset -> IR version; the operators drawn mean the same in each
 MAX_ELEMENTS = 256
 MAX_RANK = 5
 LARGE = 1e3  # values whose bound exceeds this are squashed before operators that grow them
@@ -151,6 +150,8 @@ class Builder:
         self.inputs: list[tuple[Value, onnx.ValueInfoProto]] = []
         self.ops: Counter = Counter()
         self.overridden: set[str] = set()
+        self.opset = self.choice(sorted(OPSETS))
+        self.node_names = self.choice(["unique", "unique", "none"])  # onnxruntime refuses repeated node names
         self.batch = self.integer(1, 3)
         self.rng = np.random.default_rng(self.integer(0, 1 << 16))
 
@@ -238,7 +239,9 @@ class Builder:
         if how == "initializer":
             self.scope.initializers.append(numpy_helper.from_array(array, name))
         else:
-            attrs = {"value": numpy_helper.from_array(array, name + "_value")}
+            # The name of the tensor inside the attribute means nothing: exporters leave it empty, repeat the
+            # output's name, or write another one.
+            attrs = {"value": numpy_helper.from_array(array, self.choice([name + "_value", "", name]))}
             if array.dtype == F32 and array.ndim == 0 and self.chance(0.3):
                 attrs = {"value_float": float(array)}
             elif array.dtype == I64 and array.ndim == 1 and array.size and self.chance(0.3):
@@ -274,7 +277,8 @@ class Builder:
 
     def add_node(self, op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
         name = self.fresh(op.lower())
-        name = "" if name.endswith("7") else name  # some nodes have no name
+        if self.node_names == "none" or name.endswith("7"):
+            name = ""
         node = helper.make_node(op, inputs, outputs, name=name, **attrs)
         self.scope.nodes.append(node)
         self.ops[op] += 1
@@ -311,8 +315,14 @@ class Builder:
 
     # -- picking operands ----------------------------------------------------------------------------------
 
-    def pick(self, accept: Callable[[Value], bool], create: Callable[[], Value], p_create: float = 0.2) -> Value:
-        candidates = [v for v in self.scope.visible() if v.size > 0 and accept(v)]
+    def pick(self, accept: Callable[[Value], bool], create: Callable[[], Value], p_create: float = 0.2,
+             empty_ok: bool = False) -> Value:
+        """A visible value ``accept`` takes (later ones more likely), or sometimes a new one from ``create``.
+
+        Tensors with no elements (a Slice that takes nothing, Shape of a scalar) only go where
+        ``empty_ok`` says the operator handles them.
+        """
+        candidates = [v for v in self.scope.visible() if (v.size > 0 or empty_ok) and accept(v)]
         if candidates and not self.chance(p_create):
             return self.recent(candidates)
         return create()
@@ -323,12 +333,13 @@ class Builder:
         return self.random_const(shape, dtype)
 
     def pick_float(self, min_rank: int = 0, max_rank: int = MAX_RANK, dtypes=(F32, F16, F64),
-                   accept: Callable[[Value], bool] = lambda v: True) -> Value:
+                   accept: Callable[[Value], bool] = lambda v: True, empty_ok: bool = False) -> Value:
         def create() -> Value:
             shape = self.random_shape(min_rank, min(max_rank, 4))
             return self.new_input(F32 if F32 in dtypes else dtypes[0], shape)
 
-        return self.pick(lambda v: v.dtype in dtypes and min_rank <= v.rank <= max_rank and accept(v), create)
+        return self.pick(lambda v: v.dtype in dtypes and min_rank <= v.rank <= max_rank and accept(v), create,
+                         empty_ok=empty_ok)
 
     def pick_int(self, accept: Callable[[Value], bool] = lambda v: True, stable_only: bool = False) -> Value:
         def create() -> Value:
@@ -455,7 +466,7 @@ class Builder:
     # Operators. Each returns the main value it made (or raises Skip).
 
     def op_unary(self) -> Value:
-        x = self.pick_float()
+        x = self.pick_float(empty_ok=True)
         op = self.choice(["Relu", "Abs", "Neg", "Sigmoid", "Tanh", "Erf", "LeakyRelu", "Identity", "Floor", "Ceil",
                           "Reciprocal", "Sign", "Softplus"])
         if op == "Erf" and x.dtype == F64:
@@ -512,6 +523,25 @@ class Builder:
         axis = self.integer(-x.rank, x.rank - 1)
         bound = 1.0 if op == "Softmax" else 2 * x.bound + math.log(x.size) + 1
         return self.unary(op, x, stable=False, bound=bound, axis=axis)
+
+    def op_masked_softmax(self) -> Value:
+        """Softmax over values masked with -inf (as attention does), or Clip with infinite bounds."""
+        x = self.pick_float(min_rank=1, dtypes=(F32, F16))
+        if self.chance(0.3):
+            low = self.const(np.array(-np.inf if self.chance(0.5) else -1.0, x.dtype))
+            high = self.const(np.array(np.inf, x.dtype))
+            return self.emit("Clip", [x, low, high], [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound}])[0]
+        axis = self.integer(-x.rank, x.rank - 1)
+        mask_shape = self.compatible_shape(x.shape)
+        mask = np.asarray(self.rng.random(mask_shape) < 0.5)
+        out = broadcast(x.shape, mask_shape)
+        if not np.broadcast_to(mask, out).any(axis=axis).all():
+            mask[...] = True  # a row of -inf only would give NaN
+        keep = self.const(mask)
+        minus_inf = self.const(np.array(-np.inf, x.dtype))
+        masked = self.emit("Where", [keep, x, minus_inf], [{"dtype": x.dtype, "shape": out, "bound": math.inf}])[0]
+        return self.emit("Softmax", [masked], [{"dtype": x.dtype, "shape": out, "bound": 1.0, "stable": False}],
+                         axis=axis)[0]
 
     def op_binary(self) -> Value:
         x = self.pick_float()
@@ -603,7 +633,7 @@ class Builder:
         return self.emit("Where", [cond, x, y], [{"dtype": x.dtype, "shape": out, "bound": max(x.bound, y.bound)}])[0]
 
     def op_cast(self) -> Value:
-        x = self.pick(lambda v: True, lambda: self.pick_float())
+        x = self.pick(lambda v: True, lambda: self.pick_float(), empty_ok=True)
         if x.dtype in FLOATS:
             targets = [F32, F16, F64] + ([I64, I32, BOOL] if x.stable and x.bound < 1e6 else [])
         elif x.dtype == BOOL:
@@ -948,9 +978,9 @@ class Builder:
             attrs["axis"] = axis
         return self.emit(op, inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}], **attrs)[0]
 
-    def any_value(self, min_rank: int = 0, max_size: int = MAX_ELEMENTS) -> Value:
+    def any_value(self, min_rank: int = 0, max_size: int = MAX_ELEMENTS, empty_ok: bool = False) -> Value:
         return self.pick(lambda v: v.rank >= min_rank and v.size <= max_size and v.dtype != F64,
-                         lambda: self.pick_float(min_rank=min_rank))
+                         lambda: self.pick_float(min_rank=min_rank), empty_ok=empty_ok)
 
     def op_reshape(self) -> Value:
         x = self.any_value()
@@ -1085,7 +1115,7 @@ class Builder:
         return self.emit(op, inputs, [{"dtype": x.dtype, "shape": shape, "bound": bound, "stable": stable}], **attrs)[0]
 
     def op_concat(self) -> Value:
-        x = self.any_value(min_rank=1, max_size=64)
+        x = self.any_value(min_rank=1, max_size=64, empty_ok=True)
         axis = self.integer(0, x.rank - 1)
         parts = [x]
         for _ in range(self.integer(1, 3)):
@@ -1095,12 +1125,12 @@ class Builder:
 
             def create() -> Value:
                 shape = list(x.shape)
-                shape[axis] = self.integer(1, 3)
+                shape[axis] = self.integer(1, 3) if self.chance(0.9) else 0
                 if x.dtype in FLOATS:
                     return self.new_float_input_or_const(x.dtype, tuple(shape))
                 return self.random_const(tuple(shape), x.dtype)
 
-            parts.append(self.pick(fits, create, p_create=0.4))
+            parts.append(self.pick(fits, create, p_create=0.4, empty_ok=True))
         shape = list(x.shape)
         shape[axis] = sum(p.shape[axis] for p in parts)
         if int(np.prod(shape)) > MAX_ELEMENTS:
@@ -1151,8 +1181,8 @@ class Builder:
             else:
                 end = self.choice([self.integer(-d - 1, d - 1), INT64_MIN])
             length = len(range(*slice(start, max(min(end, 1 << 20), -(1 << 20)), step).indices(d)))
-            if length < 1:
-                raise Skip
+            if length < 1 and self.chance(0.8):
+                raise Skip  # else the result is empty
             starts.append(start)
             ends.append(end)
             steps.append(step)
@@ -1315,14 +1345,19 @@ class Builder:
             threshold = self.const(np.array(self.choice([0.0, 0.5, -0.5]), np.float32))
             cond = self.emit("Greater", [reduced, threshold], [{"dtype": BOOL, "shape": (), "bound": 1.0}])[0]
         local_names = self.chance(0.4)
+        # With a constant condition the branches may give values of different shapes: the If's output has
+        # the shape of the branch taken (with an input-dependent one, later operators could not fit both).
+        any_shape = kind == "constant" and self.chance(0.3)
         then_graph, outputs = self.branch("then", None, local_names)
-        else_graph, outputs_else = self.branch("else", outputs, local_names)
-        specs = [{"dtype": a.dtype, "shape": a.shape, "bound": max(a.bound, b.bound), "stable": a.stable and b.stable}
-                 for a, b in zip(outputs, outputs_else)]
+        else_graph, outputs_else = self.branch("else", outputs, local_names, any_shape)
+        taken = outputs if kind == "constant" and bool(cond.data.reshape(-1)[0]) else outputs_else
+        specs = [{"dtype": t.dtype, "shape": t.shape, "bound": max(a.bound, b.bound), "stable": a.stable and b.stable}
+                 for t, a, b in zip(taken, outputs, outputs_else)]
         values = self.emit("If", [cond], specs, then_branch=then_graph, else_branch=else_graph)
         return values[0]
 
-    def branch(self, label: str, like: list[Value] | None, local_names: bool) -> tuple[onnx.GraphProto, list[Value]]:
+    def branch(self, label: str, like: list[Value] | None, local_names: bool,
+               any_shape: bool = False) -> tuple[onnx.GraphProto, list[Value]]:
         """A branch body: a few operators over outer values, then outputs (shaped ``like`` the other branch's)."""
         outer = self.scope
         self.scope = Scope(parent=outer, depth=outer.depth + 1, local_names=itertools.count() if local_names else None)
@@ -1334,7 +1369,7 @@ class Builder:
                 results = [self.recent(made) for _ in range(self.integer(1, 2))] if made else \
                     [self.unary("Identity", self.pick_float())]
             else:
-                results = [self.branch_result(want, made) for want in like]
+                results = [self.branch_result(want, made, any_shape) for want in like]
             # A branch output must be a distinct value made in the branch.
             seen: set[str] = set()
             for i, v in enumerate(results):
@@ -1348,9 +1383,9 @@ class Builder:
         finally:
             self.scope = outer
 
-    def branch_result(self, want: Value, made: list[Value]) -> Value:
-        """A value of ``want``'s dtype and shape for the else branch: one it made, or one derived here."""
-        same = [v for v in made if v.dtype == want.dtype and v.shape == want.shape]
+    def branch_result(self, want: Value, made: list[Value], any_shape: bool = False) -> Value:
+        """A value of ``want``'s dtype (and shape) for the else branch: one it made, or one derived here."""
+        same = [v for v in made if v.dtype == want.dtype and (any_shape or v.shape == want.shape)]
         if same and self.chance(0.8):
             return self.recent(same)
         visible = [v for v in self.scope.visible() if v.dtype == want.dtype and v.shape == want.shape]
@@ -1383,7 +1418,7 @@ class Builder:
         "op_cast", "op_compare", "op_where", "op_logic", "op_int_binary", "op_softmax", "op_gemm", "op_pool",
         "op_normalization", "op_flatten", "op_squeeze_unsqueeze", "op_expand", "op_tile", "op_split",
         "op_shape_arithmetic", "op_conv_transpose", "op_dropout", "op_duplicate", "op_if", "op_pad", "op_pad_conv",
-        "op_cast_pair",
+        "op_cast_pair", "op_masked_softmax",
     )
 
     def steps(self, count: int) -> None:
@@ -1415,12 +1450,20 @@ class Builder:
         if constants and self.chance(0.05):
             outputs.append(self.recent(constants))  # a constant (initializer or Constant node) as an output
         outputs = list({v.name: v for v in outputs}.values())
+        if self.chance(0.02):
+            # No node at all: the output is the input.
+            self.root.nodes, self.root.initializers, self.inputs = [], [], self.inputs[:1]
+            self.root.values = [self.inputs[0][0]]
+            outputs = [self.inputs[0][0]]
         inputs = [info for _, info in self.inputs]
         graph = helper.make_graph(self.root.nodes, "fuzz", inputs, [self.output_info(v) for v in outputs],
                                   self.root.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
                                   producer_name="onnxopt-fuzz")
-        model.ir_version = IR_VERSION
+        model.ir_version = OPSETS[self.opset]
+        if self.chance(0.25):
+            # As exporters write them: value_info for intermediate values, subgraphs included.
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         feeds = [self.feeds(seed) for seed in (0, 1)]
         layouts = {v.name: (v.dtype, v.shape) for v in self.root.values if v.kind == "node"}
         return FuzzCase(model, feeds, self.ops, layouts)
@@ -1445,5 +1488,5 @@ class Builder:
 
 @st.composite
 def onnx_cases(draw) -> FuzzCase:
-    """A random valid opset-18 model with the inputs to run it on (two sets)."""
+    """A random valid model (opset 18 to 21) with the inputs to run it on (two sets)."""
     return Builder(draw).build()
