@@ -53,26 +53,32 @@ def test_split_num_outputs_uneven_chunks_keep_their_shapes():
     assert_equivalent(original, "fold,dce", feeds)
 
 
-@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Slice step -1 with an end "
-                                       "below -dim gets a wrong length; the exported value_info fails onnx.checker")
-@pytest.mark.parametrize("end", [-5, np.iinfo(np.int64).min])
-def test_slice_negative_step_to_before_the_start_keeps_its_length(end):
-    """``Slice(x[4], starts=[1], ends=[end], steps=[-1])`` takes x[1], x[0]: 2 elements.
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Slice lengths are not "
+                                       "clamped as specified; the exported value_info fails onnx.checker")
+@pytest.mark.parametrize(("start", "end", "step", "length"), [
+    (1, -5, -1, 2),  # an end below -dim with a negative step: "before the first element"
+    (1, np.iinfo(np.int64).min, -1, 2),  # the same, as exporters write it
+    (3, 1, 1, 0),  # an end before the start: nothing
+])
+def test_slice_length_from_shape_inference_is_clamped(start, end, step, length):
+    """``Slice(x[4], starts=[start], ends=[end], steps=[step])`` has ``length`` elements.
 
-    With a negative step, an end below ``-dim`` (-5, or INT64_MIN as exporters write it) clamps to
-    "before the first element". onnxruntime's symbolic shape inference, which ``ir.infer_shapes``
-    trusts, gets the length wrong (-2 for -5), and ``fold`` writes it into the value_info of ``y``:
-    the result fails onnx.checker's full check ("existing shape differ").
+    onnxruntime's symbolic shape inference, which ``ir.infer_shapes`` trusts, computes the length
+    without clamping the end as the specification says (-2, 1 and -2 elements for these cases),
+    and ``fold`` writes it into the value_info of ``y``: the result fails onnx.checker's full check
+    ("Inferred shape and existing shape differ").
     """
     original = model(
         [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
          helper.make_node("Shape", ["y"], ["n"])],
         [value("x", TensorProto.FLOAT, [4])],
         [value("n", TensorProto.INT64, [1])],
-        [tensor("starts", np.array([1], np.int64)), tensor("ends", np.array([end], np.int64)),
-         tensor("axes", np.array([0], np.int64)), tensor("steps", np.array([-1], np.int64))],
+        [tensor("starts", np.array([start], np.int64)), tensor("ends", np.array([end], np.int64)),
+         tensor("axes", np.array([0], np.int64)), tensor("steps", np.array([step], np.int64))],
     )
-    assert_equivalent(original, "fold", {"x": np.arange(4, dtype=np.float32)})
+    feeds = {"x": np.arange(4, dtype=np.float32)}
+    assert run(original, feeds)[0].tolist() == [length]
+    assert_equivalent(original, "fold", feeds)
 
 
 @pytest.mark.xfail(strict=True, reason="fold (fold_shapes): Unsqueeze of a scalar by two axes becomes a 1-D "
