@@ -150,6 +150,7 @@ class Builder:
         self.inputs: list[tuple[Value, onnx.ValueInfoProto]] = []
         self.ops: Counter = Counter()
         self.overridden: set[str] = set()
+        self.fixed: dict[str, np.ndarray] = {}  # inputs whose value the graph depends on being this
         self.opset = self.choice(sorted(OPSETS))
         self.node_names = self.choice(["unique", "unique", "none"])  # onnxruntime refuses repeated node names
         self.batch = self.integer(1, 3)
@@ -252,6 +253,20 @@ class Builder:
         bound = float(np.max(np.abs(array.astype(np.float64)), initial=0.0)) if array.dtype != BOOL else 1.0
         return self.register(Value(name, array.dtype, tuple(array.shape), bound=bound, stable=stable,
                                    data=array, kind="const"))
+
+    def param(self, array) -> Value:
+        """An operator's parameter (axes, pads, starts, a shape...): mostly a constant, sometimes a graph
+        input the case always feeds with this value, so that the optimizer cannot know it."""
+        array = np.asarray(array)
+        if not self.chance(0.1):
+            return self.const(array)
+        name = self.fresh("in")
+        value = Value(name, array.dtype, tuple(array.shape), bound=1.0 if array.dtype == BOOL else float(
+            np.max(np.abs(array.astype(np.float64)), initial=0.0)), data=array, kind="input")
+        self.inputs.append((value, helper.make_tensor_value_info(name, elem_type(array.dtype), list(array.shape))))
+        self.fixed[name] = array
+        self.root.values.append(value)
+        return value
 
     def random_const(self, shape, dtype: np.dtype, scale: float = 1.0) -> Value:
         """A random constant; sometimes a copy of an earlier constant's contents (cse merges those)."""
@@ -430,7 +445,7 @@ class Builder:
         """
         entries = [special.get(i, d) if special else d for i, d in enumerate(target)]
         if not entries or self.chance(0.5):
-            return self.const(np.array(entries, dtype=np.int64))
+            return self.param(np.array(entries, dtype=np.int64))
         pieces: list[Value] = []
         for i, dim in enumerate(entries):
             sources = [v for v in self.scope.visible() if dim in v.shape and v.kind != "const"
@@ -440,11 +455,11 @@ class Builder:
                 shape = self.shape_of(source)
                 index = source.shape.index(dim)
                 index = index - source.rank if self.chance(0.3) else index
-                piece = self.emit("Gather", [shape, self.const(np.array([index], np.int64))],
+                piece = self.emit("Gather", [shape, self.param(np.array([index], np.int64))],
                                   [{"dtype": I64, "shape": (1,), "bound": dim, "data": np.array([dim], np.int64)}],
                                   axis=0)[0]
             else:
-                piece = self.const(np.array([dim], np.int64))
+                piece = self.param(np.array([dim], np.int64))
             pieces.append(piece)
         if len(pieces) == 1:
             return pieces[0]
@@ -509,11 +524,11 @@ class Builder:
         inputs: list[Value | None] = [x]
         bound = x.bound
         if which in ("both", "min"):
-            inputs.append(self.const(np.array(low, x.dtype)))
+            inputs.append(self.param(np.array(low, x.dtype)))
         elif which == "max":
             inputs.append(None)
         if which in ("both", "max"):
-            inputs.append(self.const(np.array(high, x.dtype)))
+            inputs.append(self.param(np.array(high, x.dtype)))
             bound = min(bound, max(abs(low), abs(high))) if which == "both" else bound
         return self.emit("Clip", inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": bound}])[0]
 
@@ -566,7 +581,7 @@ class Builder:
             if self.chance(0.5):
                 exponent = self.choice([2.0, 0.5, 3.0, -1.0, 1.5, 0.0])
                 dtype = self.choice([x.dtype, x.dtype, I64]) if float(exponent).is_integer() else x.dtype
-                y = self.const(np.array(exponent, dtype))
+                y = self.param(np.array(exponent, dtype))
             else:
                 y = self.squash(y, 1.0)
             e = max(1.0, y.bound)
@@ -844,14 +859,14 @@ class Builder:
         if before_conv and self.chance(0.5):
             axes, pads_begin, pads_end = list(range(rank)), [0, 0] + pads_begin, [0, 0] + pads_end
         explicit_axes = axes != list(range(rank)) or self.chance(0.2)
-        inputs: list[Value | None] = [x, self.const(np.array(pads_begin + pads_end, np.int64))]
+        inputs: list[Value | None] = [x, self.param(np.array(pads_begin + pads_end, np.int64))]
         if mode == "constant" and x.dtype != BOOL and (self.chance(0.4) or explicit_axes):
             fill = 0 if before_conv or self.chance(0.5) else 1.5 if x.dtype in FLOATS else 2
-            inputs.append(self.const(np.array(fill, x.dtype)) if not (fill == 0 and self.chance(0.3)) else None)
+            inputs.append(self.param(np.array(fill, x.dtype)) if not (fill == 0 and self.chance(0.3)) else None)
         if explicit_axes:
             if len(inputs) == 2:
                 inputs.append(None)
-            inputs.append(self.const(np.array([a - rank if self.chance(0.3) else a for a in axes], np.int64)))
+            inputs.append(self.param(np.array([a - rank if self.chance(0.3) else a for a in axes], np.int64)))
         attrs = {"mode": mode} if mode != "constant" or self.chance(0.3) else {}
         y = self.emit("Pad", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": max(x.bound, 1.5)}], **attrs)[0]
         return y
@@ -1041,7 +1056,7 @@ class Builder:
             if self.chance(0.2) and len(axes) == len(ones):
                 inputs = [x]
             else:
-                inputs = [x, self.const(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64))]
+                inputs = [x, self.param(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64))]
             shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
             return self.emit("Squeeze", inputs, [{"dtype": x.dtype, "shape": shape, "bound": x.bound}])[0]
         if x.rank >= MAX_RANK:
@@ -1054,7 +1069,7 @@ class Builder:
             shape.insert(a, 1)
         written = [a - out_rank if self.chance(0.3) else a for a in axes]
         data = None if x.data is None else x.data.reshape(shape)
-        return self.emit("Unsqueeze", [x, self.const(np.array(written, np.int64))],
+        return self.emit("Unsqueeze", [x, self.param(np.array(written, np.int64))],
                          [{"dtype": x.dtype, "shape": tuple(shape), "bound": x.bound, "data": data}])[0]
 
     def op_expand(self) -> Value:
@@ -1094,10 +1109,10 @@ class Builder:
         attrs: dict = {}
         if x.rank and self.chance(0.8):
             axes = self.subset(range(x.rank))
-            inputs.append(self.const(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64)))
+            inputs.append(self.param(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64)))
         elif self.chance(0.3):
             # Empty axes with noop_with_empty_axes=1: the operator is the identity.
-            inputs.append(self.const(np.zeros((0,), np.int64)))
+            inputs.append(self.param(np.zeros((0,), np.int64)))
             attrs["noop_with_empty_axes"] = 1
             axes = []
         else:
@@ -1150,7 +1165,7 @@ class Builder:
         if self.chance(0.5):
             cuts = sorted(self.subset(range(1, size), min_size=1))
             sizes = [b - a for a, b in zip([0] + cuts, cuts + [size])]
-            inputs.append(self.const(np.array(sizes, np.int64)))
+            inputs.append(self.param(np.array(sizes, np.int64)))
         else:
             count = self.choice([k for k in range(2, size + 1) if -(-size // k) * (k - 1) < size])
             chunk = -(-size // count)
@@ -1191,12 +1206,12 @@ class Builder:
                 index = [slice(None)] * x.rank
                 index[axis] = slice(start, max(min(end, 1 << 20), -(1 << 20)), step)
                 data = data[tuple(index)]
-        inputs = [x, self.const(np.array(starts, np.int64)), self.const(np.array(ends, np.int64))]
+        inputs = [x, self.param(np.array(starts, np.int64)), self.param(np.array(ends, np.int64))]
         default_axes = axes == list(range(len(axes)))
         if not default_axes or self.chance(0.5) or any(s != 1 for s in steps):
-            inputs.append(self.const(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64)))
+            inputs.append(self.param(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64)))
         if any(s != 1 for s in steps) or (len(inputs) == 4 and self.chance(0.3)):
-            inputs.append(self.const(np.array(steps, np.int64)))
+            inputs.append(self.param(np.array(steps, np.int64)))
         return self.emit("Slice", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": x.bound, "data": data}])[0]
 
     def op_gather(self) -> Value:
@@ -1210,7 +1225,7 @@ class Builder:
             raise Skip
         data = None if x.data is None else np.take(x.data, indices, axis=axis)
         attrs = {"axis": axis - x.rank if self.chance(0.3) else axis} if axis or self.chance(0.3) else {}
-        return self.emit("Gather", [x, self.const(indices)], [{"dtype": x.dtype, "shape": out, "bound": x.bound,
+        return self.emit("Gather", [x, self.param(indices)], [{"dtype": x.dtype, "shape": out, "bound": x.bound,
                                                                "data": data}], **attrs)[0]
 
     def op_shape_arithmetic(self) -> Value:
@@ -1255,11 +1270,11 @@ class Builder:
                 raise Skip
             axis = self.integer(0, x.rank - 1)
             dim = x.shape[axis]
-            limit = self.emit("Gather", [self.shape_of(x), self.const(np.array(axis, np.int64))],
+            limit = self.emit("Gather", [self.shape_of(x), self.param(np.array(axis, np.int64))],
                               [{"dtype": I64, "shape": (), "bound": float(dim), "data": np.array(dim, np.int64)}],
                               axis=0)[0]
-            start = self.const(np.array(self.integer(-2, dim - 1), np.int64))
-            delta = self.const(np.array(self.choice([1, 1, 2]), np.int64))
+            start = self.param(np.array(self.integer(-2, dim - 1), np.int64))
+            delta = self.param(np.array(self.choice([1, 1, 2]), np.int64))
             length = len(range(int(start.data), dim, int(delta.data)))
             data = np.arange(int(start.data), dim, int(delta.data), dtype=np.int64)
             value = self.emit("Range", [start, limit, delta], [{"dtype": I64, "shape": (length,),
@@ -1273,7 +1288,7 @@ class Builder:
         index = self.choice([np.array(self.integer(-x.rank, x.rank - 1), np.int64),
                              np.array([self.integer(-x.rank, x.rank - 1)], np.int64)])
         data = np.take(shape.data, index)
-        return self.emit("Gather", [shape, self.const(index)], [{"dtype": I64, "shape": data.shape,
+        return self.emit("Gather", [shape, self.param(index)], [{"dtype": I64, "shape": data.shape,
                                                                  "bound": float(np.max(data)), "data": data}], axis=0)[0]
 
     def big_constant(self) -> Value:
@@ -1294,9 +1309,9 @@ class Builder:
         x = self.pick_float(dtypes=(F32, F16))
         inputs: list[Value | None] = [x]
         if self.chance(0.5):
-            inputs.append(self.const(np.array(self.choice([0.5, 0.1, 0.0]), np.float32)))
+            inputs.append(self.param(np.array(self.choice([0.5, 0.1, 0.0]), np.float32)))
             if self.chance(0.5):
-                inputs.append(self.const(np.array(False)))
+                inputs.append(self.param(np.array(False)))
         outputs = [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound}]
         if self.chance(0.3):
             outputs.append({"dtype": BOOL, "shape": x.shape, "bound": 1.0, "stable": True})
@@ -1472,6 +1487,9 @@ class Builder:
         rng = np.random.default_rng(seed)
         feeds = {}
         for value, _ in self.inputs:
+            if value.name in self.fixed:
+                feeds[value.name] = self.fixed[value.name].copy()
+                continue
             if value.name in self.overridden:
                 if seed == 0:
                     continue  # the default

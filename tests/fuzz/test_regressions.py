@@ -100,7 +100,8 @@ def test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two():
     assert_equivalent(original, "fold", {"x": np.zeros(2, np.float32)})
 
 
-def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initializers=()) -> onnx.ModelProto:
+def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initializers=(),
+             initializers=()) -> onnx.ModelProto:
     """``y = If(c)`` over ``x: float[2]``, with the given branch bodies; ``y`` is float."""
     then_branch = helper.make_graph(then_nodes, "then", [], [value(then_out, TensorProto.FLOAT, None)])
     else_branch = helper.make_graph(else_nodes, "else", [], [value(else_out, TensorProto.FLOAT, None)],
@@ -109,6 +110,7 @@ def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initial
         [helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)],
         [value("x", TensorProto.FLOAT, [2]), value("c", TensorProto.BOOL, [])],
         [value("y", TensorProto.FLOAT, out_shape)],
+        initializers,
     )
 
 
@@ -116,24 +118,28 @@ def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initial
                                        "of the other branch with its name breaks SSA")
 @pytest.mark.parametrize(("defined_by", "passes"), [("initializer", "fold"), ("initializer", "cse"),
                                                     ("initializer", "fuse"), ("initializer", "dce"),
-                                                    ("constant_node", "fold")])
+                                                    ("constant_node", "fold"), ("foldable_node", "fold")])
 def test_branch_constant_named_like_a_value_of_the_other_branch(defined_by, passes):
     """The else branch has a constant ``t``; the then branch computes a value also named ``t``.
 
     Sibling branches are separate scopes, so the model is valid. Exporting the graph moves the else
     branch's constant into the main graph's initializers: ``t`` is then an outer value the then branch
     redefines, and onnx.checker rejects the result ("single static assignment"). A branch initializer
-    breaks every pass; a Constant node breaks ``fold``, which turns it into an initializer.
+    breaks every pass; a Constant node, or a node computing from constants only (``Abs(k)`` of the
+    main graph's ``k``), breaks ``fold``, which turns it into an initializer.
     """
     constant = np.array(0, np.int64)
     if defined_by == "initializer":
         else_nodes, initializers = [], [tensor("t", constant)]
-    else:
+    elif defined_by == "constant_node":
         else_nodes, initializers = [helper.make_node("Constant", [], ["t"], value=tensor("t", constant))], []
+    else:
+        else_nodes, initializers = [helper.make_node("Abs", ["k"], ["t"])], []
     original = if_model(
         then_nodes=[helper.make_node("ReduceSum", ["x"], ["t"], keepdims=0)],
         else_nodes=else_nodes + [helper.make_node("Gather", ["x", "t"], ["s"])],
         then_out="t", else_out="s", out_shape=[], else_initializers=initializers,
+        initializers=[tensor("k", constant)],
     )
     for condition in (True, False):
         assert_equivalent(original, passes, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
@@ -155,3 +161,23 @@ def test_dce_dead_values_with_one_name_in_both_branches():
     )
     for condition in (True, False):
         assert_equivalent(original, "dce", {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
+
+
+@pytest.mark.xfail(strict=True, reason="fold (fold_shapes): Slice of a shape whose steps input is not constant is "
+                                       "folded as if the step were 1")
+def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
+    """``Slice(Shape(x), starts=[0], ends=[9], axes=[0], steps=step)`` with ``step`` a graph input.
+
+    ``x`` is ``float[2, 3]``, so with ``step = [2]`` the result is ``[2]``. ``fold_shapes`` reads the
+    starts and ends but takes a steps input that is not constant for the default 1, and folds the
+    Slice to the constant ``[2, 3]``: a silent miscompile.
+    """
+    original = model(
+        [helper.make_node("Shape", ["x"], ["shape"]),
+         helper.make_node("Slice", ["shape", "starts", "ends", "axes", "step"], ["y"])],
+        [value("x", TensorProto.FLOAT, [2, 3]), value("step", TensorProto.INT64, [1])],
+        [value("y", TensorProto.INT64, [None])],
+        [tensor("starts", np.array([0], np.int64)), tensor("ends", np.array([9], np.int64)),
+         tensor("axes", np.array([0], np.int64))],
+    )
+    assert_equivalent(original, "fold", {"x": np.zeros((2, 3), np.float32), "step": np.array([2], np.int64)})
