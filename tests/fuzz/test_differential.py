@@ -157,6 +157,12 @@ def has_slice_with_runtime_steps(case: FuzzCase) -> bool:
                for n in all_nodes(case.model.graph))
 
 
+def has_squeeze_with_runtime_axes(case: FuzzCase) -> bool:
+    values = constants(case)
+    return any(n.op_type == "Squeeze" and len(n.input) > 1 and n.input[1] and n.input[1] not in values
+               for n in all_nodes(case.model.graph))
+
+
 def has_multi_axis_unsqueeze(case: FuzzCase) -> bool:
     values = constants(case)
     return any(n.op_type == "Unsqueeze" and n.input[1] in values and values[n.input[1]].size >= 2
@@ -215,6 +221,8 @@ KNOWN_BUGS: list[KnownBug] = [
              lambda case, failure: has_multi_axis_unsqueeze(case) and runs_fold(failure)),
     KnownBug("test_slice_of_a_shape_with_a_runtime_step_is_not_folded",
              lambda case, failure: has_slice_with_runtime_steps(case) and runs_fold(failure)),
+    KnownBug("test_squeeze_with_runtime_axes_keeps_the_dimensions_it_does_not_squeeze",
+             lambda case, failure: has_squeeze_with_runtime_axes(case) and runs_shape_inference(failure)),
     KnownBug("test_branch_constant_named_like_a_value_of_the_other_branch",
              branch_constant_clash),
     KnownBug("test_dce_dead_values_with_one_name_in_both_branches",

@@ -181,3 +181,21 @@ def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
          tensor("axes", np.array([0], np.int64))],
     )
     assert_equivalent(original, "fold", {"x": np.zeros((2, 3), np.float32), "step": np.array([2], np.int64)})
+
+
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Squeeze with runtime axes "
+                                       "is taken to squeeze every 1; fold folds Shape to [] instead of [1]")
+def test_squeeze_with_runtime_axes_keeps_the_dimensions_it_does_not_squeeze():
+    """``Squeeze(x[1, 1], axes)`` with ``axes`` a graph input fed ``[1]`` is ``float[1]``.
+
+    onnxruntime's symbolic shape inference, which ``ir.infer_shapes`` trusts, assumes that a Squeeze
+    whose axes it cannot see removes every dimension of size 1 and gives ``y`` rank 0. ``fold`` then
+    folds ``Shape(y)`` to an empty shape (a silent miscompile; with ``y`` read by another node instead,
+    the exported value_info fails onnx.checker).
+    """
+    original = model(
+        [helper.make_node("Squeeze", ["x", "axes"], ["y"]), helper.make_node("Shape", ["y"], ["s"])],
+        [value("x", TensorProto.FLOAT, [1, 1]), value("axes", TensorProto.INT64, [1])],
+        [value("s", TensorProto.INT64, [None])],
+    )
+    assert_equivalent(original, "fold", {"x": np.ones((1, 1), np.float32), "axes": np.array([1], np.int64)})
