@@ -81,9 +81,40 @@ def values_of(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str,
     return dict(zip(names, session(probe).run(None, feeds)))
 
 
+def inferred_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """Types onnx shape inference gives the main graph's values (symbolic dimensions kept)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no types: cut values get their concrete shapes
+        return {}
+    return {vi.name: vi.type for vi in inferred.graph.value_info}
+
+
+def bypass(model: onnx.ModelProto, index: int) -> onnx.ModelProto | None:
+    """Removes node ``index``, whose readers read its first input instead (a Relu chain shrinks)."""
+    model = _copy(model)
+    node = model.graph.node[index]
+    if len(node.output) != 1 or not node.input or not node.input[0]:
+        return None
+    old, new = node.output[0], node.input[0]
+    if old in {o.name for o in model.graph.output}:
+        return None
+    del model.graph.node[index]
+    pending = [model.graph]
+    while pending:
+        graph = pending.pop()
+        for reader in graph.node:
+            for i, name in enumerate(reader.input):
+                if name == old:
+                    reader.input[i] = new
+            pending += [a.g for a in reader.attribute if a.HasField("g")]
+    return model
+
+
 def cut(model: onnx.ModelProto, feeds: dict, index: int, values: dict,
         as_constant: bool) -> tuple[onnx.ModelProto, dict] | None:
     """Removes node ``index``; its outputs become graph inputs fed with the values they had (or constants)."""
+    types = {} if as_constant else inferred_types(model)
     model = _copy(model)
     node = model.graph.node[index]
     if node.op_type == "Constant" or any(name not in values for name in node.output if name):
@@ -96,8 +127,11 @@ def cut(model: onnx.ModelProto, feeds: dict, index: int, values: dict,
         if as_constant:
             model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
         else:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(
-                name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
+            info = onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                      list(array.shape))
+            if name in types and types[name].tensor_type.HasField("shape"):
+                info.type.CopyFrom(types[name])  # symbolic dimensions stay symbolic
+            model.graph.input.append(info)
             feeds[name] = array
     del model.graph.node[index]
     return model, feeds
@@ -119,6 +153,15 @@ def minimize(model: onnx.ModelProto, feeds: dict, fails: Callable[[onnx.ModelPro
         pruned = prune(model)
         if len(pruned.graph.node) < len(model.graph.node) and fails(pruned, _live_feeds(pruned, feeds)):
             model, feeds, changed = pruned, _live_feeds(pruned, feeds), True
+        for index in range(len(model.graph.node)):
+            smaller = bypass(model, index)
+            if smaller is not None:
+                smaller = prune(smaller)
+                if fails(smaller, _live_feeds(smaller, feeds)):
+                    model, feeds, changed = smaller, _live_feeds(smaller, feeds), True
+                    break
+        if changed:
+            continue
         values = values_of(model, feeds)
         for index, as_constant in itertools.product(range(len(model.graph.node)), (False, True)):
             attempt = cut(model, feeds, index, values, as_constant)

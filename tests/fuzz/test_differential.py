@@ -163,6 +163,14 @@ def has_squeeze_with_runtime_axes(case: FuzzCase) -> bool:
                for n in all_nodes(case.model.graph))
 
 
+def has_strided_same_conv(case: FuzzCase) -> bool:
+    def strided_same(n: onnx.NodeProto) -> bool:
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        return attributes.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER") and \
+            any(s > 1 for s in attributes.get("strides", []))
+    return any(n.op_type in ("Conv", "MaxPool", "AveragePool") and strided_same(n) for n in all_nodes(case.model.graph))
+
+
 def has_multi_axis_unsqueeze(case: FuzzCase) -> bool:
     values = constants(case)
     return any(n.op_type == "Unsqueeze" and n.input[1] in values and values[n.input[1]].size >= 2
@@ -223,6 +231,8 @@ KNOWN_BUGS: list[KnownBug] = [
              lambda case, failure: has_slice_with_runtime_steps(case) and runs_fold(failure)),
     KnownBug("test_squeeze_with_runtime_axes_keeps_the_dimensions_it_does_not_squeeze",
              lambda case, failure: has_squeeze_with_runtime_axes(case) and runs_shape_inference(failure)),
+    KnownBug("test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height",
+             lambda case, failure: has_strided_same_conv(case) and runs_shape_inference(failure)),
     KnownBug("test_branch_constant_named_like_a_value_of_the_other_branch",
              branch_constant_clash),
     KnownBug("test_dce_dead_values_with_one_name_in_both_branches",

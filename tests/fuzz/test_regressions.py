@@ -199,3 +199,25 @@ def test_squeeze_with_runtime_axes_keeps_the_dimensions_it_does_not_squeeze():
         [value("s", TensorProto.INT64, [None])],
     )
     assert_equivalent(original, "fold", {"x": np.ones((1, 1), np.float32), "axes": np.array([1], np.int64)})
+
+
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Conv SAME_UPPER stride 2 "
+                                       "with a dynamic width gives height 0, not 1; fold folds it")
+def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
+    """``Conv(x[1, 1, 1, W], w[1, 1, 2, 1], auto_pad=SAME_UPPER, strides=[2, 2])`` has height ceil(1/2) = 1.
+
+    With the width symbolic, onnxruntime's symbolic shape inference (which ``ir.infer_shapes`` trusts)
+    gives the output height 0. ``fold`` writes that into the value_info of ``y`` (the result fails
+    onnx.checker) and folds ``Shape(y)[2]`` to 0: with ``dce`` after it, the whole model becomes the
+    constant 0, a silent miscompile.
+    """
+    original = model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]),
+         helper.make_node("Shape", ["y"], ["shape"]), helper.make_node("Gather", ["shape", "two"], ["height"])],
+        [value("x", TensorProto.FLOAT, [1, 1, 1, "W"])],
+        [value("height", TensorProto.INT64, [1])],
+        [tensor("w", np.ones((1, 1, 2, 1), np.float32)), tensor("two", np.array([2], np.int64))],
+    )
+    feeds = {"x": np.ones((1, 1, 1, 3), np.float32)}
+    assert_equivalent(original, "fold,dce", feeds)
+    assert_equivalent(original, "fold", feeds)
