@@ -221,3 +221,24 @@ def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
     feeds = {"x": np.ones((1, 1, 1, 3), np.float32)}
     assert_equivalent(original, "fold,dce", feeds)
     assert_equivalent(original, "fold", feeds)
+
+
+@pytest.mark.xfail(strict=True, reason="fold (fold_shapes, trusting shape inference): MaxPool ceil_mode=1 whose last "
+                                       "window would start past the input; Shape folds to 2 rows, the runtime gives 1")
+def test_maxpool_ceil_mode_window_starting_past_the_input_is_dropped():
+    """``MaxPool(x[1, 1, 2, 1], kernel [1, 1], strides [2, 1], ceil_mode=1)`` has one row.
+
+    ceil((2 - 1) / 2 + 1) = 2 windows, but the second would start at row 2, past the input, and the
+    specification (and onnxruntime, and onnx's reference evaluator) drops such a window. Shape inference
+    (onnxruntime's symbolic one and onnx's) says 2 rows, ``fold`` trusts it and folds ``Shape(y)`` to
+    ``[1, 1, 2, 1]``: a silent miscompile.
+    """
+    original = model(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[1, 1], strides=[2, 1], ceil_mode=1),
+         helper.make_node("Shape", ["y"], ["shape"])],
+        [value("x", TensorProto.FLOAT, [1, 1, 2, 1])],
+        [value("shape", TensorProto.INT64, [4])],
+    )
+    feeds = {"x": np.ones((1, 1, 2, 1), np.float32)}
+    assert run(original, feeds)[0].tolist() == [1, 1, 1, 1]
+    assert_equivalent(original, "fold", feeds)
