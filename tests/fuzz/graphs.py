@@ -1305,6 +1305,88 @@ class Builder:
         return self.emit("ReduceMean", [big], [{"dtype": F32, "shape": (), "bound": big.bound, "stable": False}],
                          keepdims=0)[0]
 
+    def op_index(self) -> Value:
+        """ArgMax/ArgMin and TopK (discontinuous: stable operands only), GatherElements, NonZero of a constant."""
+        what = self.choice(["argmax", "topk", "gather_elements", "nonzero"])
+        if what == "nonzero":
+            mask = np.asarray(self.rng.random(self.random_shape(1, 3)) < 0.5)
+            source = self.const(mask if self.chance(0.5) else mask.astype(np.float32))
+            count = int(np.count_nonzero(mask))
+            return self.emit("NonZero", [source], [{"dtype": I64, "shape": (mask.ndim, count), "bound": 5.0,
+                                                    "data": np.array(np.nonzero(mask), np.int64)}])[0]
+        if what == "gather_elements":
+            x = self.any_value(min_rank=1)
+            axis = self.integer(-x.rank, x.rank - 1)
+            shape = tuple(self.integer(1, d) for d in x.shape)
+            indices = self.rng.integers(-x.shape[axis], x.shape[axis], shape).astype(np.int64)
+            return self.emit("GatherElements", [x, self.param(indices)],
+                             [{"dtype": x.dtype, "shape": shape, "bound": x.bound}], axis=axis)[0]
+        x = self.pick(lambda v: v.rank >= 1 and v.stable and v.dtype in (F32, I64, I32),
+                      lambda: self.pick_float(min_rank=1))
+        if not x.stable:
+            raise Skip
+        axis = self.integer(-x.rank, x.rank - 1)
+        if what == "argmax":
+            keepdims = self.chance(0.5)
+            shape = tuple(1 if i == axis % x.rank else d for i, d in enumerate(x.shape)) if keepdims else \
+                tuple(d for i, d in enumerate(x.shape) if i != axis % x.rank)
+            attrs = {"axis": axis, "keepdims": int(keepdims)}
+            if self.chance(0.3):
+                attrs["select_last_index"] = 1
+            return self.emit(self.choice(["ArgMax", "ArgMin"]), [x], [{"dtype": I64, "shape": shape,
+                                                                       "bound": float(max(x.shape))}], **attrs)[0]
+        k = self.integer(1, x.shape[axis])
+        shape = tuple(k if i == axis % x.rank else d for i, d in enumerate(x.shape))
+        attrs = {"axis": axis} if axis != -1 else {}
+        if self.chance(0.3):
+            attrs["largest"] = 0
+        values, _ = self.emit("TopK", [x, self.param(np.array([k], np.int64))],
+                              [{"dtype": x.dtype, "shape": shape, "bound": x.bound},
+                               {"dtype": I64, "shape": shape, "bound": float(x.shape[axis])}], **attrs)
+        return values
+
+    def op_misc(self) -> Value:
+        """Mod, CumSum, Einsum, DepthToSpace/SpaceToDepth and Trilu."""
+        what = self.choice(["mod", "cumsum", "einsum", "depth_to_space", "trilu"])
+        if what == "mod":
+            x = self.pick_int()
+            divisor = self.const(np.array(self.choice([2, 3, 5]), x.dtype))
+            return self.emit("Mod", [x, divisor], [{"dtype": x.dtype, "shape": x.shape, "bound": 5.0}])[0]
+        if what == "cumsum":
+            x = self.pick_float(min_rank=1, dtypes=(F32,))
+            axis = self.integer(-x.rank, x.rank - 1)
+            attrs = {k: 1 for k in ("exclusive", "reverse") if self.chance(0.3)}
+            return self.emit("CumSum", [x, self.param(np.array(axis, np.int64))],
+                             [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound * x.shape[axis],
+                               "stable": False}], **attrs)[0]
+        if what == "einsum":
+            a = self.squash(self.matrix(), 10.0)
+            if self.chance(0.5):
+                return self.emit("Einsum", [a], [{"dtype": a.dtype, "shape": a.shape[::-1], "bound": a.bound}],
+                                 equation="ij->ji")[0]
+            n = self.integer(1, 4)
+            b = self.random_const((a.shape[1], n), a.dtype)
+            return self.emit("Einsum", [a, b], [{"dtype": a.dtype, "shape": (a.shape[0], n),
+                                                 "bound": a.bound * a.shape[1], "stable": False}],
+                             equation="ij,jk->ik")[0]
+        if what == "trilu":
+            x = self.pick_float(min_rank=2)
+            inputs = [x] + ([self.param(np.array(self.integer(-2, 2), np.int64))] if self.chance(0.5) else [])
+            return self.emit("Trilu", inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound}],
+                             upper=int(self.chance(0.5)))[0]
+        x = self.image(dtypes=(F32,))
+        if x.rank != 4:
+            raise Skip
+        n, c, h, w = x.shape
+        if self.chance(0.5) and c % 4 == 0:
+            mode = self.choice(["DCR", "CRD"])
+            return self.emit("DepthToSpace", [x], [{"dtype": x.dtype, "shape": (n, c // 4, h * 2, w * 2),
+                                                    "bound": x.bound}], blocksize=2, mode=mode)[0]
+        if h % 2 or w % 2:
+            raise Skip
+        return self.emit("SpaceToDepth", [x], [{"dtype": x.dtype, "shape": (n, c * 4, h // 2, w // 2),
+                                                "bound": x.bound}], blocksize=2)[0]
+
     def op_dropout(self) -> Value:
         x = self.pick_float(dtypes=(F32, F16))
         inputs: list[Value | None] = [x]
@@ -1433,7 +1515,7 @@ class Builder:
         "op_cast", "op_compare", "op_where", "op_logic", "op_int_binary", "op_softmax", "op_gemm", "op_pool",
         "op_normalization", "op_flatten", "op_squeeze_unsqueeze", "op_expand", "op_tile", "op_split",
         "op_shape_arithmetic", "op_conv_transpose", "op_dropout", "op_duplicate", "op_if", "op_pad", "op_pad_conv",
-        "op_cast_pair", "op_masked_softmax",
+        "op_cast_pair", "op_masked_softmax", "op_index", "op_misc",
     )
 
     def steps(self, count: int) -> None:
