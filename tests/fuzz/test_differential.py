@@ -151,15 +151,10 @@ def constants(case: FuzzCase) -> dict[str, np.ndarray]:
     return found
 
 
-def has_slice_with_runtime_steps(case: FuzzCase) -> bool:
+def has_runtime_input(case: FuzzCase, op: str, index: int) -> bool:
+    """Whether some ``op`` node's input ``index`` is given and is no constant."""
     values = constants(case)
-    return any(n.op_type == "Slice" and len(n.input) > 4 and n.input[4] and n.input[4] not in values
-               for n in all_nodes(case.model.graph))
-
-
-def has_squeeze_with_runtime_axes(case: FuzzCase) -> bool:
-    values = constants(case)
-    return any(n.op_type == "Squeeze" and len(n.input) > 1 and n.input[1] and n.input[1] not in values
+    return any(n.op_type == op and len(n.input) > index and n.input[index] and n.input[index] not in values
                for n in all_nodes(case.model.graph))
 
 
@@ -233,9 +228,11 @@ KNOWN_BUGS: list[KnownBug] = [
     KnownBug("test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two",
              lambda case, failure: has_multi_axis_unsqueeze(case) and runs_fold(failure)),
     KnownBug("test_slice_of_a_shape_with_a_runtime_step_is_not_folded",
-             lambda case, failure: has_slice_with_runtime_steps(case) and runs_fold(failure)),
+             lambda case, failure: has_runtime_input(case, "Slice", 4) and runs_fold(failure)),
+    KnownBug("test_slice_with_runtime_axes_slices_the_axis_it_is_given",
+             lambda case, failure: has_runtime_input(case, "Slice", 3) and runs_shape_inference(failure)),
     KnownBug("test_squeeze_with_runtime_axes_keeps_the_dimensions_it_does_not_squeeze",
-             lambda case, failure: has_squeeze_with_runtime_axes(case) and runs_shape_inference(failure)),
+             lambda case, failure: has_runtime_input(case, "Squeeze", 1) and runs_shape_inference(failure)),
     KnownBug("test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height",
              lambda case, failure: has_strided_same_conv(case) and runs_shape_inference(failure)),
     KnownBug("test_maxpool_ceil_mode_window_starting_past_the_input_is_dropped",

@@ -242,3 +242,24 @@ def test_maxpool_ceil_mode_window_starting_past_the_input_is_dropped():
     feeds = {"x": np.ones((1, 1, 2, 1), np.float32)}
     assert run(original, feeds)[0].tolist() == [1, 1, 1, 1]
     assert_equivalent(original, "fold", feeds)
+
+
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Slice with runtime axes is "
+                                       "taken to slice axis 0; fold folds Shape to [1, 1] instead of [2, 1]")
+def test_slice_with_runtime_axes_slices_the_axis_it_is_given():
+    """``Slice(x[2, 1], starts=[0], ends=[INT64_MAX], axes, steps=[2])`` with ``axes`` fed ``[1]`` is x.
+
+    Every second element along axis 1 (of size 1) is all of it. onnxruntime's symbolic shape inference,
+    which ``ir.infer_shapes`` trusts, slices axis 0 when it cannot see the axes and gives ``[1, 1]``:
+    ``fold`` folds ``Shape(y)`` to that (a silent miscompile), and in bigger graphs the wrong
+    value_info makes onnxruntime refuse to run the result ("Shape mismatch attempting to re-use buffer").
+    """
+    original = model(
+        [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
+         helper.make_node("Shape", ["y"], ["shape"])],
+        [value("x", TensorProto.FLOAT, [2, 1]), value("axes", TensorProto.INT64, [1])],
+        [value("shape", TensorProto.INT64, [None])],
+        [tensor("starts", np.array([0], np.int64)), tensor("ends", np.array([np.iinfo(np.int64).max], np.int64)),
+         tensor("steps", np.array([2], np.int64))],
+    )
+    assert_equivalent(original, "fold", {"x": np.ones((2, 1), np.float32), "axes": np.array([1], np.int64)})
