@@ -183,24 +183,6 @@ def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
     assert_equivalent(original, "fold", {"x": np.zeros((2, 3), np.float32), "step": np.array([2], np.int64)})
 
 
-@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Squeeze with runtime axes "
-                                       "is taken to squeeze every 1; fold folds Shape to [] instead of [1]")
-def test_squeeze_with_runtime_axes_keeps_the_dimensions_it_does_not_squeeze():
-    """``Squeeze(x[1, 1], axes)`` with ``axes`` a graph input fed ``[1]`` is ``float[1]``.
-
-    onnxruntime's symbolic shape inference, which ``ir.infer_shapes`` trusts, assumes that a Squeeze
-    whose axes it cannot see removes every dimension of size 1 and gives ``y`` rank 0. ``fold`` then
-    folds ``Shape(y)`` to an empty shape (a silent miscompile; with ``y`` read by another node instead,
-    the exported value_info fails onnx.checker).
-    """
-    original = model(
-        [helper.make_node("Squeeze", ["x", "axes"], ["y"]), helper.make_node("Shape", ["y"], ["s"])],
-        [value("x", TensorProto.FLOAT, [1, 1]), value("axes", TensorProto.INT64, [1])],
-        [value("s", TensorProto.INT64, [None])],
-    )
-    assert_equivalent(original, "fold", {"x": np.ones((1, 1), np.float32), "axes": np.array([1], np.int64)})
-
-
 @pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Conv SAME_UPPER stride 2 "
                                        "with a dynamic width gives height 0, not 1; fold folds it")
 def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
@@ -244,22 +226,43 @@ def test_maxpool_ceil_mode_window_starting_past_the_input_is_dropped():
     assert_equivalent(original, "fold", feeds)
 
 
-@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference): Slice with runtime axes is "
-                                       "taken to slice axis 0; fold folds Shape to [1, 1] instead of [2, 1]")
-def test_slice_with_runtime_axes_slices_the_axis_it_is_given():
-    """``Slice(x[2, 1], starts=[0], ends=[INT64_MAX], axes, steps=[2])`` with ``axes`` fed ``[1]`` is x.
+INT64_MAX = np.iinfo(np.int64).max
 
-    Every second element along axis 1 (of size 1) is all of it. onnxruntime's symbolic shape inference,
-    which ``ir.infer_shapes`` trusts, slices axis 0 when it cannot see the axes and gives ``[1, 1]``:
-    ``fold`` folds ``Shape(y)`` to that (a silent miscompile), and in bigger graphs the wrong
-    value_info makes onnxruntime refuse to run the result ("Shape mismatch attempting to re-use buffer").
+
+@pytest.mark.xfail(strict=True, reason="ir.infer_shapes (onnxruntime symbolic inference) guesses parameters that are "
+                                       "graph inputs (axes, steps, split sizes); fold folds Shape to the guess")
+@pytest.mark.parametrize(("op", "attrs", "x_shape", "parameters", "runtime", "shape"), [
+    # Squeeze whose axes it cannot see: every dimension of size 1 goes.
+    ("Squeeze", {}, [1, 6, 1], {"axes": [2]}, "axes", [1, 6]),
+    # Slice whose axes it cannot see: axis 0 is sliced.
+    ("Slice", {}, [2, 1, 3], {"starts": [1], "ends": [3], "axes": [2]}, "axes", [2, 1, 2]),
+    # Slice whose steps it cannot see: step 1, so a reversed slice is empty.
+    ("Slice", {}, [2, 1, 3], {"starts": [-1], "ends": [-4], "axes": [2], "steps": [-1]}, "steps", [2, 1, 3]),
+    # Split whose sizes it cannot see: equal chunks.
+    ("Split", {"axis": -1}, [2, 1, 3], {"split": [2, 1]}, "split", [2, 1, 2]),
+])
+def test_shape_of_an_operator_with_runtime_parameters_is_not_guessed(op, attrs, x_shape, parameters, runtime, shape):
+    """``y = op(x, parameters)`` where the parameter ``runtime`` is a graph input (fed its value).
+
+    onnxruntime's symbolic shape inference, which ``ir.infer_shapes`` trusts, does not leave the shape
+    of ``y`` unknown when a parameter input is not constant: it guesses (all size-1 axes, axis 0,
+    step 1, equal chunks). ``fold`` folds ``Shape(y)`` to the guess, a silent miscompile; in bigger
+    graphs the wrong value_info makes the result fail onnx.checker, or onnxruntime refuse to run it
+    ("Shape mismatch attempting to re-use buffer").
     """
+    inputs, initializers, feeds = [value("x", TensorProto.FLOAT, x_shape)], [], {}
+    for name, data in parameters.items():
+        data = np.array(data, np.int64)
+        if name == runtime:
+            inputs.append(value(name, TensorProto.INT64, list(data.shape)))
+            feeds[name] = data
+        else:
+            initializers.append(tensor(name, data))
+    outputs = ["y", "rest"] if op == "Split" else ["y"]
     original = model(
-        [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
-         helper.make_node("Shape", ["y"], ["shape"])],
-        [value("x", TensorProto.FLOAT, [2, 1]), value("axes", TensorProto.INT64, [1])],
-        [value("shape", TensorProto.INT64, [None])],
-        [tensor("starts", np.array([0], np.int64)), tensor("ends", np.array([np.iinfo(np.int64).max], np.int64)),
-         tensor("steps", np.array([2], np.int64))],
+        [helper.make_node(op, ["x", *parameters], outputs, **attrs), helper.make_node("Shape", ["y"], ["shape"])],
+        inputs, [value("shape", TensorProto.INT64, [None])], initializers,
     )
-    assert_equivalent(original, "fold", {"x": np.ones((2, 1), np.float32), "axes": np.array([1], np.int64)})
+    feeds["x"] = np.arange(6, dtype=np.float32).reshape(x_shape)
+    assert run(original, feeds)[0].tolist() == shape
+    assert_equivalent(original, "fold", feeds)
