@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnx.printer
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 OPSETS = {18: 8, 19: 9, 21: 10}  # opset -> IR version; the operators drawn mean the same in each
 MAX_ELEMENTS = 256
@@ -128,8 +128,16 @@ def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
         return None
 
 
-def pool_output(size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int,
-                ceil_mode: bool, drop_late_window: bool = True) -> int:
+def pool_output(
+    size: int,
+    kernel: int,
+    stride: int,
+    pad_begin: int,
+    pad_end: int,
+    dilation: int,
+    ceil_mode: bool,
+    drop_late_window: bool = True,
+) -> int:
     span = size + pad_begin + pad_end - dilation * (kernel - 1) - 1
     if span < 0:
         return 0
@@ -252,8 +260,9 @@ class Builder:
                 attrs = {"value_int": int(array)}
             self.add_node("Constant", [], [name], **attrs)
         bound = float(np.max(np.abs(array.astype(np.float64)), initial=0.0)) if array.dtype != BOOL else 1.0
-        return self.register(Value(name, array.dtype, tuple(array.shape), bound=bound, stable=stable,
-                                   data=array, kind="const"))
+        return self.register(
+            Value(name, array.dtype, tuple(array.shape), bound=bound, stable=stable, data=array, kind="const")
+        )
 
     def param(self, array) -> Value:
         """An operator's parameter (axes, pads, starts, a shape...): mostly a constant, sometimes a graph
@@ -262,8 +271,14 @@ class Builder:
         if not self.chance(0.1):
             return self.const(array)
         name = self.fresh("in")
-        value = Value(name, array.dtype, tuple(array.shape), bound=1.0 if array.dtype == BOOL else float(
-            np.max(np.abs(array.astype(np.float64)), initial=0.0)), data=array, kind="input")
+        value = Value(
+            name,
+            array.dtype,
+            tuple(array.shape),
+            bound=1.0 if array.dtype == BOOL else float(np.max(np.abs(array.astype(np.float64)), initial=0.0)),
+            data=array,
+            kind="input",
+        )
         self.inputs.append((value, helper.make_tensor_value_info(name, elem_type(array.dtype), list(array.shape))))
         self.fixed[name] = array
         self.root.values.append(value)
@@ -271,8 +286,11 @@ class Builder:
 
     def random_const(self, shape, dtype: np.dtype, scale: float = 1.0) -> Value:
         """A random constant; sometimes a copy of an earlier constant's contents (cse merges those)."""
-        same = [v for v in self.scope.visible()
-                if v.kind == "const" and v.dtype == dtype and v.shape == tuple(shape) and v.data is not None]
+        same = [
+            v
+            for v in self.scope.visible()
+            if v.kind == "const" and v.dtype == dtype and v.shape == tuple(shape) and v.data is not None
+        ]
         if same and self.chance(0.25):
             return self.const(self.recent(same).data.copy())
         if np.dtype(dtype) in FLOATS and self.scope.depth == 0 and self.chance(0.05):
@@ -310,7 +328,9 @@ class Builder:
                 continue
             spec = dict(spec)
             spec.setdefault("stable", all(v.stable for v in inputs if v is not None))
-            value = Value(self.fresh(op.lower() + "_out"), np.dtype(spec.pop("dtype")), tuple(spec.pop("shape")), **spec)
+            value = Value(
+                self.fresh(op.lower() + "_out"), np.dtype(spec.pop("dtype")), tuple(spec.pop("shape")), **spec
+            )
             names.append(value.name)
             values.append(value)
         while names and names[-1] == "":
@@ -331,8 +351,13 @@ class Builder:
 
     # -- picking operands ----------------------------------------------------------------------------------
 
-    def pick(self, accept: Callable[[Value], bool], create: Callable[[], Value], p_create: float = 0.2,
-             empty_ok: bool = False) -> Value:
+    def pick(
+        self,
+        accept: Callable[[Value], bool],
+        create: Callable[[], Value],
+        p_create: float = 0.2,
+        empty_ok: bool = False,
+    ) -> Value:
         """A visible value ``accept`` takes (later ones more likely), or sometimes a new one from ``create``.
 
         Tensors with no elements (a Slice that takes nothing, Shape of a scalar) only go where
@@ -348,20 +373,30 @@ class Builder:
             return self.new_input(dtype, shape)
         return self.random_const(shape, dtype)
 
-    def pick_float(self, min_rank: int = 0, max_rank: int = MAX_RANK, dtypes=(F32, F16, F64),
-                   accept: Callable[[Value], bool] = lambda v: True, empty_ok: bool = False) -> Value:
+    def pick_float(
+        self,
+        min_rank: int = 0,
+        max_rank: int = MAX_RANK,
+        dtypes=(F32, F16, F64),
+        accept: Callable[[Value], bool] = lambda v: True,
+        empty_ok: bool = False,
+    ) -> Value:
         def create() -> Value:
             shape = self.random_shape(min_rank, min(max_rank, 4))
             return self.new_input(F32 if F32 in dtypes else dtypes[0], shape)
 
-        return self.pick(lambda v: v.dtype in dtypes and min_rank <= v.rank <= max_rank and accept(v), create,
-                         empty_ok=empty_ok)
+        return self.pick(
+            lambda v: v.dtype in dtypes and min_rank <= v.rank <= max_rank and accept(v), create, empty_ok=empty_ok
+        )
 
     def pick_int(self, accept: Callable[[Value], bool] = lambda v: True, stable_only: bool = False) -> Value:
         def create() -> Value:
             if self.chance(0.5):
-                return self.new_float_input_or_const(self.choice(INTS), self.random_shape()) \
-                    if self.scope.depth == 0 else self.random_const(self.random_shape(), I64)
+                return (
+                    self.new_float_input_or_const(self.choice(INTS), self.random_shape())
+                    if self.scope.depth == 0
+                    else self.random_const(self.random_shape(), I64)
+                )
             source = self.pick_float(accept=lambda v: v.stable and v.bound < 1e6)
             return self.cast(source, self.choice(INTS))
 
@@ -378,7 +413,7 @@ class Builder:
     def compatible_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """A shape that broadcasts with ``shape`` without growing it much."""
         keep = self.integer(0, len(shape))
-        suffix = [d if self.chance(0.7) else 1 for d in shape[len(shape) - keep:]]
+        suffix = [d if self.chance(0.7) else 1 for d in shape[len(shape) - keep :]]
         if len(shape) < MAX_RANK and self.chance(0.15):
             suffix = [self.integer(1, 2)] + ([1] * (len(shape) - keep)) + suffix
         return tuple(suffix)
@@ -424,9 +459,13 @@ class Builder:
         else:
             inner = self.unary("Sigmoid", x, stable=False, bound=1.0)
         scalar = keep_shape or self.chance(0.7)
-        c = self.const(np.array(offset, x.dtype) if scalar else np.full(self.compatible_shape(x.shape), offset, x.dtype))
+        c = self.const(
+            np.array(offset, x.dtype) if scalar else np.full(self.compatible_shape(x.shape), offset, x.dtype)
+        )
         out_shape = broadcast(inner.shape, c.shape)
-        return self.emit("Add", [inner, c], [{"dtype": x.dtype, "shape": out_shape, "bound": inner.bound + offset}])[0], offset
+        return self.emit("Add", [inner, c], [{"dtype": x.dtype, "shape": out_shape, "bound": inner.bound + offset}])[
+            0
+        ], offset
 
     def cast(self, x: Value, to: np.dtype) -> Value:
         to = np.dtype(to)
@@ -436,8 +475,7 @@ class Builder:
             bound = 1.0
         else:
             bound = x.bound
-        return self.emit("Cast", [x], [{"dtype": to, "shape": x.shape, "bound": bound}],
-                         to=elem_type(to))[0]
+        return self.emit("Cast", [x], [{"dtype": to, "shape": x.shape, "bound": bound}], to=elem_type(to))[0]
 
     def shape_tensor(self, target: tuple[int, ...], special: dict[int, int] | None = None) -> Value:
         """An int64 1-D value holding ``target``: a constant, or assembled from Shape of visible values.
@@ -449,32 +487,45 @@ class Builder:
             return self.param(np.array(entries, dtype=np.int64))
         pieces: list[Value] = []
         for i, dim in enumerate(entries):
-            sources = [v for v in self.scope.visible() if dim in v.shape and v.kind != "const"
-                       and not (special and i in special)]
+            sources = [
+                v
+                for v in self.scope.visible()
+                if dim in v.shape and v.kind != "const" and not (special and i in special)
+            ]
             if sources and self.chance(0.7):
                 source = self.recent(sources)
                 shape = self.shape_of(source)
                 index = source.shape.index(dim)
                 index = index - source.rank if self.chance(0.3) else index
-                piece = self.emit("Gather", [shape, self.param(np.array([index], np.int64))],
-                                  [{"dtype": I64, "shape": (1,), "bound": dim, "data": np.array([dim], np.int64)}],
-                                  axis=0)[0]
+                piece = self.emit(
+                    "Gather",
+                    [shape, self.param(np.array([index], np.int64))],
+                    [{"dtype": I64, "shape": (1,), "bound": dim, "data": np.array([dim], np.int64)}],
+                    axis=0,
+                )[0]
             else:
                 piece = self.param(np.array([dim], np.int64))
             pieces.append(piece)
         if len(pieces) == 1:
             return pieces[0]
         data = np.array(entries, np.int64)
-        return self.emit("Concat", pieces, [{"dtype": I64, "shape": (len(entries),), "bound": float(np.abs(data).max()),
-                                             "data": data}], axis=0)[0]
+        return self.emit(
+            "Concat",
+            pieces,
+            [{"dtype": I64, "shape": (len(entries),), "bound": float(np.abs(data).max()), "data": data}],
+            axis=0,
+        )[0]
 
     def shape_of(self, x: Value) -> Value:
         existing = [v for v in self.scope.visible() if getattr(v, "shape_source", None) is x]
         if existing and self.chance(0.5):
             return existing[-1]
         data = np.array(x.shape, np.int64)
-        value = self.emit("Shape", [x], [{"dtype": I64, "shape": (x.rank,), "bound": float(max(x.shape, default=0)),
-                                          "data": data, "stable": True}])[0]
+        value = self.emit(
+            "Shape",
+            [x],
+            [{"dtype": I64, "shape": (x.rank,), "bound": float(max(x.shape, default=0)), "data": data, "stable": True}],
+        )[0]
         value.shape_source = x
         return value
 
@@ -483,8 +534,23 @@ class Builder:
 
     def op_unary(self) -> Value:
         x = self.pick_float(empty_ok=True)
-        op = self.choice(["Relu", "Abs", "Neg", "Sigmoid", "Tanh", "Erf", "LeakyRelu", "Identity", "Floor", "Ceil",
-                          "Reciprocal", "Sign", "Softplus"])
+        op = self.choice(
+            [
+                "Relu",
+                "Abs",
+                "Neg",
+                "Sigmoid",
+                "Tanh",
+                "Erf",
+                "LeakyRelu",
+                "Identity",
+                "Floor",
+                "Ceil",
+                "Reciprocal",
+                "Sign",
+                "Softplus",
+            ]
+        )
         if op == "Erf" and x.dtype == F64:
             x = self.cast(x, F32)
         if op in ("Relu", "Abs", "Neg", "Identity"):
@@ -556,8 +622,9 @@ class Builder:
         keep = self.const(mask)
         minus_inf = self.const(np.array(-np.inf, x.dtype))
         masked = self.emit("Where", [keep, x, minus_inf], [{"dtype": x.dtype, "shape": out, "bound": math.inf}])[0]
-        return self.emit("Softmax", [masked], [{"dtype": x.dtype, "shape": out, "bound": 1.0, "stable": False}],
-                         axis=axis)[0]
+        return self.emit(
+            "Softmax", [masked], [{"dtype": x.dtype, "shape": out, "bound": 1.0, "stable": False}], axis=axis
+        )[0]
 
     def op_binary(self) -> Value:
         x = self.pick_float()
@@ -595,7 +662,9 @@ class Builder:
             out = broadcast(*[v.shape for v in operands])
             if out is None or int(np.prod(out)) > MAX_ELEMENTS:
                 raise Skip
-            return self.emit(op, operands, [{"dtype": x.dtype, "shape": out, "bound": max(v.bound for v in operands)}])[0]
+            return self.emit(op, operands, [{"dtype": x.dtype, "shape": out, "bound": max(v.bound for v in operands)}])[
+                0
+            ]
         out = broadcast(x.shape, y.shape)
         inputs = [x, y] if self.chance(0.8) or op in ("Sub", "Div") else [y, x]
         return self.emit(op, inputs, [{"dtype": x.dtype, "shape": out, "bound": bound}])[0]
@@ -640,8 +709,10 @@ class Builder:
         cond = self.pick_bool()
         x = self.partner(cond, dtype=self.choice([F32, F32, F16, I64])) if self.chance(0.5) else None
         if x is None:
-            x = self.pick(lambda v: v.dtype != BOOL and broadcast(v.shape, cond.shape) is not None,
-                          lambda: self.random_const(self.compatible_shape(cond.shape), F32))
+            x = self.pick(
+                lambda v: v.dtype != BOOL and broadcast(v.shape, cond.shape) is not None,
+                lambda: self.random_const(self.compatible_shape(cond.shape), F32),
+            )
         y = self.partner(x)
         out = broadcast(cond.shape, x.shape, y.shape)
         if out is None or int(np.prod(out)) > MAX_ELEMENTS:
@@ -699,19 +770,25 @@ class Builder:
             raise Skip
         b = self.random_const(b_shape, a.dtype) if self.chance(0.7) else self.new_float_input_or_const(a.dtype, b_shape)
         b = self.squash(b, 10.0)
-        return self.emit("MatMul", [a, b], [{"dtype": a.dtype, "shape": out, "bound": a.bound * b.bound * k,
-                                             "stable": False}])[0]
+        return self.emit(
+            "MatMul", [a, b], [{"dtype": a.dtype, "shape": out, "bound": a.bound * b.bound * k, "stable": False}]
+        )[0]
 
     def matrix(self, dtypes=(F32,)) -> Value:
         """A 2-D float value: an existing one, or a Flatten of one."""
+
         def create() -> Value:
             x = self.pick_float(min_rank=1, dtypes=dtypes)
             if x.rank == 2:
                 return x
-            axis = self.integer(0 if x.rank > 0 else 0, x.rank)
+            axis = self.integer(0, x.rank)
             rows = int(np.prod(x.shape[:axis], dtype=np.int64))
-            return self.emit("Flatten", [x], [{"dtype": x.dtype, "shape": (rows, x.size // max(rows, 1)),
-                                               "bound": x.bound}], axis=axis)[0]
+            return self.emit(
+                "Flatten",
+                [x],
+                [{"dtype": x.dtype, "shape": (rows, x.size // max(rows, 1)), "bound": x.bound}],
+                axis=axis,
+            )[0]
 
         return self.pick(lambda v: v.rank == 2 and v.dtype in dtypes, create, p_create=0.3)
 
@@ -735,14 +812,19 @@ class Builder:
         bound = abs(alpha) * a.bound * b.bound * k
         if self.chance(0.7):
             c_shape = self.choice([(), (n,), (1, n), (m, 1), (m, n)])
-            c = self.random_const(c_shape, a.dtype) if self.chance(0.8) else self.new_float_input_or_const(a.dtype, c_shape)
+            c = (
+                self.random_const(c_shape, a.dtype)
+                if self.chance(0.8)
+                else self.new_float_input_or_const(a.dtype, c_shape)
+            )
             beta = self.choice([1.0, 1.0, 0.5, -2.0])
             if beta != 1.0:
                 attrs["beta"] = beta
             inputs.append(c)
             bound += abs(beta) * c.bound
-        return self.emit("Gemm", inputs, [{"dtype": a.dtype, "shape": (m, n), "bound": bound, "stable": False}],
-                         **attrs)[0]
+        return self.emit(
+            "Gemm", inputs, [{"dtype": a.dtype, "shape": (m, n), "bound": bound, "stable": False}], **attrs
+        )[0]
 
     def op_matmul_add(self) -> Value:
         """MatMul by a constant matrix, then Add of a constant: the pattern fuse turns into Gemm."""
@@ -760,14 +842,29 @@ class Builder:
 
     def image(self, dtypes=(F32,), min_spatial: int = 1) -> Value:
         """A float value of rank 3 or 4 read as [N, C, spatial...], with few channels."""
+
         def create() -> Value:
             rank = self.choice([4, 3])
-            shape = (self.batch, self.integer(1, 4)) + tuple(self.integer(max(min_spatial, 1), 5) for _ in range(rank - 2))
-            return self.new_input(dtypes[0], shape) if self.scope.depth == 0 or self.chance(0.3) else \
-                self.random_const(shape, dtypes[0])
+            shape = (self.batch, self.integer(1, 4)) + tuple(
+                self.integer(max(min_spatial, 1), 5) for _ in range(rank - 2)
+            )
+            return (
+                self.new_input(dtypes[0], shape)
+                if self.scope.depth == 0 or self.chance(0.3)
+                else self.random_const(shape, dtypes[0])
+            )
 
-        return self.pick(lambda v: v.dtype in dtypes and v.rank in (3, 4) and v.shape[1] <= 8
-                         and v.size <= MAX_ELEMENTS and min(v.shape[2:]) >= min_spatial, create, p_create=0.3)
+        return self.pick(
+            lambda v: (
+                v.dtype in dtypes
+                and v.rank in (3, 4)
+                and v.shape[1] <= 8
+                and v.size <= MAX_ELEMENTS
+                and min(v.shape[2:]) >= min_spatial
+            ),
+            create,
+            p_create=0.3,
+        )
 
     def conv_attrs(self, spatial: tuple[int, ...], channels: int) -> tuple[dict, tuple[int, ...], tuple[int, ...], int]:
         group = self.choice([g for g in (1, 2, 3, 4) if channels % g == 0])
@@ -775,20 +872,25 @@ class Builder:
         strides = tuple(self.integer(1, 2) for _ in spatial)
         auto_pad = self.choice(["NOTSET", "NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"])
         # onnxruntime rejects dilations with SAME_UPPER/SAME_LOWER.
-        dilations = tuple(self.integer(1, 2) if auto_pad in ("NOTSET", "VALID") and self.chance(0.3) else 1
-                          for _ in spatial)
+        dilations = tuple(
+            self.integer(1, 2) if auto_pad in ("NOTSET", "VALID") and self.chance(0.3) else 1 for _ in spatial
+        )
         attrs: dict = {}
         if auto_pad == "NOTSET":
             pads_begin = [self.integer(0, k - 1) for k in kernel]
             pads_end = [self.integer(0, k - 1) for k in kernel]
-            out = tuple(pool_output(s, k, st_, pb, pe, d, False) for s, k, st_, pb, pe, d in
-                        zip(spatial, kernel, strides, pads_begin, pads_end, dilations))
+            out = tuple(
+                pool_output(s, k, st_, pb, pe, d, False)
+                for s, k, st_, pb, pe, d in zip(spatial, kernel, strides, pads_begin, pads_end, dilations)
+            )
             if any(p for p in pads_begin + pads_end) or self.chance(0.3):
                 attrs["pads"] = pads_begin + pads_end
         else:
             attrs["auto_pad"] = auto_pad
             if auto_pad == "VALID":
-                out = tuple(pool_output(s, k, st_, 0, 0, d, False) for s, k, st_, d in zip(spatial, kernel, strides, dilations))
+                out = tuple(
+                    pool_output(s, k, st_, 0, 0, d, False) for s, k, st_, d in zip(spatial, kernel, strides, dilations)
+                )
             else:
                 out = tuple(-(-s // st_) for s, st_ in zip(spatial, strides))
         if any(o < 1 for o in out):
@@ -809,7 +911,11 @@ class Builder:
         attrs, kernel, out_spatial, group = self.conv_attrs(spatial, c)
         m = group * self.integer(1, 3)
         w_shape = (m, c // group) + kernel
-        w = self.random_const(w_shape, x.dtype) if self.chance(0.85) else self.new_float_input_or_const(x.dtype, w_shape)
+        w = (
+            self.random_const(w_shape, x.dtype)
+            if self.chance(0.85)
+            else self.new_float_input_or_const(x.dtype, w_shape)
+        )
         w = self.squash(w, 2.0)
         inputs = [x, w]
         bound = x.bound * w.bound * int(np.prod(w_shape[1:]))
@@ -819,7 +925,9 @@ class Builder:
         out_shape = (n, m) + out_spatial
         if int(np.prod(out_shape)) > MAX_ELEMENTS:
             raise Skip
-        y = self.emit("Conv", inputs, [{"dtype": x.dtype, "shape": out_shape, "bound": bound, "stable": False}], **attrs)[0]
+        y = self.emit(
+            "Conv", inputs, [{"dtype": x.dtype, "shape": out_shape, "bound": bound, "stable": False}], **attrs
+        )[0]
         if with_batchnorm if with_batchnorm is not None else self.chance(0.2):
             return self.batchnorm(y)
         if self.chance(0.3):
@@ -869,7 +977,9 @@ class Builder:
                 inputs.append(None)
             inputs.append(self.param(np.array([a - rank if self.chance(0.3) else a for a in axes], np.int64)))
         attrs = {"mode": mode} if mode != "constant" or self.chance(0.3) else {}
-        y = self.emit("Pad", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": max(x.bound, 1.5)}], **attrs)[0]
+        y = self.emit("Pad", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": max(x.bound, 1.5)}], **attrs)[
+            0
+        ]
         return y
 
     def op_pad_conv(self) -> Value:
@@ -890,8 +1000,12 @@ class Builder:
         output_padding = tuple(self.integer(0, s - 1) if self.chance(0.3) else 0 for s in strides)
         pads_begin = [self.integer(0, k - 1) for k in kernel]
         pads_end = [self.integer(0, k - 1) for k in kernel]
-        out_spatial = tuple(st_ * (s - 1) + op + (k - 1) * d + 1 - pb - pe for s, st_, op, k, d, pb, pe in
-                            zip(spatial, strides, output_padding, kernel, dilations, pads_begin, pads_end))
+        out_spatial = tuple(
+            st_ * (s - 1) + op + (k - 1) * d + 1 - pb - pe
+            for s, st_, op, k, d, pb, pe in zip(
+                spatial, strides, output_padding, kernel, dilations, pads_begin, pads_end
+            )
+        )
         out_shape = (n, m) + out_spatial
         if min(out_spatial) < 1 or int(np.prod(out_shape)) > MAX_ELEMENTS:
             raise Skip
@@ -910,16 +1024,27 @@ class Builder:
         w = self.random_const(w_shape, x.dtype)
         inputs = [x, w] + ([self.random_const((m,), x.dtype)] if self.chance(0.5) else [])
         bound = x.bound * int(np.prod(w_shape)) + 1
-        return self.emit("ConvTranspose", inputs, [{"dtype": x.dtype, "shape": out_shape, "bound": bound,
-                                                    "stable": False}], **attrs)[0]
+        return self.emit(
+            "ConvTranspose", inputs, [{"dtype": x.dtype, "shape": out_shape, "bound": bound, "stable": False}], **attrs
+        )[0]
 
     def op_pool(self) -> Value:
         op = self.choice(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"])
         x = self.image(dtypes=(F32, F16))
         n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
         if op.startswith("Global"):
-            return self.emit(op, [x], [{"dtype": x.dtype, "shape": (n, c) + (1,) * len(spatial), "bound": x.bound,
-                                        "stable": x.stable and op == "GlobalMaxPool"}])[0]
+            return self.emit(
+                op,
+                [x],
+                [
+                    {
+                        "dtype": x.dtype,
+                        "shape": (n, c) + (1,) * len(spatial),
+                        "bound": x.bound,
+                        "stable": x.stable and op == "GlobalMaxPool",
+                    }
+                ],
+            )[0]
         kernel = tuple(self.integer(1, min(3, s)) for s in spatial)
         strides = tuple(self.integer(1, 2) for _ in spatial)
         dilations = tuple(self.integer(1, 2) if op == "MaxPool" and self.chance(0.2) else 1 for _ in spatial)
@@ -947,8 +1072,9 @@ class Builder:
         if op == "AveragePool":
             if any(pads_begin + pads_end) and self.chance(0.5):
                 attrs["count_include_pad"] = 1
-            return self.emit(op, [x], [{"dtype": x.dtype, "shape": out_shape, "bound": x.bound, "stable": False}],
-                             **attrs)[0]
+            return self.emit(
+                op, [x], [{"dtype": x.dtype, "shape": out_shape, "bound": x.bound, "stable": False}], **attrs
+            )[0]
         outputs = [{"dtype": x.dtype, "shape": out_shape, "bound": x.bound}]
         if x.stable and x.dtype == F32 and self.chance(0.3):
             outputs.append({"dtype": I64, "shape": out_shape, "bound": float(x.size)})
@@ -969,8 +1095,12 @@ class Builder:
         if self.chance(0.2):
             attrs["momentum"] = 0.8
         bound = (x.bound + mean.bound) / math.sqrt(0.5) * scale.bound + bias.bound
-        return self.emit("BatchNormalization", [x, scale, bias, mean, var],
-                         [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}], **attrs)[0]
+        return self.emit(
+            "BatchNormalization",
+            [x, scale, bias, mean, var],
+            [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}],
+            **attrs,
+        )[0]
 
     def op_normalization(self) -> Value:
         op = self.choice(["BatchNormalization", "LayerNormalization", "InstanceNormalization"])
@@ -983,8 +1113,9 @@ class Builder:
             c = x.shape[1]
             inputs = [x, self.random_const((c,), x.dtype), self.random_const((c,), x.dtype)]
             bound = 1 / math.sqrt(epsilon) * inputs[1].bound + inputs[2].bound
-            return self.emit(op, inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}],
-                             epsilon=epsilon)[0]
+            return self.emit(
+                op, inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}], epsilon=epsilon
+            )[0]
         x = self.pick_float(min_rank=1, dtypes=(F32,))
         axis = self.integer(-x.rank, x.rank - 1)
         norm_shape = x.shape[axis:]
@@ -996,11 +1127,16 @@ class Builder:
         attrs = {"epsilon": epsilon}
         if axis != -1 or self.chance(0.3):
             attrs["axis"] = axis
-        return self.emit(op, inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}], **attrs)[0]
+        return self.emit(op, inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": bound, "stable": False}], **attrs)[
+            0
+        ]
 
     def any_value(self, min_rank: int = 0, max_size: int = MAX_ELEMENTS, empty_ok: bool = False) -> Value:
-        return self.pick(lambda v: v.rank >= min_rank and v.size <= max_size and v.dtype != F64,
-                         lambda: self.pick_float(min_rank=min_rank), empty_ok=empty_ok)
+        return self.pick(
+            lambda v: v.rank >= min_rank and v.size <= max_size and v.dtype != F64,
+            lambda: self.pick_float(min_rank=min_rank),
+            empty_ok=empty_ok,
+        )
 
     def op_reshape(self) -> Value:
         x = self.any_value()
@@ -1022,8 +1158,18 @@ class Builder:
             if i not in special and i < x.rank and x.shape[i] == d and self.chance(0.3):
                 special[i] = 0
         shape = self.shape_tensor(target, special)
-        return self.emit("Reshape", [x, shape], [{"dtype": x.dtype, "shape": target, "bound": x.bound,
-                                                   "data": None if x.data is None else x.data.reshape(target)}])[0]
+        return self.emit(
+            "Reshape",
+            [x, shape],
+            [
+                {
+                    "dtype": x.dtype,
+                    "shape": target,
+                    "bound": x.bound,
+                    "data": None if x.data is None else x.data.reshape(target),
+                }
+            ],
+        )[0]
 
     def permutation(self, rank: int) -> list[int]:
         return list(self.draw(st.permutations(list(range(rank)))))
@@ -1032,14 +1178,19 @@ class Builder:
         x = self.any_value(min_rank=1)
         perm = self.permutation(x.rank)
         attrs = {"perm": perm} if perm != list(reversed(range(x.rank))) or self.chance(0.5) else {}
-        y = self.emit("Transpose", [x], [{"dtype": x.dtype, "shape": tuple(x.shape[p] for p in perm),
-                                           "bound": x.bound}], **attrs)[0]
+        y = self.emit(
+            "Transpose", [x], [{"dtype": x.dtype, "shape": tuple(x.shape[p] for p in perm), "bound": x.bound}], **attrs
+        )[0]
         if self.chance(0.5):
             # A second Transpose right after: inverse (the pair cancels) or another permutation (they compose).
             second = list(np.argsort(perm)) if self.chance(0.6) else self.permutation(x.rank)
             second = [int(p) for p in second]
-            y = self.emit("Transpose", [y], [{"dtype": y.dtype, "shape": tuple(y.shape[p] for p in second),
-                                               "bound": y.bound}], perm=second)[0]
+            y = self.emit(
+                "Transpose",
+                [y],
+                [{"dtype": y.dtype, "shape": tuple(y.shape[p] for p in second), "bound": y.bound}],
+                perm=second,
+            )[0]
         return y
 
     def op_flatten(self) -> Value:
@@ -1050,8 +1201,9 @@ class Builder:
         attrs = {"axis": axis} if axis != 1 or self.chance(0.3) else {}
         if x.rank == 0 and not attrs:
             attrs = {"axis": 0}
-        return self.emit("Flatten", [x], [{"dtype": x.dtype, "shape": (rows, x.size // rows), "bound": x.bound}],
-                         **attrs)[0]
+        return self.emit(
+            "Flatten", [x], [{"dtype": x.dtype, "shape": (rows, x.size // rows), "bound": x.bound}], **attrs
+        )[0]
 
     def op_squeeze_unsqueeze(self) -> Value:
         x = self.any_value()
@@ -1074,8 +1226,11 @@ class Builder:
             shape.insert(a, 1)
         written = [a - out_rank if self.chance(0.3) else a for a in axes]
         data = None if x.data is None else x.data.reshape(shape)
-        return self.emit("Unsqueeze", [x, self.param(np.array(written, np.int64))],
-                         [{"dtype": x.dtype, "shape": tuple(shape), "bound": x.bound, "data": data}])[0]
+        return self.emit(
+            "Unsqueeze",
+            [x, self.param(np.array(written, np.int64))],
+            [{"dtype": x.dtype, "shape": tuple(shape), "bound": x.bound, "data": data}],
+        )[0]
 
     def op_expand(self) -> Value:
         x = self.any_value(max_size=32)
@@ -1097,12 +1252,23 @@ class Builder:
         out = tuple(d * r for d, r in zip(x.shape, repeats))
         if int(np.prod(out)) > MAX_ELEMENTS:
             raise Skip
-        return self.emit("Tile", [x, self.shape_tensor(tuple(repeats))], [{"dtype": x.dtype, "shape": out,
-                                                                          "bound": x.bound}])[0]
+        return self.emit(
+            "Tile", [x, self.shape_tensor(tuple(repeats))], [{"dtype": x.dtype, "shape": out, "bound": x.bound}]
+        )[0]
 
     def op_reduce(self) -> Value:
-        op = self.choice(["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2",
-                          "ReduceSumSquare", "ReduceLogSumExp"])
+        op = self.choice(
+            [
+                "ReduceSum",
+                "ReduceMean",
+                "ReduceMax",
+                "ReduceMin",
+                "ReduceProd",
+                "ReduceL2",
+                "ReduceSumSquare",
+                "ReduceLogSumExp",
+            ]
+        )
         if op in ("ReduceSum", "ReduceMax", "ReduceMin") and self.chance(0.2):
             x = self.pick_int(accept=lambda v: v.bound < 1e3)
         else:
@@ -1128,9 +1294,13 @@ class Builder:
             attrs["keepdims"] = 0
             shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
         count = int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
-        bound = {"ReduceSum": x.bound * count, "ReduceProd": max(x.bound, 1.0) ** count,
-                 "ReduceSumSquare": x.bound ** 2 * count, "ReduceL2": x.bound * math.sqrt(count),
-                 "ReduceLogSumExp": x.bound + math.log(max(count, 1))}.get(op, x.bound)
+        bound = {
+            "ReduceSum": x.bound * count,
+            "ReduceProd": max(x.bound, 1.0) ** count,
+            "ReduceSumSquare": x.bound**2 * count,
+            "ReduceL2": x.bound * math.sqrt(count),
+            "ReduceLogSumExp": x.bound + math.log(max(count, 1)),
+        }.get(op, x.bound)
         stable = x.stable and (op in ("ReduceMax", "ReduceMin") or x.dtype in INTS or count == 1)
         return self.emit(op, inputs, [{"dtype": x.dtype, "shape": shape, "bound": bound, "stable": stable}], **attrs)[0]
 
@@ -1139,9 +1309,13 @@ class Builder:
         axis = self.integer(0, x.rank - 1)
         parts = [x]
         for _ in range(self.integer(1, 3)):
+
             def fits(v: Value) -> bool:
-                return v.dtype == x.dtype and v.rank == x.rank and all(
-                    a == b for i, (a, b) in enumerate(zip(v.shape, x.shape)) if i != axis)
+                return (
+                    v.dtype == x.dtype
+                    and v.rank == x.rank
+                    and all(a == b for i, (a, b) in enumerate(zip(v.shape, x.shape)) if i != axis)
+                )
 
             def create() -> Value:
                 shape = list(x.shape)
@@ -1157,8 +1331,12 @@ class Builder:
             raise Skip
         written_axis = axis - x.rank if self.chance(0.3) else axis
         data = np.concatenate([p.data for p in parts], axis) if all(p.data is not None for p in parts) else None
-        return self.emit("Concat", parts, [{"dtype": x.dtype, "shape": tuple(shape), "bound": max(p.bound for p in parts),
-                                            "data": data}], axis=written_axis)[0]
+        return self.emit(
+            "Concat",
+            parts,
+            [{"dtype": x.dtype, "shape": tuple(shape), "bound": max(p.bound for p in parts), "data": data}],
+            axis=written_axis,
+        )[0]
 
     def op_split(self) -> Value:
         x = self.any_value(min_rank=1)
@@ -1217,7 +1395,9 @@ class Builder:
             inputs.append(self.param(np.array([a - x.rank if self.chance(0.3) else a for a in axes], np.int64)))
         if any(s != 1 for s in steps) or (len(inputs) == 4 and self.chance(0.3)):
             inputs.append(self.param(np.array(steps, np.int64)))
-        return self.emit("Slice", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": x.bound, "data": data}])[0]
+        return self.emit("Slice", inputs, [{"dtype": x.dtype, "shape": tuple(shape), "bound": x.bound, "data": data}])[
+            0
+        ]
 
     def op_gather(self) -> Value:
         x = self.any_value(min_rank=1)
@@ -1225,21 +1405,36 @@ class Builder:
         d = x.shape[axis]
         index_shape = self.choice([(), (1,), (2,), (self.integer(1, 3), 2)])
         indices = self.rng.integers(-d, d, index_shape).astype(np.int64)
-        out = x.shape[:axis] + tuple(index_shape) + x.shape[axis + 1:]
+        out = x.shape[:axis] + tuple(index_shape) + x.shape[axis + 1 :]
         if int(np.prod(out)) > MAX_ELEMENTS or len(out) > MAX_RANK:
             raise Skip
         data = None if x.data is None else np.take(x.data, indices, axis=axis)
         attrs = {"axis": axis - x.rank if self.chance(0.3) else axis} if axis or self.chance(0.3) else {}
-        return self.emit("Gather", [x, self.param(indices)], [{"dtype": x.dtype, "shape": out, "bound": x.bound,
-                                                               "data": data}], **attrs)[0]
+        return self.emit(
+            "Gather",
+            [x, self.param(indices)],
+            [{"dtype": x.dtype, "shape": out, "bound": x.bound, "data": data}],
+            **attrs,
+        )[0]
 
     def op_shape_arithmetic(self) -> Value:
         """Shape, Size, Gather/Slice/Concat of shapes, ConstantOfShape, Range."""
         what = self.choice(["shape_gather", "size", "constant_of_shape", "range", "shape_concat", "shape_slice"])
         x = self.any_value()
         if what == "size":
-            return self.emit("Size", [x], [{"dtype": I64, "shape": (), "bound": float(x.size), "stable": True,
-                                            "data": np.array(x.size, np.int64)}])[0]
+            return self.emit(
+                "Size",
+                [x],
+                [
+                    {
+                        "dtype": I64,
+                        "shape": (),
+                        "bound": float(x.size),
+                        "stable": True,
+                        "data": np.array(x.size, np.int64),
+                    }
+                ],
+            )[0]
         if what == "shape_slice" and x.rank >= 1:
             start, end = sorted([self.integer(-x.rank, x.rank), self.integer(-x.rank, x.rank)])
             dims = x.shape[slice(start, end)]
@@ -1248,16 +1443,32 @@ class Builder:
             attrs = {"start": start} if start else {}
             if end != x.rank:
                 attrs["end"] = end
-            return self.emit("Shape", [x], [{"dtype": I64, "shape": (len(dims),), "bound": float(max(dims)),
-                                             "stable": True, "data": np.array(dims, np.int64)}], **attrs)[0]
+            return self.emit(
+                "Shape",
+                [x],
+                [
+                    {
+                        "dtype": I64,
+                        "shape": (len(dims),),
+                        "bound": float(max(dims)),
+                        "stable": True,
+                        "data": np.array(dims, np.int64),
+                    }
+                ],
+                **attrs,
+            )[0]
         if what == "shape_concat":
             y = self.any_value()
             a, b = self.shape_of(x), self.shape_of(y)
             data = np.concatenate([a.data, b.data])
             if data.size == 0:
                 raise Skip
-            return self.emit("Concat", [a, b], [{"dtype": I64, "shape": data.shape, "bound": float(data.max()),
-                                                 "data": data}], axis=0)[0]
+            return self.emit(
+                "Concat",
+                [a, b],
+                [{"dtype": I64, "shape": data.shape, "bound": float(data.max()), "data": data}],
+                axis=0,
+            )[0]
         if what == "constant_of_shape" and self.chance(0.05):
             return self.big_constant()
         if what == "constant_of_shape":
@@ -1268,47 +1479,80 @@ class Builder:
             attrs = {"value": numpy_helper.from_array(fill, "fill")} if self.chance(0.8) or dtype != F32 else {}
             if not attrs:
                 fill = np.array([0.0], F32)
-            return self.emit("ConstantOfShape", [shape], [{"dtype": dtype, "shape": target, "bound": 1.5, "stable": True,
-                                                           "data": np.full(target, fill[0], dtype)}], **attrs)[0]
+            return self.emit(
+                "ConstantOfShape",
+                [shape],
+                [
+                    {
+                        "dtype": dtype,
+                        "shape": target,
+                        "bound": 1.5,
+                        "stable": True,
+                        "data": np.full(target, fill[0], dtype),
+                    }
+                ],
+                **attrs,
+            )[0]
         if what == "range":
             if x.rank == 0:
                 raise Skip
             axis = self.integer(0, x.rank - 1)
             dim = x.shape[axis]
-            limit = self.emit("Gather", [self.shape_of(x), self.param(np.array(axis, np.int64))],
-                              [{"dtype": I64, "shape": (), "bound": float(dim), "data": np.array(dim, np.int64)}],
-                              axis=0)[0]
+            limit = self.emit(
+                "Gather",
+                [self.shape_of(x), self.param(np.array(axis, np.int64))],
+                [{"dtype": I64, "shape": (), "bound": float(dim), "data": np.array(dim, np.int64)}],
+                axis=0,
+            )[0]
             start = self.param(np.array(self.integer(-2, dim - 1), np.int64))
             delta = self.param(np.array(self.choice([1, 1, 2]), np.int64))
             length = len(range(int(start.data), dim, int(delta.data)))
             data = np.arange(int(start.data), dim, int(delta.data), dtype=np.int64)
-            value = self.emit("Range", [start, limit, delta], [{"dtype": I64, "shape": (length,),
-                                                                 "bound": float(max(abs(start.data), dim)), "data": data}])[0]
+            value = self.emit(
+                "Range",
+                [start, limit, delta],
+                [{"dtype": I64, "shape": (length,), "bound": float(max(abs(start.data), dim)), "data": data}],
+            )[0]
             if self.chance(0.5):
                 return self.cast(value, F32)
             return value
         if x.rank == 0:
             raise Skip
         shape = self.shape_of(x)
-        index = self.choice([np.array(self.integer(-x.rank, x.rank - 1), np.int64),
-                             np.array([self.integer(-x.rank, x.rank - 1)], np.int64)])
+        index = self.choice(
+            [
+                np.array(self.integer(-x.rank, x.rank - 1), np.int64),
+                np.array([self.integer(-x.rank, x.rank - 1)], np.int64),
+            ]
+        )
         data = np.take(shape.data, index)
-        return self.emit("Gather", [shape, self.param(index)], [{"dtype": I64, "shape": data.shape,
-                                                                 "bound": float(np.max(data)), "data": data}], axis=0)[0]
+        return self.emit(
+            "Gather",
+            [shape, self.param(index)],
+            [{"dtype": I64, "shape": data.shape, "bound": float(np.max(data)), "data": data}],
+            axis=0,
+        )[0]
 
     def big_constant(self) -> Value:
         """A ConstantOfShape or Expand far larger than its inputs (fold's size guard keeps it a node), reduced."""
         target = (self.choice([128, 160]), self.choice([128, 160]))
         if self.chance(0.5):
-            big = self.emit("ConstantOfShape", [self.const(np.array(target, np.int64))],
-                            [{"dtype": F32, "shape": target, "bound": 0.5}],
-                            value=numpy_helper.from_array(np.array([0.5], np.float32), "fill"))[0]
+            big = self.emit(
+                "ConstantOfShape",
+                [self.const(np.array(target, np.int64))],
+                [{"dtype": F32, "shape": target, "bound": 0.5}],
+                value=numpy_helper.from_array(np.array([0.5], np.float32), "fill"),
+            )[0]
         else:
             small = self.random_const((1, target[1]), F32)
-            big = self.emit("Expand", [small, self.const(np.array(target, np.int64))],
-                            [{"dtype": F32, "shape": target, "bound": small.bound}])[0]
-        return self.emit("ReduceMean", [big], [{"dtype": F32, "shape": (), "bound": big.bound, "stable": False}],
-                         keepdims=0)[0]
+            big = self.emit(
+                "Expand",
+                [small, self.const(np.array(target, np.int64))],
+                [{"dtype": F32, "shape": target, "bound": small.bound}],
+            )[0]
+        return self.emit(
+            "ReduceMean", [big], [{"dtype": F32, "shape": (), "bound": big.bound, "stable": False}], keepdims=0
+        )[0]
 
     def op_index(self) -> Value:
         """ArgMax/ArgMin and TopK (discontinuous: stable operands only), GatherElements, NonZero of a constant."""
@@ -1317,37 +1561,65 @@ class Builder:
             mask = np.asarray(self.rng.random(self.random_shape(1, 3)) < 0.5)
             source = self.const(mask if self.chance(0.5) else mask.astype(np.float32))
             count = int(np.count_nonzero(mask))
-            return self.emit("NonZero", [source], [{"dtype": I64, "shape": (mask.ndim, count), "bound": 5.0,
-                                                    "data": np.array(np.nonzero(mask), np.int64)}])[0]
+            return self.emit(
+                "NonZero",
+                [source],
+                [
+                    {
+                        "dtype": I64,
+                        "shape": (mask.ndim, count),
+                        "bound": 5.0,
+                        "data": np.array(np.nonzero(mask), np.int64),
+                    }
+                ],
+            )[0]
         if what == "gather_elements":
             x = self.any_value(min_rank=1)
             axis = self.integer(-x.rank, x.rank - 1)
             shape = tuple(self.integer(1, d) for d in x.shape)
             indices = self.rng.integers(-x.shape[axis], x.shape[axis], shape).astype(np.int64)
-            return self.emit("GatherElements", [x, self.param(indices)],
-                             [{"dtype": x.dtype, "shape": shape, "bound": x.bound}], axis=axis)[0]
-        x = self.pick(lambda v: v.rank >= 1 and v.stable and v.dtype in (F32, I64, I32),
-                      lambda: self.pick_float(min_rank=1))
+            return self.emit(
+                "GatherElements",
+                [x, self.param(indices)],
+                [{"dtype": x.dtype, "shape": shape, "bound": x.bound}],
+                axis=axis,
+            )[0]
+        x = self.pick(
+            lambda v: v.rank >= 1 and v.stable and v.dtype in (F32, I64, I32), lambda: self.pick_float(min_rank=1)
+        )
         if not x.stable:
             raise Skip
         axis = self.integer(-x.rank, x.rank - 1)
         if what == "argmax":
             keepdims = self.chance(0.5)
-            shape = tuple(1 if i == axis % x.rank else d for i, d in enumerate(x.shape)) if keepdims else \
-                tuple(d for i, d in enumerate(x.shape) if i != axis % x.rank)
+            shape = (
+                tuple(1 if i == axis % x.rank else d for i, d in enumerate(x.shape))
+                if keepdims
+                else tuple(d for i, d in enumerate(x.shape) if i != axis % x.rank)
+            )
             attrs = {"axis": axis, "keepdims": int(keepdims)}
             if self.chance(0.3):
                 attrs["select_last_index"] = 1
-            return self.emit(self.choice(["ArgMax", "ArgMin"]), [x], [{"dtype": I64, "shape": shape,
-                                                                       "bound": float(max(x.shape))}], **attrs)[0]
+            return self.emit(
+                self.choice(["ArgMax", "ArgMin"]),
+                [x],
+                [{"dtype": I64, "shape": shape, "bound": float(max(x.shape))}],
+                **attrs,
+            )[0]
         k = self.integer(1, x.shape[axis])
         shape = tuple(k if i == axis % x.rank else d for i, d in enumerate(x.shape))
         attrs = {"axis": axis} if axis != -1 else {}
         if self.chance(0.3):
             attrs["largest"] = 0
-        values, _ = self.emit("TopK", [x, self.param(np.array([k], np.int64))],
-                              [{"dtype": x.dtype, "shape": shape, "bound": x.bound},
-                               {"dtype": I64, "shape": shape, "bound": float(x.shape[axis])}], **attrs)
+        values, _ = self.emit(
+            "TopK",
+            [x, self.param(np.array([k], np.int64))],
+            [
+                {"dtype": x.dtype, "shape": shape, "bound": x.bound},
+                {"dtype": I64, "shape": shape, "bound": float(x.shape[axis])},
+            ],
+            **attrs,
+        )
         return values
 
     def op_misc(self) -> Value:
@@ -1361,36 +1633,53 @@ class Builder:
             x = self.pick_float(min_rank=1, dtypes=(F32,))
             axis = self.integer(-x.rank, x.rank - 1)
             attrs = {k: 1 for k in ("exclusive", "reverse") if self.chance(0.3)}
-            return self.emit("CumSum", [x, self.param(np.array(axis, np.int64))],
-                             [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound * x.shape[axis],
-                               "stable": False}], **attrs)[0]
+            return self.emit(
+                "CumSum",
+                [x, self.param(np.array(axis, np.int64))],
+                [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound * x.shape[axis], "stable": False}],
+                **attrs,
+            )[0]
         if what == "einsum":
             a = self.squash(self.matrix(), 10.0)
             if self.chance(0.5):
-                return self.emit("Einsum", [a], [{"dtype": a.dtype, "shape": a.shape[::-1], "bound": a.bound}],
-                                 equation="ij->ji")[0]
+                return self.emit(
+                    "Einsum", [a], [{"dtype": a.dtype, "shape": a.shape[::-1], "bound": a.bound}], equation="ij->ji"
+                )[0]
             n = self.integer(1, 4)
             b = self.random_const((a.shape[1], n), a.dtype)
-            return self.emit("Einsum", [a, b], [{"dtype": a.dtype, "shape": (a.shape[0], n),
-                                                 "bound": a.bound * a.shape[1], "stable": False}],
-                             equation="ij,jk->ik")[0]
+            return self.emit(
+                "Einsum",
+                [a, b],
+                [{"dtype": a.dtype, "shape": (a.shape[0], n), "bound": a.bound * a.shape[1], "stable": False}],
+                equation="ij,jk->ik",
+            )[0]
         if what == "trilu":
             x = self.pick_float(min_rank=2)
             inputs = [x] + ([self.param(np.array(self.integer(-2, 2), np.int64))] if self.chance(0.5) else [])
-            return self.emit("Trilu", inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound}],
-                             upper=int(self.chance(0.5)))[0]
+            return self.emit(
+                "Trilu", inputs, [{"dtype": x.dtype, "shape": x.shape, "bound": x.bound}], upper=int(self.chance(0.5))
+            )[0]
         x = self.image(dtypes=(F32,))
         if x.rank != 4:
             raise Skip
         n, c, h, w = x.shape
         if self.chance(0.5) and c % 4 == 0:
             mode = self.choice(["DCR", "CRD"])
-            return self.emit("DepthToSpace", [x], [{"dtype": x.dtype, "shape": (n, c // 4, h * 2, w * 2),
-                                                    "bound": x.bound}], blocksize=2, mode=mode)[0]
+            return self.emit(
+                "DepthToSpace",
+                [x],
+                [{"dtype": x.dtype, "shape": (n, c // 4, h * 2, w * 2), "bound": x.bound}],
+                blocksize=2,
+                mode=mode,
+            )[0]
         if h % 2 or w % 2:
             raise Skip
-        return self.emit("SpaceToDepth", [x], [{"dtype": x.dtype, "shape": (n, c * 4, h // 2, w // 2),
-                                                "bound": x.bound}], blocksize=2)[0]
+        return self.emit(
+            "SpaceToDepth",
+            [x],
+            [{"dtype": x.dtype, "shape": (n, c * 4, h // 2, w // 2), "bound": x.bound}],
+            blocksize=2,
+        )[0]
 
     def op_dropout(self) -> Value:
         x = self.pick_float(dtypes=(F32, F16))
@@ -1416,8 +1705,14 @@ class Builder:
             if original is None:
                 names.append("")
                 continue
-            copy = Value(self.fresh(node.op_type.lower() + "_dup"), original.dtype, original.shape, original.bound,
-                         original.stable, original.data)
+            copy = Value(
+                self.fresh(node.op_type.lower() + "_dup"),
+                original.dtype,
+                original.shape,
+                original.bound,
+                original.stable,
+                original.data,
+            )
             names.append(copy.name)
             made.append(copy)
         duplicate = helper.make_node(node.op_type, list(node.input), names, name=self.fresh("dup"))
@@ -1434,7 +1729,11 @@ class Builder:
         """An If whose branches compute from outer values; the condition is constant or depends on inputs."""
         if self.scope.depth >= 2:
             raise Skip
-        kind = self.choice(["constant", "input", "computed"]) if self.scope.depth == 0 else self.choice(["constant", "computed"])
+        kind = (
+            self.choice(["constant", "input", "computed"])
+            if self.scope.depth == 0
+            else self.choice(["constant", "computed"])
+        )
         if kind == "constant":
             cond = self.const(np.array(self.chance(0.5)).reshape(self.choice([(), (1,)])))
         elif kind == "input":
@@ -1453,13 +1752,16 @@ class Builder:
         then_graph, outputs = self.branch("then", None, local_names)
         else_graph, outputs_else = self.branch("else", outputs, local_names, any_shape)
         taken = outputs if kind == "constant" and bool(cond.data.reshape(-1)[0]) else outputs_else
-        specs = [{"dtype": t.dtype, "shape": t.shape, "bound": max(a.bound, b.bound), "stable": a.stable and b.stable}
-                 for t, a, b in zip(taken, outputs, outputs_else)]
+        specs = [
+            {"dtype": t.dtype, "shape": t.shape, "bound": max(a.bound, b.bound), "stable": a.stable and b.stable}
+            for t, a, b in zip(taken, outputs, outputs_else)
+        ]
         values = self.emit("If", [cond], specs, then_branch=then_graph, else_branch=else_graph)
         return values[0]
 
-    def branch(self, label: str, like: list[Value] | None, local_names: bool,
-               any_shape: bool = False) -> tuple[onnx.GraphProto, list[Value]]:
+    def branch(
+        self, label: str, like: list[Value] | None, local_names: bool, any_shape: bool = False
+    ) -> tuple[onnx.GraphProto, list[Value]]:
         """A branch body: a few operators over outer values, then outputs (shaped ``like`` the other branch's)."""
         outer = self.scope
         self.scope = Scope(parent=outer, depth=outer.depth + 1, local_names=itertools.count() if local_names else None)
@@ -1468,8 +1770,11 @@ class Builder:
             produced = {name for node in self.scope.nodes for name in node.output}
             made = [v for v in self.scope.values if v.name in produced]
             if like is None:
-                results = [self.recent(made) for _ in range(self.integer(1, 2))] if made else \
-                    [self.unary("Identity", self.pick_float())]
+                results = (
+                    [self.recent(made) for _ in range(self.integer(1, 2))]
+                    if made
+                    else [self.unary("Identity", self.pick_float())]
+                )
             else:
                 results = [self.branch_result(want, made, any_shape) for want in like]
             # A branch output must be a distinct value made in the branch.
@@ -1479,8 +1784,12 @@ class Builder:
                     results[i] = self.unary("Identity", v)
                 seen.add(results[i].name)
             graph = helper.make_graph(
-                self.scope.nodes, self.fresh(label), [],
-                [self.output_info(v, allow_unknown=True) for v in results], self.scope.initializers)
+                self.scope.nodes,
+                self.fresh(label),
+                [],
+                [self.output_info(v, allow_unknown=True) for v in results],
+                self.scope.initializers,
+            )
             return graph, results
         finally:
             self.scope = outer
@@ -1516,12 +1825,45 @@ class Builder:
     # ======================================================================================================
 
     GENERATORS = (
-        "op_unary", "op_binary", "op_exp_log_sqrt", "op_clip", "op_matmul", "op_matmul_add", "op_conv",
-        "op_conv_batchnorm", "op_transpose", "op_reshape", "op_reduce", "op_concat", "op_slice", "op_gather",
-        "op_cast", "op_compare", "op_where", "op_logic", "op_int_binary", "op_softmax", "op_gemm", "op_pool",
-        "op_normalization", "op_flatten", "op_squeeze_unsqueeze", "op_expand", "op_tile", "op_split",
-        "op_shape_arithmetic", "op_conv_transpose", "op_dropout", "op_duplicate", "op_if", "op_pad", "op_pad_conv",
-        "op_cast_pair", "op_masked_softmax", "op_index", "op_misc",
+        "op_unary",
+        "op_binary",
+        "op_exp_log_sqrt",
+        "op_clip",
+        "op_matmul",
+        "op_matmul_add",
+        "op_conv",
+        "op_conv_batchnorm",
+        "op_transpose",
+        "op_reshape",
+        "op_reduce",
+        "op_concat",
+        "op_slice",
+        "op_gather",
+        "op_cast",
+        "op_compare",
+        "op_where",
+        "op_logic",
+        "op_int_binary",
+        "op_softmax",
+        "op_gemm",
+        "op_pool",
+        "op_normalization",
+        "op_flatten",
+        "op_squeeze_unsqueeze",
+        "op_expand",
+        "op_tile",
+        "op_split",
+        "op_shape_arithmetic",
+        "op_conv_transpose",
+        "op_dropout",
+        "op_duplicate",
+        "op_if",
+        "op_pad",
+        "op_pad_conv",
+        "op_cast_pair",
+        "op_masked_softmax",
+        "op_index",
+        "op_misc",
     )
 
     def steps(self, count: int) -> None:
@@ -1559,10 +1901,12 @@ class Builder:
             self.root.values = [self.inputs[0][0]]
             outputs = [self.inputs[0][0]]
         inputs = [info for _, info in self.inputs]
-        graph = helper.make_graph(self.root.nodes, "fuzz", inputs, [self.output_info(v) for v in outputs],
-                                  self.root.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],
-                                  producer_name="onnxopt-fuzz")
+        graph = helper.make_graph(
+            self.root.nodes, "fuzz", inputs, [self.output_info(v) for v in outputs], self.root.initializers
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", self.opset)], producer_name="onnxopt-fuzz"
+        )
         model.ir_version = OPSETS[self.opset]
         if self.chance(0.25) and not self.inference_disagrees:
             # As exporters write them: value_info for intermediate values, subgraphs included.

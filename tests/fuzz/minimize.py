@@ -23,8 +23,8 @@ import onnx.printer
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from graphs import FuzzCase  # noqa: E402
-from test_differential import PIPELINES, check_pipeline, run_all, session  # noqa: E402
+from graphs import FuzzCase
+from test_differential import PIPELINES, check_pipeline, run_all, session
 
 
 def graph_reads(graph: onnx.GraphProto) -> set[str]:
@@ -111,8 +111,9 @@ def bypass(model: onnx.ModelProto, index: int) -> onnx.ModelProto | None:
     return model
 
 
-def cut(model: onnx.ModelProto, feeds: dict, index: int, values: dict,
-        as_constant: bool) -> tuple[onnx.ModelProto, dict] | None:
+def cut(
+    model: onnx.ModelProto, feeds: dict, index: int, values: dict, as_constant: bool
+) -> tuple[onnx.ModelProto, dict] | None:
     """Removes node ``index``; its outputs become graph inputs fed with the values they had (or constants)."""
     types = {} if as_constant else inferred_types(model)
     model = _copy(model)
@@ -127,8 +128,9 @@ def cut(model: onnx.ModelProto, feeds: dict, index: int, values: dict,
         if as_constant:
             model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
         else:
-            info = onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                                                      list(array.shape))
+            info = onnx.helper.make_tensor_value_info(
+                name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)
+            )
             if name in types and types[name].tensor_type.HasField("shape"):
                 info.type.CopyFrom(types[name])  # symbolic dimensions stay symbolic
             model.graph.input.append(info)

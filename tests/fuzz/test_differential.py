@@ -85,7 +85,8 @@ def difference(name: str, want: np.ndarray, got: np.ndarray) -> str | None:
         if np.array_equal(want, got):
             return None
         bad = np.argwhere(want != got)
-        return f"output {name}: {len(bad)} elements differ, first at {bad[0].tolist()}: {want[tuple(bad[0])]} vs {got[tuple(bad[0])]}"
+        first = tuple(bad[0])
+        return f"output {name}: {len(bad)} elements differ, first at {list(first)}: {want[first]} vs {got[first]}"
     rtol, atol = TOLERANCE[want.dtype]
     w, g = want.astype(np.float64).reshape(-1), got.astype(np.float64).reshape(-1)
     if not np.array_equal(np.isnan(w), np.isnan(g)):
@@ -100,8 +101,10 @@ def difference(name: str, want: np.ndarray, got: np.ndarray) -> str | None:
     if np.all(excess <= 0):
         return None
     worst = int(np.argmax(excess))
-    return (f"output {name}: max |diff| {np.max(np.abs(g - w)[finite]):.3g} (scale {scale:.3g}); "
-            f"at flat index {worst}: expected {w[worst]!r}, got {g[worst]!r}")
+    return (
+        f"output {name}: max |diff| {np.max(np.abs(g - w)[finite]):.3g} (scale {scale:.3g}); "
+        f"at flat index {worst}: expected {w[worst]!r}, got {g[worst]!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,8 +136,10 @@ def all_nodes(graph: onnx.GraphProto):
 
 
 def has_node(case: FuzzCase, op: str, attribute: str | None = None) -> bool:
-    return any(n.op_type == op and (attribute is None or any(a.name == attribute for a in n.attribute))
-               for n in all_nodes(case.model.graph))
+    return any(
+        n.op_type == op and (attribute is None or any(a.name == attribute for a in n.attribute))
+        for n in all_nodes(case.model.graph)
+    )
 
 
 def constants(case: FuzzCase) -> dict[str, np.ndarray]:
@@ -147,34 +152,44 @@ def constants(case: FuzzCase) -> dict[str, np.ndarray]:
             if node.op_type == "Constant":
                 attribute = node.attribute[0]
                 value = onnx.helper.get_attribute_value(attribute)
-                found[node.output[0]] = onnx.numpy_helper.to_array(value) if attribute.name == "value" else np.array(value)
+                found[node.output[0]] = (
+                    onnx.numpy_helper.to_array(value) if attribute.name == "value" else np.array(value)
+                )
     return found
 
 
 def has_runtime_input(case: FuzzCase, op: str, index: int) -> bool:
     """Whether some ``op`` node's input ``index`` is given and is no constant."""
     values = constants(case)
-    return any(n.op_type == op and len(n.input) > index and n.input[index] and n.input[index] not in values
-               for n in all_nodes(case.model.graph))
+    return any(
+        n.op_type == op and len(n.input) > index and n.input[index] and n.input[index] not in values
+        for n in all_nodes(case.model.graph)
+    )
 
 
 def has_strided_same_conv(case: FuzzCase) -> bool:
     def strided_same(n: onnx.NodeProto) -> bool:
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        return attributes.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER") and \
-            any(s > 1 for s in attributes.get("strides", []))
+        return attributes.get("auto_pad", b"NOTSET") in (b"SAME_UPPER", b"SAME_LOWER") and any(
+            s > 1 for s in attributes.get("strides", [])
+        )
+
     return any(n.op_type in ("Conv", "MaxPool", "AveragePool") and strided_same(n) for n in all_nodes(case.model.graph))
 
 
 def has_ceil_mode_pool(case: FuzzCase) -> bool:
-    return any(n.op_type in ("MaxPool", "AveragePool") and any(a.name == "ceil_mode" and a.i for a in n.attribute)
-               for n in all_nodes(case.model.graph))
+    return any(
+        n.op_type in ("MaxPool", "AveragePool") and any(a.name == "ceil_mode" and a.i for a in n.attribute)
+        for n in all_nodes(case.model.graph)
+    )
 
 
 def has_multi_axis_unsqueeze(case: FuzzCase) -> bool:
     values = constants(case)
-    return any(n.op_type == "Unsqueeze" and n.input[1] in values and values[n.input[1]].size >= 2
-               for n in all_nodes(case.model.graph))
+    return any(
+        n.op_type == "Unsqueeze" and n.input[1] in values and values[n.input[1]].size >= 2
+        for n in all_nodes(case.model.graph)
+    )
 
 
 def subgraphs(graph: onnx.GraphProto):
@@ -205,7 +220,8 @@ def branch_constant_clash(case: FuzzCase, failure: Failure) -> bool:
     holders = []
     for sub in subgraphs(case.model.graph):
         constant = name in {t.name for t in sub.initializer} or any(
-            n.op_type == "Constant" and name in n.output for n in sub.node)
+            n.op_type == "Constant" and name in n.output for n in sub.node
+        )
         if constant or any(name in n.output for n in sub.node):
             holders.append(constant)
     return len(holders) >= 2 and (any(holders) or runs_fold(failure))
@@ -220,30 +236,58 @@ def runs_shape_inference(failure: Failure) -> bool:
 
 
 KNOWN_BUGS: list[KnownBug] = [
-    KnownBug("test_split_num_outputs_uneven_chunks_keep_their_shapes",
-             lambda case, failure: has_node(case, "Split", "num_outputs") and runs_shape_inference(failure)),
-    KnownBug("test_slice_length_from_shape_inference_is_clamped",
-             lambda case, failure: has_node(case, "Slice") and failure.kind == "crash"
-             and "Inferred shape and existing shape differ" in failure.detail and "op_type:Split" not in failure.detail),
-    KnownBug("test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two",
-             lambda case, failure: has_multi_axis_unsqueeze(case) and runs_fold(failure)),
-    KnownBug("test_slice_of_a_shape_with_a_runtime_step_is_not_folded",
-             lambda case, failure: has_runtime_input(case, "Slice", 4) and runs_fold(failure)),
-    KnownBug("test_shape_of_an_operator_with_runtime_parameters_is_not_guessed",
-             lambda case, failure: runs_shape_inference(failure) and any(
-                 has_runtime_input(case, op, index) for op, index in (("Squeeze", 1), ("Slice", 3), ("Slice", 4),
-                                                                      ("Split", 1)))),
-    KnownBug("test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height",
-             lambda case, failure: has_strided_same_conv(case) and runs_shape_inference(failure)),
-    KnownBug("test_pool_with_ceil_mode_has_the_rows_the_runtime_computes",
-             lambda case, failure: has_ceil_mode_pool(case) and runs_shape_inference(failure)),
-    KnownBug("test_conv_transpose_same_upper_with_output_padding_is_input_times_stride",
-             lambda case, failure: has_node(case, "ConvTranspose", "output_padding") and has_node(case, "ConvTranspose", "auto_pad")
-             and runs_shape_inference(failure)),
-    KnownBug("test_branch_constant_named_like_a_value_of_the_other_branch",
-             branch_constant_clash),
-    KnownBug("test_dce_dead_values_with_one_name_in_both_branches",
-             lambda case, failure: sibling_branches_share_names(case) and "list.remove(x)" in failure.detail),
+    KnownBug(
+        "test_split_num_outputs_uneven_chunks_keep_their_shapes",
+        lambda case, failure: has_node(case, "Split", "num_outputs") and runs_shape_inference(failure),
+    ),
+    KnownBug(
+        "test_slice_length_from_shape_inference_is_clamped",
+        lambda case, failure: (
+            has_node(case, "Slice")
+            and failure.kind == "crash"
+            and "Inferred shape and existing shape differ" in failure.detail
+            and "op_type:Split" not in failure.detail
+        ),
+    ),
+    KnownBug(
+        "test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two",
+        lambda case, failure: has_multi_axis_unsqueeze(case) and runs_fold(failure),
+    ),
+    KnownBug(
+        "test_slice_of_a_shape_with_a_runtime_step_is_not_folded",
+        lambda case, failure: has_runtime_input(case, "Slice", 4) and runs_fold(failure),
+    ),
+    KnownBug(
+        "test_shape_of_an_operator_with_runtime_parameters_is_not_guessed",
+        lambda case, failure: (
+            runs_shape_inference(failure)
+            and any(
+                has_runtime_input(case, op, index)
+                for op, index in (("Squeeze", 1), ("Slice", 3), ("Slice", 4), ("Split", 1))
+            )
+        ),
+    ),
+    KnownBug(
+        "test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height",
+        lambda case, failure: has_strided_same_conv(case) and runs_shape_inference(failure),
+    ),
+    KnownBug(
+        "test_pool_with_ceil_mode_has_the_rows_the_runtime_computes",
+        lambda case, failure: has_ceil_mode_pool(case) and runs_shape_inference(failure),
+    ),
+    KnownBug(
+        "test_conv_transpose_same_upper_with_output_padding_is_input_times_stride",
+        lambda case, failure: (
+            has_node(case, "ConvTranspose", "output_padding")
+            and has_node(case, "ConvTranspose", "auto_pad")
+            and runs_shape_inference(failure)
+        ),
+    ),
+    KnownBug("test_branch_constant_named_like_a_value_of_the_other_branch", branch_constant_clash),
+    KnownBug(
+        "test_dce_dead_values_with_one_name_in_both_branches",
+        lambda case, failure: sibling_branches_share_names(case) and "list.remove(x)" in failure.detail,
+    ),
 ]
 
 _failure_types: dict[tuple[str, str], type] = {}
@@ -351,8 +395,9 @@ def test_differential(case: FuzzCase):
         if SAVE_DIR:
             save_failure(case, first)
         others = "".join(f"\n  also {f.pipeline}: {f.kind}: {f.detail}" for f in failures[1:])
-        raise failure_type(first.pipeline, first.kind)(f"{first.pipeline}: {first.kind}: {first.detail}{others}") \
-            from first.error
+        raise failure_type(first.pipeline, first.kind)(
+            f"{first.pipeline}: {first.kind}: {first.detail}{others}"
+        ) from first.error
 
 
 def test_known_bugs_have_regression_tests():
@@ -369,15 +414,18 @@ def test_pipelines_cover_every_pass_and_preset():
     assert {label for label in PIPELINES if label.startswith("O")}
 
 
-@pytest.mark.parametrize(("want", "got", "ok"), [
-    (np.array([1.0, np.nan], np.float32), np.array([1.00001, np.nan], np.float32), True),
-    (np.array([1.0, np.nan], np.float32), np.array([np.nan, 1.0], np.float32), False),
-    (np.array([1000.0, 0.0], np.float32), np.array([1000.0, 0.009], np.float32), True),  # atol scales with 1000
-    (np.array([1.0, 0.0], np.float32), np.array([1.0, 0.001], np.float32), False),
-    (np.array([1.0], np.float16), np.array([1.009], np.float16), True),
-    (np.array([3], np.int64), np.array([4], np.int64), False),
-    (np.array([np.inf], np.float32), np.array([-np.inf], np.float32), False),
-    (np.array([1.0], np.float32), np.array([1.0], np.float64), False),
-])
+@pytest.mark.parametrize(
+    ("want", "got", "ok"),
+    [
+        (np.array([1.0, np.nan], np.float32), np.array([1.00001, np.nan], np.float32), True),
+        (np.array([1.0, np.nan], np.float32), np.array([np.nan, 1.0], np.float32), False),
+        (np.array([1000.0, 0.0], np.float32), np.array([1000.0, 0.009], np.float32), True),  # atol scales with 1000
+        (np.array([1.0, 0.0], np.float32), np.array([1.0, 0.001], np.float32), False),
+        (np.array([1.0], np.float16), np.array([1.009], np.float16), True),
+        (np.array([3], np.int64), np.array([4], np.int64), False),
+        (np.array([np.inf], np.float32), np.array([-np.inf], np.float32), False),
+        (np.array([1.0], np.float32), np.array([1.0], np.float64), False),
+    ],
+)
 def test_difference_tolerance(want, got, ok):
     assert (difference("y", want, got) is None) is ok

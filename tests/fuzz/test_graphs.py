@@ -8,8 +8,13 @@ import onnx
 from graphs import onnx_cases
 from hypothesis import HealthCheck, given, settings
 
-GENERATOR_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+GENERATOR_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def test_generator_covers_at_least_50_operators():

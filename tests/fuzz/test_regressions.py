@@ -45,8 +45,10 @@ def assert_equivalent(original: onnx.ModelProto, passes: str, feeds: dict[str, n
     return optimized
 
 
-@known_bug("ir.infer_shapes (onnxruntime symbolic inference): Split num_outputs=3 of 8 "
-           "gets [2,2,2] not [3,3,2]; fold folds Shape wrong, value_info invalid")
+@known_bug(
+    "ir.infer_shapes (onnxruntime symbolic inference): Split num_outputs=3 of 8 "
+    "gets [2,2,2] not [3,3,2]; fold folds Shape wrong, value_info invalid"
+)
 def test_split_num_outputs_uneven_chunks_keep_their_shapes():
     """Split-18 with ``num_outputs`` cuts ceil(8/3) = 3 elements per chunk: [3, 3, 2].
 
@@ -55,8 +57,7 @@ def test_split_num_outputs_uneven_chunks_keep_their_shapes():
     whole model: a silent miscompile), and alone it writes value_info that onnx.checker rejects.
     """
     original = model(
-        [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3),
-         helper.make_node("Shape", ["a"], ["s"])],
+        [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3), helper.make_node("Shape", ["a"], ["s"])],
         [value("x", TensorProto.FLOAT, [8])],
         [value("s", TensorProto.INT64, [1])],
     )
@@ -65,13 +66,18 @@ def test_split_num_outputs_uneven_chunks_keep_their_shapes():
     assert_equivalent(original, "fold,dce", feeds)
 
 
-@known_bug("ir.infer_shapes (onnxruntime symbolic inference): Slice lengths are not "
-           "clamped as specified; the exported value_info fails onnx.checker")
-@pytest.mark.parametrize(("start", "end", "step", "length"), [
-    (1, -5, -1, 2),  # an end below -dim with a negative step: "before the first element"
-    (1, np.iinfo(np.int64).min, -1, 2),  # the same, as exporters write it
-    (3, 1, 1, 0),  # an end before the start: nothing
-])
+@known_bug(
+    "ir.infer_shapes (onnxruntime symbolic inference): Slice lengths are not "
+    "clamped as specified; the exported value_info fails onnx.checker"
+)
+@pytest.mark.parametrize(
+    ("start", "end", "step", "length"),
+    [
+        (1, -5, -1, 2),  # an end below -dim with a negative step: "before the first element"
+        (1, np.iinfo(np.int64).min, -1, 2),  # the same, as exporters write it
+        (3, 1, 1, 0),  # an end before the start: nothing
+    ],
+)
 def test_slice_length_from_shape_inference_is_clamped(start, end, step, length):
     """``Slice(x[4], starts=[start], ends=[end], steps=[step])`` has ``length`` elements.
 
@@ -81,20 +87,28 @@ def test_slice_length_from_shape_inference_is_clamped(start, end, step, length):
     ("Inferred shape and existing shape differ").
     """
     original = model(
-        [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
-         helper.make_node("Shape", ["y"], ["n"])],
+        [
+            helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
+            helper.make_node("Shape", ["y"], ["n"]),
+        ],
         [value("x", TensorProto.FLOAT, [4])],
         [value("n", TensorProto.INT64, [1])],
-        [tensor("starts", np.array([start], np.int64)), tensor("ends", np.array([end], np.int64)),
-         tensor("axes", np.array([0], np.int64)), tensor("steps", np.array([step], np.int64))],
+        [
+            tensor("starts", np.array([start], np.int64)),
+            tensor("ends", np.array([end], np.int64)),
+            tensor("axes", np.array([0], np.int64)),
+            tensor("steps", np.array([step], np.int64)),
+        ],
     )
     feeds = {"x": np.arange(4, dtype=np.float32)}
     expect(run(original, feeds)[0].tolist() == [length], f"the original computes [{length}]")
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug("fold (fold_shapes): Unsqueeze of a scalar by two axes becomes a 1-D "
-           "constant; Shape of it folds to [1] instead of [1, 1]")
+@known_bug(
+    "fold (fold_shapes): Unsqueeze of a scalar by two axes becomes a 1-D "
+    "constant; Shape of it folds to [1] instead of [1, 1]"
+)
 def test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two():
     """``Unsqueeze(b, axes=[0, 1])`` of a scalar constant ``b`` is ``int64[1, 1]``.
 
@@ -112,12 +126,14 @@ def test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two():
     assert_equivalent(original, "fold", {"x": np.zeros(2, np.float32)})
 
 
-def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initializers=(),
-             initializers=()) -> onnx.ModelProto:
+def if_model(
+    then_nodes, else_nodes, then_out, else_out, out_shape, else_initializers=(), initializers=()
+) -> onnx.ModelProto:
     """``y = If(c)`` over ``x: float[2]``, with the given branch bodies; ``y`` is float."""
     then_branch = helper.make_graph(then_nodes, "then", [], [value(then_out, TensorProto.FLOAT, None)])
-    else_branch = helper.make_graph(else_nodes, "else", [], [value(else_out, TensorProto.FLOAT, None)],
-                                    list(else_initializers))
+    else_branch = helper.make_graph(
+        else_nodes, "else", [], [value(else_out, TensorProto.FLOAT, None)], list(else_initializers)
+    )
     return model(
         [helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)],
         [value("x", TensorProto.FLOAT, [2]), value("c", TensorProto.BOOL, [])],
@@ -126,11 +142,21 @@ def if_model(then_nodes, else_nodes, then_out, else_out, out_shape, else_initial
     )
 
 
-@known_bug("ir export: a branch constant is hoisted into the main graph, where a value "
-           "of the other branch with its name breaks SSA")
-@pytest.mark.parametrize(("defined_by", "passes"), [("initializer", "fold"), ("initializer", "cse"),
-                                                    ("initializer", "fuse"), ("initializer", "dce"),
-                                                    ("constant_node", "fold"), ("foldable_node", "fold")])
+@known_bug(
+    "ir export: a branch constant is hoisted into the main graph, where a value "
+    "of the other branch with its name breaks SSA"
+)
+@pytest.mark.parametrize(
+    ("defined_by", "passes"),
+    [
+        ("initializer", "fold"),
+        ("initializer", "cse"),
+        ("initializer", "fuse"),
+        ("initializer", "dce"),
+        ("constant_node", "fold"),
+        ("foldable_node", "fold"),
+    ],
+)
 def test_branch_constant_named_like_a_value_of_the_other_branch(defined_by, passes):
     """The else branch has a constant ``t``; the then branch computes a value also named ``t``.
 
@@ -150,15 +176,19 @@ def test_branch_constant_named_like_a_value_of_the_other_branch(defined_by, pass
     original = if_model(
         then_nodes=[helper.make_node("ReduceSum", ["x"], ["t"], keepdims=0)],
         else_nodes=else_nodes + [helper.make_node("Gather", ["x", "t"], ["s"])],
-        then_out="t", else_out="s", out_shape=[], else_initializers=initializers,
+        then_out="t",
+        else_out="s",
+        out_shape=[],
+        else_initializers=initializers,
         initializers=[tensor("k", constant)],
     )
     for condition in (True, False):
         assert_equivalent(original, passes, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
 
 
-@known_bug("dce: dead nodes with the same output name in both If branches crash it "
-           "(ValueError: list.remove(x): x not in list)")
+@known_bug(
+    "dce: dead nodes with the same output name in both If branches crash it (ValueError: list.remove(x): x not in list)"
+)
 def test_dce_dead_values_with_one_name_in_both_branches():
     """Both branches compute an unused ``a = Relu(x)``; graphsurgeon gives the two one tensor object.
 
@@ -169,14 +199,15 @@ def test_dce_dead_values_with_one_name_in_both_branches():
     original = if_model(
         then_nodes=[helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Abs", ["x"], ["b"])],
         else_nodes=[helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["x"], ["b"])],
-        then_out="b", else_out="b", out_shape=[2],
+        then_out="b",
+        else_out="b",
+        out_shape=[2],
     )
     for condition in (True, False):
         assert_equivalent(original, "dce", {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
 
 
-@known_bug("fold (fold_shapes): Slice of a shape whose steps input is not constant is "
-           "folded as if the step were 1")
+@known_bug("fold (fold_shapes): Slice of a shape whose steps input is not constant is folded as if the step were 1")
 def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
     """``Slice(Shape(x), starts=[0], ends=[9], axes=[0], steps=step)`` with ``step`` a graph input.
 
@@ -185,18 +216,25 @@ def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
     Slice to the constant ``[2, 3]``: a silent miscompile.
     """
     original = model(
-        [helper.make_node("Shape", ["x"], ["shape"]),
-         helper.make_node("Slice", ["shape", "starts", "ends", "axes", "step"], ["y"])],
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Slice", ["shape", "starts", "ends", "axes", "step"], ["y"]),
+        ],
         [value("x", TensorProto.FLOAT, [2, 3]), value("step", TensorProto.INT64, [1])],
         [value("y", TensorProto.INT64, [None])],
-        [tensor("starts", np.array([0], np.int64)), tensor("ends", np.array([9], np.int64)),
-         tensor("axes", np.array([0], np.int64))],
+        [
+            tensor("starts", np.array([0], np.int64)),
+            tensor("ends", np.array([9], np.int64)),
+            tensor("axes", np.array([0], np.int64)),
+        ],
     )
     assert_equivalent(original, "fold", {"x": np.zeros((2, 3), np.float32), "step": np.array([2], np.int64)})
 
 
-@known_bug("ir.infer_shapes (onnxruntime symbolic inference): Conv SAME_UPPER stride 2 "
-           "with a dynamic width gives height 0, not 1; fold folds it")
+@known_bug(
+    "ir.infer_shapes (onnxruntime symbolic inference): Conv SAME_UPPER stride 2 "
+    "with a dynamic width gives height 0, not 1; fold folds it"
+)
 def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
     """``Conv(x[1, 1, 1, W], w[1, 1, 2, 1], auto_pad=SAME_UPPER, strides=[2, 2])`` has height ceil(1/2) = 1.
 
@@ -206,8 +244,11 @@ def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
     constant 0, a silent miscompile.
     """
     original = model(
-        [helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]),
-         helper.make_node("Shape", ["y"], ["shape"]), helper.make_node("Gather", ["shape", "two"], ["height"])],
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]),
+            helper.make_node("Shape", ["y"], ["shape"]),
+            helper.make_node("Gather", ["shape", "two"], ["height"]),
+        ],
         [value("x", TensorProto.FLOAT, [1, 1, 1, "W"])],
         [value("height", TensorProto.INT64, [1])],
         [tensor("w", np.ones((1, 1, 2, 1), np.float32)), tensor("two", np.array([2], np.int64))],
@@ -217,16 +258,21 @@ def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug("fold trusts shape inference for pools with ceil_mode=1, which keeps windows "
-           "the spec drops (or ignores auto_pad); Shape folds to 2 rows, the runtime gives 1")
-@pytest.mark.parametrize(("op", "attrs", "rows"), [
-    # ceil((2 - 1) / 2 + 1) = 2 windows, but the second would start at row 2, past the input: dropped.
-    ("MaxPool", {"kernel_shape": [1, 1], "strides": [2, 1]}, 1),
-    # The same with padding: the second window would start in the end padding.
-    ("AveragePool", {"kernel_shape": [2, 1], "strides": [2, 1], "pads": [0, 0, 1, 0]}, 1),
-    # With auto_pad the specification's formulas apply: VALID gives ceil((2 - 1 + 1) / 2) = 1 row.
-    ("AveragePool", {"kernel_shape": [1, 1], "strides": [2, 1], "auto_pad": "VALID"}, 1),
-])
+@known_bug(
+    "fold trusts shape inference for pools with ceil_mode=1, which keeps windows "
+    "the spec drops (or ignores auto_pad); Shape folds to 2 rows, the runtime gives 1"
+)
+@pytest.mark.parametrize(
+    ("op", "attrs", "rows"),
+    [
+        # ceil((2 - 1) / 2 + 1) = 2 windows, but the second would start at row 2, past the input: dropped.
+        ("MaxPool", {"kernel_shape": [1, 1], "strides": [2, 1]}, 1),
+        # The same with padding: the second window would start in the end padding.
+        ("AveragePool", {"kernel_shape": [2, 1], "strides": [2, 1], "pads": [0, 0, 1, 0]}, 1),
+        # With auto_pad the specification's formulas apply: VALID gives ceil((2 - 1 + 1) / 2) = 1 row.
+        ("AveragePool", {"kernel_shape": [1, 1], "strides": [2, 1], "auto_pad": "VALID"}, 1),
+    ],
+)
 def test_pool_with_ceil_mode_has_the_rows_the_runtime_computes(op, attrs, rows):
     """``op(x[1, 1, 2, 1], ceil_mode=1, **attrs)`` has one row (onnxruntime; onnx's reference evaluator agrees
     where it supports the attributes).
@@ -244,8 +290,10 @@ def test_pool_with_ceil_mode_has_the_rows_the_runtime_computes(op, attrs, rows):
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug("fold trusts shape inference for ConvTranspose auto_pad=SAME_UPPER with "
-           "output_padding, which adds the padding to the size: [11, 7] instead of [10, 6]")
+@known_bug(
+    "fold trusts shape inference for ConvTranspose auto_pad=SAME_UPPER with "
+    "output_padding, which adds the padding to the size: [11, 7] instead of [10, 6]"
+)
 def test_conv_transpose_same_upper_with_output_padding_is_input_times_stride():
     """``ConvTranspose(x[1, 1, 5, 3], w[1, 1, 2, 2], strides=[2, 2], auto_pad=SAME_UPPER, output_padding=[1, 1])``.
 
@@ -255,9 +303,12 @@ def test_conv_transpose_same_upper_with_output_padding_is_input_times_stride():
     trusts it and folds ``Shape(y)`` to that: a silent miscompile.
     """
     original = model(
-        [helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], auto_pad="SAME_UPPER",
-                          output_padding=[1, 1]),
-         helper.make_node("Shape", ["y"], ["shape"])],
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], auto_pad="SAME_UPPER", output_padding=[1, 1]
+            ),
+            helper.make_node("Shape", ["y"], ["shape"]),
+        ],
         [value("x", TensorProto.FLOAT, [1, 1, 5, 3])],
         [value("shape", TensorProto.INT64, [4])],
         [tensor("w", np.ones((1, 1, 2, 2), np.float32))],
@@ -267,18 +318,23 @@ def test_conv_transpose_same_upper_with_output_padding_is_input_times_stride():
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug("ir.infer_shapes (onnxruntime symbolic inference) guesses parameters that are "
-           "graph inputs (axes, steps, split sizes); fold folds Shape to the guess")
-@pytest.mark.parametrize(("op", "attrs", "x_shape", "parameters", "runtime", "shape"), [
-    # Squeeze whose axes it cannot see: every dimension of size 1 goes.
-    ("Squeeze", {}, [1, 6, 1], {"axes": [2]}, "axes", [1, 6]),
-    # Slice whose axes it cannot see: axis 0 is sliced.
-    ("Slice", {}, [2, 1, 3], {"starts": [1], "ends": [3], "axes": [2]}, "axes", [2, 1, 2]),
-    # Slice whose steps it cannot see: step 1, so a reversed slice is empty.
-    ("Slice", {}, [2, 1, 3], {"starts": [-1], "ends": [-4], "axes": [2], "steps": [-1]}, "steps", [2, 1, 3]),
-    # Split whose sizes it cannot see: equal chunks.
-    ("Split", {"axis": -1}, [2, 1, 3], {"split": [2, 1]}, "split", [2, 1, 2]),
-])
+@known_bug(
+    "ir.infer_shapes (onnxruntime symbolic inference) guesses parameters that are "
+    "graph inputs (axes, steps, split sizes); fold folds Shape to the guess"
+)
+@pytest.mark.parametrize(
+    ("op", "attrs", "x_shape", "parameters", "runtime", "shape"),
+    [
+        # Squeeze whose axes it cannot see: every dimension of size 1 goes.
+        ("Squeeze", {}, [1, 6, 1], {"axes": [2]}, "axes", [1, 6]),
+        # Slice whose axes it cannot see: axis 0 is sliced.
+        ("Slice", {}, [2, 1, 3], {"starts": [1], "ends": [3], "axes": [2]}, "axes", [2, 1, 2]),
+        # Slice whose steps it cannot see: step 1, so a reversed slice is empty.
+        ("Slice", {}, [2, 1, 3], {"starts": [-1], "ends": [-4], "axes": [2], "steps": [-1]}, "steps", [2, 1, 3]),
+        # Split whose sizes it cannot see: equal chunks.
+        ("Split", {"axis": -1}, [2, 1, 3], {"split": [2, 1]}, "split", [2, 1, 2]),
+    ],
+)
 def test_shape_of_an_operator_with_runtime_parameters_is_not_guessed(op, attrs, x_shape, parameters, runtime, shape):
     """``y = op(x, parameters)`` where the parameter ``runtime`` is a graph input (fed its value).
 
@@ -299,7 +355,9 @@ def test_shape_of_an_operator_with_runtime_parameters_is_not_guessed(op, attrs, 
     outputs = ["y", "rest"] if op == "Split" else ["y"]
     original = model(
         [helper.make_node(op, ["x", *parameters], outputs, **attrs), helper.make_node("Shape", ["y"], ["shape"])],
-        inputs, [value("shape", TensorProto.INT64, [None])], initializers,
+        inputs,
+        [value("shape", TensorProto.INT64, [None])],
+        initializers,
     )
     feeds["x"] = np.arange(6, dtype=np.float32).reshape(x_shape)
     expect(run(original, feeds)[0].tolist() == shape, f"the original computes {shape}")
