@@ -362,3 +362,23 @@ def test_shape_of_an_operator_with_runtime_parameters_is_not_guessed(op, attrs, 
     feeds["x"] = np.arange(6, dtype=np.float32).reshape(x_shape)
     expect(run(original, feeds)[0].tolist() == shape, f"the original computes {shape}")
     assert_equivalent(original, "fold", feeds)
+
+
+@known_bug(
+    "ir.infer_shapes (onnxruntime symbolic inference): Squeeze without axes keeps a dynamic dimension, "
+    "which may be 1; the value_info fold writes contradicts the declared output"
+)
+def test_squeeze_without_axes_of_a_dynamic_dimension_is_not_guessed():
+    """``y = Squeeze(x[N])`` with no axes removes every dimension of size 1: with ``N = 1``, ``y`` is a scalar.
+
+    The model declares its output ``Relu(y)`` a scalar. onnxruntime's symbolic shape inference, which
+    ``ir.infer_shapes`` trusts, assumes a dynamic dimension is not 1 and gives ``y`` the shape ``[N]``;
+    ``fold`` writes that into the value_info, and the result fails onnx.checker (rank 1 against the
+    declared rank 0). The rank of ``y`` is unknown until ``N`` is.
+    """
+    original = model(
+        [helper.make_node("Squeeze", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        [value("x", TensorProto.FLOAT, ["N"])],
+        [value("z", TensorProto.FLOAT, [])],
+    )
+    assert_equivalent(original, "fold", {"x": np.array([-1.5], np.float32)})
