@@ -1000,16 +1000,29 @@ class Builder:
         output_padding = tuple(self.integer(0, s - 1) if self.chance(0.3) else 0 for s in strides)
         pads_begin = [self.integer(0, k - 1) for k in kernel]
         pads_end = [self.integer(0, k - 1) for k in kernel]
-        out_spatial = tuple(
+        auto_pad = self.choice(["NOTSET"] * 4 + ["SAME_UPPER", "SAME_LOWER", "VALID"])
+        if auto_pad != "NOTSET":
+            pads_begin = pads_end = [0] * len(spatial)
+        full = tuple(
             st_ * (s - 1) + op + (k - 1) * d + 1 - pb - pe
             for s, st_, op, k, d, pb, pe in zip(
                 spatial, strides, output_padding, kernel, dilations, pads_begin, pads_end
             )
         )
+        # With SAME the output is the input times the stride, the padding whatever makes it so.
+        out_spatial = tuple(s * st_ for s, st_ in zip(spatial, strides)) if auto_pad.startswith("SAME") else full
         out_shape = (n, m) + out_spatial
-        if min(out_spatial) < 1 or int(np.prod(out_shape)) > MAX_ELEMENTS:
+        if (
+            min(out_spatial) < 1
+            or int(np.prod(out_shape)) > MAX_ELEMENTS
+            or any(f < o for f, o in zip(full, out_spatial))
+        ):
             raise Skip
+        if auto_pad.startswith("SAME") and any(output_padding):
+            self.inference_disagrees = True  # onnx's shape inference adds output_padding to the size
         attrs: dict = {"kernel_shape": list(kernel)} if self.chance(0.5) else {}
+        if auto_pad != "NOTSET":
+            attrs["auto_pad"] = auto_pad
         if any(s != 1 for s in strides):
             attrs["strides"] = list(strides)
         if any(d != 1 for d in dilations):
@@ -1051,15 +1064,30 @@ class Builder:
         pads_begin = [self.integer(0, k - 1) if self.chance(0.4) else 0 for k in kernel]
         pads_end = [self.integer(0, k - 1) if self.chance(0.4) else 0 for k in kernel]
         ceil_mode = self.chance(0.2)
+        auto_pad = self.choice(["NOTSET"] * 4 + ["SAME_UPPER", "SAME_LOWER", "VALID"])
+        if auto_pad != "NOTSET":
+            pads_begin = pads_end = [0] * len(spatial)
+            dilations = (1,) * len(spatial)
+            ceil_mode = ceil_mode and auto_pad == "VALID"  # onnxruntime refuses SAME_LOWER with ceil_mode
         windows = list(zip(spatial, kernel, strides, pads_begin, pads_end, dilations))
-        out = tuple(pool_output(*w, ceil_mode) for w in windows)
+        if auto_pad.startswith("SAME"):
+            out = tuple(-(-s // st_) for s, st_ in zip(spatial, strides))
+            if any((o - 1) * st_ + k - s < 0 for o, st_, k, s in zip(out, strides, kernel, spatial)):
+                raise Skip  # onnxruntime refuses the negative padding SAME would need
+        else:
+            out = tuple(pool_output(*w, ceil_mode) for w in windows)
         if min(out) < 1:
             raise Skip
-        if out != tuple(pool_output(*w, ceil_mode, drop_late_window=False) for w in windows):
-            # onnx's shape inference disagrees with the runtime here: declaring shapes after this would
-            # make onnx.checker reject a model onnxruntime runs.
+        if ceil_mode and (
+            auto_pad != "NOTSET" or out != tuple(pool_output(*w, ceil_mode, drop_late_window=False) for w in windows)
+        ):
+            # onnx's shape inference disagrees with the runtime here (it keeps a window that would start
+            # in the padding, and ignores auto_pad's formulas under ceil_mode): declaring shapes after
+            # this would make onnx.checker reject a model onnxruntime runs.
             self.inference_disagrees = True
         attrs: dict = {"kernel_shape": list(kernel)}
+        if auto_pad != "NOTSET":
+            attrs["auto_pad"] = auto_pad
         if any(s != 1 for s in strides) or self.chance(0.2):
             attrs["strides"] = list(strides)
         if any(pads_begin + pads_end):

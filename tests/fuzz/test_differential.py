@@ -268,7 +268,7 @@ KNOWN_BUGS: list[KnownBug] = [
         ),
     ),
     KnownBug(
-        "test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height",
+        "test_same_padding_strided_with_a_dynamic_width_keeps_its_height",
         lambda case, failure: has_strided_same_conv(case) and runs_shape_inference(failure),
     ),
     KnownBug(
@@ -285,8 +285,10 @@ KNOWN_BUGS: list[KnownBug] = [
     ),
     KnownBug(
         "test_squeeze_without_axes_of_a_dynamic_dimension_is_not_guessed",
-        lambda case, failure: runs_shape_inference(failure)
-        and any(n.op_type == "Squeeze" and len(n.input) < 2 for n in all_nodes(case.model.graph)),
+        lambda case, failure: (
+            runs_shape_inference(failure)
+            and any(n.op_type == "Squeeze" and len(n.input) < 2 for n in all_nodes(case.model.graph))
+        ),
     ),
     KnownBug("test_branch_constant_named_like_a_value_of_the_other_branch", branch_constant_clash),
     KnownBug(

@@ -232,28 +232,42 @@ def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
 
 
 @known_bug(
-    "ir.infer_shapes (onnxruntime symbolic inference): Conv SAME_UPPER stride 2 "
-    "with a dynamic width gives height 0, not 1; fold folds it"
+    "ir.infer_shapes (onnxruntime symbolic inference): strided Conv/MaxPool with auto_pad SAME and a dynamic "
+    "width get a wrong height (floor, not ceil); fold folds it"
 )
-def test_conv_same_upper_strided_with_a_dynamic_width_keeps_its_height():
-    """``Conv(x[1, 1, 1, W], w[1, 1, 2, 1], auto_pad=SAME_UPPER, strides=[2, 2])`` has height ceil(1/2) = 1.
+@pytest.mark.parametrize(
+    ("op", "height", "width", "kernel", "stride"),
+    [
+        ("Conv", 1, 3, [2, 1], 2),  # ceil(1 / 2) = 1 row; onnxruntime's inference says 0
+        ("MaxPool", 4, 5, [3, 2], 3),  # ceil(4 / 3) = 2 rows; onnxruntime's inference says 1
+    ],
+)
+def test_same_padding_strided_with_a_dynamic_width_keeps_its_height(op, height, width, kernel, stride):
+    """``op(x[1, 1, height, W], kernel, auto_pad=SAME_UPPER, strides=[stride, stride])`` has ceil(height /
+    stride) rows, the width ``W`` (fed ``width``) being dynamic.
 
     With the width symbolic, onnxruntime's symbolic shape inference (which ``ir.infer_shapes`` trusts)
-    gives the output height 0. ``fold`` writes that into the value_info of ``y`` (the result fails
-    onnx.checker) and folds ``Shape(y)[2]`` to 0: with ``dce`` after it, the whole model becomes the
-    constant 0, a silent miscompile.
+    gets the static height wrong too. ``fold`` writes that into the value_info of ``y`` (the result
+    fails onnx.checker) and folds ``Shape(y)[2]``: with ``dce`` after it, the whole model becomes a wrong
+    constant, a silent miscompile.
     """
+    attrs = {"auto_pad": "SAME_UPPER", "strides": [stride, stride]}
+    if op == "Conv":
+        inputs, initializers = ["x", "w"], [tensor("w", np.ones((1, 1, *kernel), np.float32))]
+    else:
+        inputs, initializers, attrs["kernel_shape"] = ["x"], [], kernel
     original = model(
         [
-            helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2]),
+            helper.make_node(op, inputs, ["y"], **attrs),
             helper.make_node("Shape", ["y"], ["shape"]),
-            helper.make_node("Gather", ["shape", "two"], ["height"]),
+            helper.make_node("Gather", ["shape", "two"], ["rows"]),
         ],
-        [value("x", TensorProto.FLOAT, [1, 1, 1, "W"])],
-        [value("height", TensorProto.INT64, [1])],
-        [tensor("w", np.ones((1, 1, 2, 1), np.float32)), tensor("two", np.array([2], np.int64))],
+        [value("x", TensorProto.FLOAT, [1, 1, height, "W"])],
+        [value("rows", TensorProto.INT64, [1])],
+        [*initializers, tensor("two", np.array([2], np.int64))],
     )
-    feeds = {"x": np.ones((1, 1, 1, 3), np.float32)}
+    feeds = {"x": np.ones((1, 1, height, width), np.float32)}
+    expect(run(original, feeds)[0].tolist() == [-(-height // stride)], "the original computes ceil(height / stride)")
     assert_equivalent(original, "fold,dce", feeds)
     assert_equivalent(original, "fold", feeds)
 
