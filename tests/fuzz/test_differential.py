@@ -6,11 +6,14 @@ disabled) the same outputs as the original on the same inputs, within a toleranc
 
 CI runs a fixed, derandomized set of examples. For long runs::
 
-    ONNXOPT_FUZZ_EXAMPLES=3000 ONNXOPT_FUZZ_SEED=1 .venv/bin/python -m pytest -q tests/fuzz -k differential
+    ONNXOPT_FUZZ_EXAMPLES=3000 ONNXOPT_FUZZ_SEED=1 ONNXOPT_FUZZ_SAVE=/tmp/fuzz \
+        nohup .venv/bin/python -m pytest -q tests/fuzz/test_differential.py -k "differential and not tolerance" &
 
 ``ONNXOPT_FUZZ_SEED`` switches derandomization off and seeds the run, so that runs with different seeds
 try different graphs. Each (pipeline, kind of failure) raises its own exception class, so hypothesis
-shrinks and reports every distinct bug of a run rather than only the first.
+shrinks and reports every distinct bug of a run rather than only the first. ``ONNXOPT_FUZZ_SAVE``
+writes every failing model with its inputs and the failure (and a ``progress`` file); ``minimize.py``
+shrinks such a model further, on the graph itself.
 
 A failure that matches a bug already recorded in ``test_regressions.py`` (``KNOWN_BUGS`` below) does
 not fail this test: its regression test tracks it, and this one keeps looking for new ones.
