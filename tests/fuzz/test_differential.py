@@ -99,7 +99,8 @@ def difference(name: str, want: np.ndarray, got: np.ndarray) -> str | None:
         return f"output {name}: infinities differ"
     finite = np.isfinite(w) & np.isfinite(g)
     scale = max(1.0, float(np.max(np.abs(w[finite]), initial=0.0)))
-    excess = np.abs(g - w) - (atol * scale + rtol * np.abs(w))
+    with np.errstate(invalid="ignore"):  # inf - inf where both are infinite: judged above
+        excess = np.abs(g - w) - (atol * scale + rtol * np.abs(w))
     excess[~finite] = 0
     if np.all(excess <= 0):
         return None
