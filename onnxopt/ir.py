@@ -610,11 +610,14 @@ def _hoist_captured_constants(graph_proto: onnx.GraphProto, owners: dict[str, se
     a name borne by one tensor object is the same value everywhere, so it belongs once at the top.
     """
     top_names = {t.name for t in graph_proto.initializer}
+    # A name some graph computes or takes as input must stay local: sibling branches are separate
+    # scopes, and a hoisted constant would clash with the other branch's value of that name.
+    computed = _computed_names(graph_proto)
 
     def visit(sub: onnx.GraphProto) -> None:
         keep = []
         for init in sub.initializer:
-            if len(owners.get(init.name, ())) == 1:
+            if len(owners.get(init.name, ())) == 1 and init.name not in computed:
                 if init.name not in top_names:
                     graph_proto.initializer.append(init)
                     top_names.add(init.name)
@@ -636,6 +639,17 @@ def _hoist_captured_constants(graph_proto: onnx.GraphProto, owners: dict[str, se
                 visit(attr.g)
             for inner in attr.graphs:
                 visit(inner)
+
+
+def _computed_names(graph_proto: onnx.GraphProto) -> set[str]:
+    """Names of node outputs and graph inputs in ``graph_proto`` and every graph nested in it."""
+    names = {vi.name for vi in graph_proto.input}
+    for node in graph_proto.node:
+        names.update(node.output)
+        for attr in node.attribute:
+            for inner in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _computed_names(inner)
+    return names
 
 
 def used_domains(graph: gs.Graph) -> set[str]:

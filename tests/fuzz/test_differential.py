@@ -215,22 +215,6 @@ def sibling_branches_share_names(case: FuzzCase) -> bool:
     return False
 
 
-def branch_constant_clash(case: FuzzCase, failure: Failure) -> bool:
-    """The SSA error names a constant of one branch (or any value, after ``fold``) a sibling also defines."""
-    found = re.search(r"however '([^']+)' has been used as output names multiple times", failure.detail)
-    if not found:
-        return False
-    name = found.group(1)
-    holders = []
-    for sub in subgraphs(case.model.graph):
-        constant = name in {t.name for t in sub.initializer} or any(
-            n.op_type == "Constant" and name in n.output for n in sub.node
-        )
-        if constant or any(name in n.output for n in sub.node):
-            holders.append(constant)
-    return len(holders) >= 2 and (any(holders) or runs_fold(failure))
-
-
 def runs_fold(failure: Failure) -> bool:
     return any(name in failure.pipeline for name in ("fold", "O1", "O2", "O3"))
 
@@ -294,7 +278,6 @@ KNOWN_BUGS: list[KnownBug] = [
             and any(n.op_type == "Squeeze" and len(n.input) < 2 for n in all_nodes(case.model.graph))
         ),
     ),
-    KnownBug("test_branch_constant_named_like_a_value_of_the_other_branch", branch_constant_clash),
     KnownBug(
         "test_dce_dead_values_with_one_name_in_both_branches",
         lambda case, failure: sibling_branches_share_names(case) and "list.remove(x)" in failure.detail,

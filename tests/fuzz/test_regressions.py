@@ -142,10 +142,6 @@ def if_model(
     )
 
 
-@known_bug(
-    "ir export: a branch constant is hoisted into the main graph, where a value "
-    "of the other branch with its name breaks SSA"
-)
 @pytest.mark.parametrize(
     ("defined_by", "passes"),
     [
