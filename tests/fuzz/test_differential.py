@@ -22,7 +22,6 @@ not fail this test: its regression test tracks it, and this one keeps looking fo
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
