@@ -1,0 +1,282 @@
+"""The fusion census: which fused operators a runtime's own optimizer ends up with, before and after onnxopt.
+
+An engine such as onnxruntime rewrites every model it loads (``ORT_ENABLE_ALL``: Gemm and
+LayerNormalization recovery, ``com.microsoft`` fusions such as SkipLayerNormalization, FusedMatMul,
+Gelu, Attention). A graph optimizer helps when the engine's fusions still fire on its output, or
+better, when it hands the engine fused operators the engine would not have found; it hurts when one of
+its rewrites hides a pattern the engine knew. The census answers that: it lets the engine optimize the
+original and the optimized model and counts, per operator type, the fused operators in each result.
+
+An operator counts as *fused* when only a fusion (the engine's or onnxopt's) can have made it:
+
+* any operator outside the standard ONNX domains (``com.microsoft``, ``com.microsoft.nchwc``, ...):
+  contrib and internal operators are what engines fuse into;
+* the standard operators that stand for several simpler ones and that optimizers recover from their
+  decomposition (``FUSED_STANDARD_OPS``: Gemm, LayerNormalization, Gelu, Attention, ...). Softmax or
+  Relu, though onnx defines them as functions too, are what exporters write directly, so they are not.
+
+For OpenVINO the census reads the compiled model's runtime graph (``compiled.get_runtime_model()``),
+whose node types are the CPU plugin's (FullyConnected, MVN, ScaledDotProductAttention, Subgraph, ...);
+there every type that is not the name of an ONNX operator counts as fused, but for graph ends,
+constants, layout or precision conversions and single operators under other names (Convolution, Eltwise).
+
+A row is a *regression* when a fused type occurs fewer times after onnxopt than without it. A drop
+can also mean that a larger fusion took the nodes in (FusedMatMul disappears into Attention): the table
+shows every fused type side by side so that a reader can tell which.
+
+Usage::
+
+    from onnxopt.census import fusion_census
+    census = fusion_census("model.onnx", optimized_model, target="ort")
+    rich.print(census)            # a table: fused op type, original, ours, change
+    census.to_dict()              # the same as JSON-able data; census.regressions lists the drops
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from onnxopt import ir
+
+__all__ = ["FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph", "fusion_census", "is_fused",
+           "runtime_graph"]
+
+TARGETS = ("ort", "openvino")
+
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+# Standard operators that stand for a composition of simpler ones and that optimizers produce by fusion.
+FUSED_STANDARD_OPS = frozenset({
+    "Gemm",  # MatMul + Add
+    "LayerNormalization", "RMSNormalization", "GroupNormalization", "MeanVarianceNormalization",
+    "Gelu", "HardSwish", "HardSigmoid", "Mish", "Swish", "SwiGLU",
+    "Attention", "RotaryEmbedding",
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+})
+
+# Runtime-graph node types of OpenVINO's CPU plugin that are no fusion: graph ends, constants, layout
+# and precision conversions, and single ONNX operators under the plugin's own names.
+_OPENVINO_PLAIN = frozenset({"Input", "Output", "Const", "Reorder", "Convert", "Convolution", "Deconvolution",
+                             "Pooling", "Eltwise"})
+
+ModelSource = onnx.ModelProto | str | os.PathLike
+
+
+@dataclass(frozen=True)
+class RuntimeGraph:
+    """What an engine made of one model: node counts per (domain, operator type), or why it failed."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def nodes(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True)
+class CensusRow:
+    """One fused operator type: how often the engine's graph holds it without and with onnxopt."""
+
+    domain: str
+    op_type: str
+    original: int | None
+    ours: int | None
+
+    @property
+    def label(self) -> str:
+        return self.op_type if self.domain in _STANDARD_DOMAINS else f"{self.domain}.{self.op_type}"
+
+    @property
+    def change(self) -> int | None:
+        if self.original is None or self.ours is None:
+            return None
+        return self.ours - self.original
+
+    @property
+    def regression(self) -> bool:
+        return self.change is not None and self.change < 0
+
+    def to_dict(self) -> dict:
+        return {"domain": self.domain, "op_type": self.op_type, "original": self.original, "ours": self.ours,
+                "change": self.change, "regression": self.regression}
+
+
+@dataclass(frozen=True)
+class Census:
+    """Fused operators in the engine's graphs of the original and of the optimized model."""
+
+    target: str
+    original: RuntimeGraph
+    ours: RuntimeGraph
+    rows: tuple[CensusRow, ...]
+
+    @property
+    def regressions(self) -> list[CensusRow]:
+        """Fused types the engine found fewer of after onnxopt (see the module docstring for caveats)."""
+        return [row for row in self.rows if row.regression]
+
+    def fused_total(self, side: str) -> int | None:
+        """How many fused nodes the engine's graph of ``side`` ("original" or "ours") holds."""
+        graph: RuntimeGraph = getattr(self, side)
+        if not graph.ok:
+            return None
+        return sum(getattr(row, side) or 0 for row in self.rows)
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.target,
+            "original": {"nodes": self.original.nodes if self.original.ok else None, "error": self.original.error,
+                         "fused": self.fused_total("original")},
+            "ours": {"nodes": self.ours.nodes if self.ours.ok else None, "error": self.ours.error,
+                     "fused": self.fused_total("ours")},
+            "rows": [row.to_dict() for row in self.rows],
+            "regressions": [row.label for row in self.regressions],
+        }
+
+    def table(self):
+        """The census as a ``rich`` table; regressions are marked and coloured."""
+        from rich.table import Table
+
+        table = Table(title=f"fused operators after {_ENGINE_NAMES[self.target]}'s own optimization")
+        table.add_column("fused op type")
+        table.add_column("original", justify="right")
+        table.add_column("ours", justify="right")
+        table.add_column("change", justify="right")
+        for row in self.rows:
+            change = "" if row.change is None else f"{row.change:+d}" if row.change else "0"
+            style = "red" if row.regression else "green" if (row.change or 0) > 0 else None
+            table.add_row(row.label, _cell(row.original), _cell(row.ours),
+                          f"{change} (regression)" if row.regression else change, style=style)
+        table.add_row("all fused nodes", _cell(self.fused_total("original")), _cell(self.fused_total("ours")),
+                      _difference(self.fused_total("original"), self.fused_total("ours")), end_section=True)
+        table.add_row("all nodes", _cell(self.original.nodes if self.original.ok else None),
+                      _cell(self.ours.nodes if self.ours.ok else None),
+                      _difference(self.original.nodes if self.original.ok else None,
+                                  self.ours.nodes if self.ours.ok else None))
+        for side, graph in (("original", self.original), ("ours", self.ours)):
+            if not graph.ok:
+                table.add_row(f"{side}: not loaded", "", "", "", style="yellow")
+                table.caption = f"{table.caption + '; ' if table.caption else ''}{side}: {graph.error}"
+        return table
+
+    def __rich__(self):
+        return self.table()
+
+
+_ENGINE_NAMES = {"ort": "onnxruntime", "openvino": "OpenVINO"}
+
+
+def _cell(count: int | None) -> str:
+    return "-" if count is None else str(count)
+
+
+def _difference(before: int | None, after: int | None) -> str:
+    return "" if before is None or after is None else f"{after - before:+d}"
+
+
+def fusion_census(original: ModelSource, optimized: ModelSource, target: str = "ort") -> Census:
+    """Lets ``target``'s optimizer compile both models and compares the fused operators it ends up with.
+
+    ``original`` and ``optimized`` are ModelProtos or paths (models with external data included; a
+    ModelProto over protobuf's limit is saved to a temporary folder with external data). A model the
+    engine cannot load is reported in its side's ``error``, never raised.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown census target '{target}' (targets: {', '.join(TARGETS)})")
+    before = runtime_graph(original, target)
+    after = runtime_graph(optimized, target)
+    return Census(target, before, after, _rows(before, after, target))
+
+
+def runtime_graph(model: ModelSource, target: str = "ort") -> RuntimeGraph:
+    """The node counts of ``target``'s optimized graph of ``model``, or the reason it could not be made."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown census target '{target}' (targets: {', '.join(TARGETS)})")
+    with tempfile.TemporaryDirectory(prefix="onnxopt-census-") as scratch:
+        try:
+            path = _as_path(model, Path(scratch))
+            counts = _ort_counts(path, Path(scratch)) if target == "ort" else _openvino_counts(path)
+        except Exception as error:  # noqa: BLE001 - any engine failure is the census' answer, not a crash
+            return RuntimeGraph(error=_one_line(error))
+    return RuntimeGraph(counts=dict(counts))
+
+
+def _as_path(model: ModelSource, scratch: Path) -> Path:
+    if isinstance(model, onnx.ModelProto):
+        path = scratch / "model.onnx"
+        ir.save_model(model, path)
+        return path
+    return Path(model)
+
+
+def _ort_counts(path: Path, scratch: Path) -> Counter:
+    import onnxruntime as ort
+
+    optimized = scratch / "ort_optimized.onnx"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(optimized)
+    # Weights go to a side file, so that models over 2 GiB can be written and the graph read without them.
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                     f"{optimized.name}.data")
+    options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # the NCHWc warning about serializing a hardware-specific graph
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(optimized), load_external_data=False)
+    return Counter((node.domain or "", node.op_type) for node in _all_nodes(graph.graph))
+
+
+def _openvino_counts(path: Path) -> Counter:
+    try:
+        import openvino
+    except ImportError:
+        raise RuntimeError("openvino is not installed (pip install 'onnxopt[openvino]')") from None
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": "1"})
+    runtime = compiled.get_runtime_model()
+    return Counter(("", op.get_rt_info()["layerType"].astype(str)) for op in runtime.get_ordered_ops())
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for body in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(body)
+
+
+def is_fused(domain: str, op_type: str, target: str = "ort") -> bool:
+    """Whether a node of the engine's graph can only come from a fusion (see the module docstring)."""
+    if target == "openvino":
+        return op_type not in _OPENVINO_PLAIN and not onnx.defs.has(op_type)
+    return domain not in _STANDARD_DOMAINS or op_type in FUSED_STANDARD_OPS
+
+
+def _rows(before: RuntimeGraph, after: RuntimeGraph, target: str) -> tuple[CensusRow, ...]:
+    keys = {key for key in (*before.counts, *after.counts) if is_fused(*key, target)}
+
+    def count(graph: RuntimeGraph, key: tuple[str, str]) -> int | None:
+        return graph.counts.get(key, 0) if graph.ok else None
+
+    rows = [CensusRow(domain, op_type, count(before, (domain, op_type)), count(after, (domain, op_type)))
+            for domain, op_type in keys]
+    # Standard operators first, then each domain's, alphabetically: the order a reader scans a table in.
+    return tuple(sorted(rows, key=lambda row: (row.domain not in _STANDARD_DOMAINS, row.domain, row.op_type)))
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
