@@ -53,6 +53,7 @@ __all__ = [
     "is_local",
     "load_model",
     "make_constant",
+    "model_skeleton",
     "outer_scope_names",
     "purge_detached",
     "remove_nodes",
@@ -240,16 +241,70 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_model(model: onnx.ModelProto | str | os.PathLike, full: bool = False) -> None:
-    """Runs ``onnx.checker`` on a model (or a model file) and raises ``ModelLoadError`` on failure.
+def check_model(model: onnx.ModelProto, full: bool = False) -> None:
+    """Runs ``onnx.checker`` on the model's skeleton and raises ``ModelLoadError`` on failure.
 
-    A model with external data must be checked through its path: the checker resolves data files
-    relative to the model's folder only then (given a ModelProto it looks in the current directory).
+    The checker serializes what it checks; on the skeleton (``model_skeleton``) that costs no weight
+    bytes, works past protobuf's 2 GiB limit and needs no external data files.
     """
+    skeleton = model_skeleton(model)
+    if model_weight_bytes(skeleton) >= PROTOBUF_LIMIT_BYTES // 2 or any(
+        t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(skeleton)
+    ):
+        # Weights in node attributes inside subgraphs; read_model has checked their sizes and files.
+        log.info("onnx.checker skipped: the model keeps large or external tensors inside subgraph nodes")
+        return
     try:
-        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=full)
+        onnx.checker.check_model(skeleton, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ModelLoadError(f"invalid ONNX model: {_one_line(error)}") from None
+
+
+def model_skeleton(model: onnx.ModelProto, threshold: int = STUB_THRESHOLD_BYTES) -> onnx.ModelProto:
+    """A copy of the model whose large or external initializers are graph inputs of the same type and shape.
+
+    The graph's structure, types and shapes stay as they were, so the skeleton is what onnx.checker
+    and shape inference need, without copying weights.
+    """
+    def heavy(tensor: TensorProto) -> bool:
+        return tensor.data_location == TensorProto.EXTERNAL or (_declared_nbytes(tensor) or 0) > threshold
+
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip=("graph",))
+    graph = skeleton.graph
+    _copy_fields(model.graph, graph, skip=("initializer", "node"))
+    listed = {vi.name for vi in graph.input}
+
+    def as_input(name: str, tensor: TensorProto) -> None:
+        if name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
+            listed.add(name)
+
+    for tensor in model.graph.initializer:
+        if heavy(tensor):
+            as_input(tensor.name, tensor)
+        else:
+            graph.initializer.append(tensor)
+    for node in model.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None and heavy(value):
+            as_input(node.output[0], value)
+        else:
+            graph.node.append(node)
+    return skeleton
+
+
+def _copy_fields(source, target, skip: tuple[str, ...]) -> None:
+    """Copies every set field of a protobuf message but the skipped ones."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 @dataclass(frozen=True)
@@ -298,15 +353,8 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
     _check_opsets(model)
     _check_tensor_sizes(model, base_dir)
     external = base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(model))
-    if check and base_dir is not None:
-        # Through the path: the checker then reads the file itself instead of serializing the model.
-        check_model(source)
-    elif check and model_weight_bytes(model) < PROTOBUF_LIMIT_BYTES // 2:
+    if check:
         check_model(model)
-    elif check:
-        # The checker serializes the model, which protobuf refuses past 2 GiB; the structural checks
-        # above, graph sorting and the pass contracts still run.
-        log.info("onnx.checker skipped for an in-memory model over 1 GiB of weights")
     if external:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(base_dir))
@@ -362,15 +410,7 @@ def _holds_tensors(node: onnx.NodeProto) -> bool:
 
 def _copy_graph(graph: onnx.GraphProto, target: onnx.GraphProto, writer: _DataWriter) -> None:
     """Copies a graph, writing its large tensors (subgraphs included) through ``writer`` instead."""
-    for field, value in graph.ListFields():
-        if field.name not in ("node", "initializer"):
-            if field.message_type is not None and not (field.is_repeated if hasattr(field, "is_repeated")
-                                                       else field.label == field.LABEL_REPEATED):
-                getattr(target, field.name).CopyFrom(value)
-            elif field.message_type is not None or (hasattr(field, "is_repeated") and field.is_repeated):
-                getattr(target, field.name).extend(value)
-            else:
-                setattr(target, field.name, value)
+    _copy_fields(graph, target, skip=("node", "initializer"))
     for tensor in graph.initializer:
         _copy_tensor(tensor, target.initializer.add(), writer)
     for node in graph.node:
