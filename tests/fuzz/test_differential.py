@@ -195,25 +195,6 @@ def has_multi_axis_unsqueeze(case: FuzzCase) -> bool:
     )
 
 
-def subgraphs(graph: onnx.GraphProto):
-    for node in graph.node:
-        for attribute in node.attribute:
-            for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                yield sub
-                yield from subgraphs(sub)
-
-
-def sibling_branches_share_names(case: FuzzCase) -> bool:
-    """Whether two subgraphs define (as node outputs or initializers) a value of the same name."""
-    seen: dict[str, int] = {}
-    for index, sub in enumerate(subgraphs(case.model.graph)):
-        defined = {name for node in sub.node for name in node.output if name} | {t.name for t in sub.initializer}
-        if any(seen.get(name, index) != index for name in defined):
-            return True
-        seen.update((name, index) for name in defined)
-    return False
-
-
 def runs_fold(failure: Failure) -> bool:
     return any(name in failure.pipeline for name in ("fold", "O1", "O2", "O3"))
 
@@ -276,10 +257,6 @@ KNOWN_BUGS: list[KnownBug] = [
             runs_shape_inference(failure)
             and any(n.op_type == "Squeeze" and len(n.input) < 2 for n in all_nodes(case.model.graph))
         ),
-    ),
-    KnownBug(
-        "test_dce_dead_values_with_one_name_in_both_branches",
-        lambda case, failure: sibling_branches_share_names(case) and "list.remove(x)" in failure.detail,
     ),
 ]
 

@@ -182,9 +182,6 @@ def test_branch_constant_named_like_a_value_of_the_other_branch(defined_by, pass
         assert_equivalent(original, passes, {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
 
 
-@known_bug(
-    "dce: dead nodes with the same output name in both If branches crash it (ValueError: list.remove(x): x not in list)"
-)
 def test_dce_dead_values_with_one_name_in_both_branches():
     """Both branches compute an unused ``a = Relu(x)``; graphsurgeon gives the two one tensor object.
 

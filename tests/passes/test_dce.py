@@ -240,6 +240,24 @@ def test_identity_read_only_inside_a_branch_is_bypassed():
     assert_idempotent(optimized)
 
 
+def test_equal_identities_in_both_branches_are_bypassed():
+    """Both branches hold ``j = Identity(x)`` of the outer ``x``: graphsurgeon compares nodes by value, and
+    unlinking one from ``x``'s readers must not take the other's place."""
+    model = parse(HEADER + """
+    g (float[2,3] x, bool c) => (float[2,3] y) {
+      y = If(c) <
+        then_branch = g1 () => (float[2,3] a) { j = Identity(x)  a = Sigmoid(j) },
+        else_branch = g2 () => (float[2,3] b) { j = Identity(x)  b = Abs(j) }
+      >
+    }""")
+    optimized, result = dce(model)
+    assert result.stats["identities_removed"] == 2
+    assert op_counts(optimized) == {"If": 1, "Sigmoid": 1, "Abs": 1}
+    for flag in (True, False):
+        assert_same_outputs(model, optimized, {"x": random_feeds(model)["x"], "c": np.array(flag)})
+    assert_idempotent(optimized)
+
+
 def test_values_captured_by_a_nested_loop_body_stay():
     model = parse(HEADER + """
     g (float[2] x, int64 n, bool c) => (float[2] y) {
