@@ -28,11 +28,14 @@ A rule says what to find, when it is safe, and what to put instead::
 The matcher tries both operand orders of commutative binary operators, treats ``op.optional(v)`` as an
 input that may be absent (``m["v"] is None``), matches numbers as constants (``op.Add(x, 0)``), and
 accepts nodes with several outputs (``op.Dropout(x, _outputs=2)``: outputs the pattern does not return
-must be unused). A value inside the pattern that is read elsewhere or is a graph output stops the
+must be unused). ``op.either(a, b)`` matches any of several sub-patterns (a ``pattern`` may return one,
+making a rule with several roots); ``op.product(x, 0.5, y)`` matches a product of factors in any
+association and order. A value inside the pattern that is read elsewhere or is a graph output stops the
 match, unless the rule sets ``allow_shared_intermediates``. In ``check`` and ``rewrite``,
 ``m["x"]`` is a bound value, ``m.node("Conv")`` / ``m.attrs("Conv")`` a matched node and its
 attributes (``_tag="name"`` tells apart two nodes of one type), ``m.is_constant("w")`` and
-``m.value("w")`` read constants.
+``m.value("w")`` read constants, ``m.has_node("Div")`` tells which alternative matched. A rule's
+``targets`` (``None``: all) names the engines it runs for; ``min_opset``/``max_opset`` its opsets.
 
 The driver (``RuleSet.apply``) asks ``ctx.allow(rule_name, site)`` before every rewrite, keeps the
 names of replaced values (graph outputs stay outputs), removes matched nodes left unused, works in

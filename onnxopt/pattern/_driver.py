@@ -97,12 +97,13 @@ class RuleSet:
         for rule in self.rules:
             if rule.name in skip:
                 continue
-            reason = rule.applies_to(opsets)
+            reason = rule.applies_to(opsets) or rule.runs_for(ctx.target)
             if reason is not None:
                 if explain is not None:
                     explain.record(Attempt(rule.name, "", "", "not applicable", reason))
                 continue
-            by_root.setdefault(rule.compiled().root.op_type, []).append(rule)
+            for op_type in dict.fromkeys(root.op_type for root in rule.compiled().roots):
+                by_root.setdefault(op_type, []).append(rule)
         if not by_root:
             return counts
         state = _RunState(graph, ctx, opsets, _Namer(graph), explain)
@@ -165,11 +166,12 @@ class _RunState:
 
     def try_rule(self, rule: RewriteRule, sub: gs.Graph, node: gs.Node) -> bool:
         compiled = rule.compiled()
-        if not _same_domain(node.domain, compiled.root.domain):
+        roots = [root for root in compiled.roots if root.op_type == node.op and _same_domain(node.domain, root.domain)]
+        if not roots:
             return False
         matcher = Matcher(sub, commute=rule.commute, is_member=self.is_member)
         last: tuple[str, str] | None = None
-        for bound in matcher.match_root(compiled.root, node):
+        for bound in (bound for root in roots for bound in matcher.match_root(root, node)):
             shared = _containment(compiled, bound, sub, node, rule.allow_shared_intermediates)
             if shared is not None:
                 last = ("shared", shared)

@@ -6,7 +6,10 @@ value; the same variable used twice must bind to the same value. Every operator 
 ``NodePattern``; its outputs are ``NodeOutput`` values.
 
 The matcher walks the tree from the root node's output back to the inputs and backtracks: binary
-commutative operators are tried in both operand orders, optional inputs may be present or absent.
+commutative operators are tried in both operand orders, optional inputs may be present or absent, and
+``op.either(a, b)`` tries each alternative in turn. ``op.product(a, b, c)`` is the alternatives that
+multiply the factors in every association (``(a * b) * c``, ``a * (b * c)``, ``(a * c) * b``); with
+the commuted operands the matcher tries, every order of the factors matches.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 
-__all__ = ["COMMUTATIVE_OPS", "Const", "NodeOutput", "NodePattern", "Optional", "PatternBuilder", "Var"]
+__all__ = ["COMMUTATIVE_OPS", "Const", "Either", "NodeOutput", "NodePattern", "Optional", "PatternBuilder", "Var"]
 
 # Binary operators whose operands can be swapped without changing the result (broadcasting is symmetric).
 COMMUTATIVE_OPS = frozenset({"Add", "Mul", "And", "Or", "Xor", "Equal", "Max", "Min", "Sum", "Mean",
@@ -67,6 +70,20 @@ class Const(ValuePattern):
 
     def __repr__(self) -> str:
         return repr(self.value)
+
+
+@dataclass(eq=False)
+class Either(ValuePattern):
+    """A value that matches any one of several patterns, tried in order (``op.either(a, b)``).
+
+    Variables and nodes of the alternatives that did not match stay unbound: ``match[name]`` is then
+    ``None`` and ``match.has_node(label)`` is false.
+    """
+
+    alternatives: list[ValuePattern]
+
+    def __repr__(self) -> str:
+        return f"either({', '.join(repr(a) for a in self.alternatives)})"
 
 
 @dataclass(eq=False)
@@ -138,6 +155,44 @@ class PatternBuilder:
         """A constant all of whose elements equal ``value``."""
         return Const(value, rtol)
 
+    @staticmethod
+    def either(*alternatives: Any) -> ValuePattern:
+        """A value matching any of ``alternatives`` (the first that matches, then the others on backtracking).
+
+        A rule's ``pattern`` may return an ``either`` of operator calls: the rule then has several roots,
+        possibly of different operator types, each output 0 of its node.
+        """
+        values = [_as_value(a) for a in alternatives]
+        if not values or any(v is None for v in values):
+            raise TypeError("either() needs one or more patterns, none of them None")
+        return values[0] if len(values) == 1 else Either(values)
+
+    def product(self, *factors: Any, _op: str = "Mul") -> ValuePattern:
+        """The product of ``factors`` in any association and order: ``op.product(x, 0.5, y)``.
+
+        Builds every binary tree of ``_op`` nodes (``Mul`` by default, or another associative and
+        commutative operator such as ``Add``) over the factors, once per shape up to swapped operands,
+        which the matcher tries itself: 3 trees for three factors, 15 for four.
+        """
+        leaves = [_as_value(f) for f in factors]
+        if len(leaves) < 2 or len(leaves) > 4 or any(leaf is None for leaf in leaves):
+            raise TypeError("product() takes two to four factors, none of them None")
+        return self.either(*self._trees(_op, leaves))
+
+    def _trees(self, op_type: str, leaves: list[ValuePattern]) -> list[ValuePattern]:
+        if len(leaves) == 1:
+            return leaves
+        first, rest = leaves[0], leaves[1:]
+        trees = []
+        # The group holding the first factor goes left; the swapped operands are the matcher's business.
+        for mask in range(2 ** len(rest) - 1):
+            left = [first] + [leaf for i, leaf in enumerate(rest) if mask >> i & 1]
+            right = [leaf for i, leaf in enumerate(rest) if not mask >> i & 1]
+            for left_tree in self._trees(op_type, left):
+                for right_tree in self._trees(op_type, right):
+                    trees.append(getattr(self, op_type)(left_tree, right_tree))
+        return trees
+
 
 def _as_value(item: Any) -> ValuePattern | None:
     if item is None or isinstance(item, ValuePattern):
@@ -204,6 +259,10 @@ class Matcher:
                 yield bound
             else:
                 self.fail(f"input '{tensor.name}' is present where the pattern has none")
+            return
+        if isinstance(pattern, Either):
+            for alternative in pattern.alternatives:
+                yield from self._value(alternative, tensor, bound)
             return
         if isinstance(pattern, Optional):
             if _absent(tensor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import ir
-from onnxopt.pattern._pattern import NodeOutput, NodePattern, PatternBuilder, Var
+from onnxopt.pattern._pattern import Either, NodeOutput, NodePattern, PatternBuilder, ValuePattern, Var
 
 __all__ = ["Match", "MatchResult", "ReplacementBuilder", "RewriteRule"]
 
@@ -67,6 +67,10 @@ class Match:
         if not found:
             raise KeyError(f"the pattern has no node '{label}' (it has: {', '.join(self._nodes)})")
         return found[index]
+
+    def has_node(self, label: str) -> bool:
+        """Whether a node with this operator type (or ``_tag``) matched: alternatives of ``op.either`` may not."""
+        return bool(self._nodes.get(label))
 
     def attrs(self, label: str, index: int = 0) -> dict[str, Any]:
         """A copy of the attributes of ``node(label)``, to pass on to a replacement node."""
@@ -225,6 +229,8 @@ class RewriteRule:
       snake case); read as "source to target";
     * ``domain``, ``min_opset``, ``max_opset``: the rule only runs on models importing ``domain`` at a
       version in that range (the operators it matches or emits must exist there);
+    * ``targets``: the engines (``Target`` values) the rule runs for, ``None`` for all; a rule whose
+      replacement an engine cannot run or would run slower leaves that target out;
     * ``allow_shared_intermediates``: match even when a value inside the pattern has readers outside
       it (those nodes are then kept); off by default, so that a fusion never duplicates work;
     * ``commute``: also try swapped operands of commutative binary operators (default on).
@@ -234,6 +240,7 @@ class RewriteRule:
     domain: ClassVar[str] = ""
     min_opset: ClassVar[int] = 1
     max_opset: ClassVar[int | None] = None
+    targets: ClassVar[frozenset[str] | None] = None
     allow_shared_intermediates: ClassVar[bool] = False
     commute: ClassVar[bool] = True
 
@@ -261,6 +268,15 @@ class RewriteRule:
             return f"the rule needs opset {self.min_opset}{upper} of domain '{self.domain}', the model has {version}"
         return None
 
+    def runs_for(self, target: str) -> str | None:
+        """``None`` if the rule runs when optimizing for ``target`` (a ``Target`` or its name), else why not."""
+        if self.targets is None:
+            return None
+        name = getattr(target, "value", target)
+        if name in {getattr(t, "value", t) for t in self.targets}:
+            return None
+        return f"the rule does not run for target '{name}'"
+
     def compiled(self) -> CompiledPattern:
         """The pattern, built once per rule object."""
         cached = self.__dict__.get("_compiled")
@@ -272,12 +288,21 @@ class RewriteRule:
 
 @dataclass
 class CompiledPattern:
-    """A rule's pattern as the matcher uses it: the root node, its outputs, and node labels."""
+    """A rule's pattern as the matcher uses it: the root node(s), the outputs, and node labels.
+
+    ``roots`` has one node per alternative when ``pattern`` returns an ``op.either`` of operator calls
+    (each then stands for output 0 of its node); ``root`` is the first.
+    """
 
     root: NodePattern
     outputs: list[NodeOutput]
     nodes: list[NodePattern]
     variables: list[str]
+    roots: list[NodePattern] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.roots:
+            self.roots = [self.root]
 
     @classmethod
     def build(cls, rule: RewriteRule) -> CompiledPattern:
@@ -285,6 +310,11 @@ class CompiledPattern:
         names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         builder = PatternBuilder()
         result = rule.pattern(builder, *[Var(n) for n in names])
+        if isinstance(result, Either):
+            alternatives = _flatten(result)
+            if not all(isinstance(a, NodeOutput) and a.index == 0 for a in alternatives):
+                raise TypeError(f"rule '{rule.name}': every alternative a pattern returns must be an op call")
+            return cls(alternatives[0].node, [alternatives[0]], builder.nodes, names, [a.node for a in alternatives])
         outputs = list(result) if isinstance(result, (tuple, list)) else [result]
         if not outputs or not all(isinstance(o, NodeOutput) for o in outputs):
             raise TypeError(f"rule '{rule.name}': pattern() must return the output of an op call")
@@ -295,3 +325,11 @@ class CompiledPattern:
 
     def labels(self) -> dict[int, str]:
         return {id(n): n.label for n in self.nodes}
+
+
+def _flatten(either: Either) -> list[ValuePattern]:
+    """The alternatives of nested ``either`` calls, in order."""
+    flat: list[ValuePattern] = []
+    for alternative in either.alternatives:
+        flat.extend(_flatten(alternative) if isinstance(alternative, Either) else [alternative])
+    return flat

@@ -1,0 +1,185 @@
+"""Tests of the pattern-API extensions the fusion library is written with: ``op.either``, ``op.product``,
+rules with several roots, ``Match.has_node`` and ``RewriteRule.targets``."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from helpers import assert_same_outputs, op_counts
+
+from onnxopt import ir
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import PassContext, Target
+from onnxopt.pattern import Explanation, RewriteRule, RuleSet
+
+
+def parse(text: str, opset: int = 17) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>' + text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def apply(model: onnx.ModelProto, *rules, ctx: PassContext | None = None, explanation: Explanation | None = None):
+    graph = ir.import_model(model)
+    ir.infer_shapes(graph)
+    signature = IOSignature.of(graph)
+    counts = RuleSet(rules).apply(graph, ctx or PassContext(original=model), explanation)
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, counts
+
+
+class HalfProductToDiv(RewriteRule):
+    """Replaces x * 0.5 * y, in any association and order, with (x * y) / 2."""
+
+    def pattern(self, op, x, y):
+        return op.product(x, 0.5, y)
+
+    def rewrite(self, op, m):
+        return op.Div(op.Mul(m["x"], m["y"]), op.const(np.array(2.0, np.float32), "two"))
+
+
+class IdempotentPairToOne(RewriteRule):
+    """Replaces Relu(Relu(x)) with Relu(x) and Abs(Abs(x)) with Abs(x): a rule with two roots."""
+
+    def pattern(self, op, x):
+        return op.either(op.Relu(op.Relu(x, _tag="inner")), op.Abs(op.Abs(x, _tag="inner")))
+
+    def rewrite(self, op, m):
+        if m.has_node("Relu"):
+            return op.Relu(m["x"])
+        return op.Abs(m["x"])
+
+
+class ScaleOfDivOrMul(RewriteRule):
+    """Replaces x / c or x * c (either alternative inside the pattern) followed by Neg with x * (-1/c) or x * -c."""
+
+    def pattern(self, op, x, c):
+        return op.Neg(op.either(op.Div(x, c), op.Mul(x, c)))
+
+    def check(self, m):
+        if m.value("c") is None:
+            return m.fail("c is not constant")
+        return m.ok()
+
+    def rewrite(self, op, m):
+        c = m.value("c").astype(np.float64)
+        factor = -1.0 / c if m.has_node("Div") else -c
+        return op.Mul(m["x"], op.const(factor.astype(np.float32), "factor"))
+
+
+class OnlyForOrt(HalfProductToDiv):
+    name = "only_for_ort"
+    targets = frozenset({Target.ORT})
+
+
+PRODUCT_ORDERS = {
+    "(x*h)*y": "t = Mul(x, h)\n z = Mul(t, y)",
+    "x*(h*y)": "t = Mul(h, y)\n z = Mul(x, t)",
+    "(x*y)*h": "t = Mul(x, y)\n z = Mul(t, h)",
+    "h*(y*x)": "t = Mul(y, x)\n z = Mul(h, t)",
+    "(h*x)*y": "t = Mul(h, x)\n z = Mul(t, y)",
+    "y*(x*h)": "t = Mul(x, h)\n z = Mul(y, t)",
+}
+
+
+def product_model(body: str) -> onnx.ModelProto:
+    return parse(f"""
+        g (float[2, 3] x, float[2, 3] y) => (float[2, 3] z) {{
+            h = Constant <value = float {{0.5}}> ()
+            {body}
+        }}""")
+
+
+@pytest.mark.parametrize("order", sorted(PRODUCT_ORDERS))
+def test_product_matches_every_association_and_order(order):
+    model = product_model(PRODUCT_ORDERS[order])
+    optimized, counts = apply(model, HalfProductToDiv())
+    assert counts["half_product_to_div"] == 1
+    assert op_counts(optimized) == {"Constant": 1, "Mul": 1, "Div": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_product_does_not_match_other_factors():
+    model = product_model("t = Mul(x, y)\n z = Mul(t, y)")
+    optimized, counts = apply(model, HalfProductToDiv())
+    assert counts["half_product_to_div"] == 0
+    assert_same_outputs(model, optimized)
+
+
+def test_product_builds_one_tree_per_shape():
+    from onnxopt.pattern import PatternBuilder
+
+    two = PatternBuilder().product(1.0, 2.0)
+    assert not hasattr(two, "alternatives")  # one tree: the Mul itself
+    three = PatternBuilder().product(1.0, 2.0, 3.0)
+    four = PatternBuilder().product(1.0, 2.0, 3.0, 4.0)
+    assert len(three.alternatives) == 3
+    assert len(four.alternatives) == 15
+    with pytest.raises(TypeError):
+        PatternBuilder().product(1.0)
+
+
+@pytest.mark.parametrize("op_type", ["Relu", "Abs"])
+def test_a_rule_with_several_roots_fires_at_each(op_type):
+    model = parse(f"""
+        g (float[4] x) => (float[4] z) {{
+            n = {op_type}(x)
+            z = {op_type}(n)
+        }}""")
+    optimized, counts = apply(model, IdempotentPairToOne())
+    assert counts["idempotent_pair_to_one"] == 1
+    assert op_counts(optimized) == {op_type: 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_a_rule_with_several_roots_needs_one_alternative_whole():
+    model = parse("""
+        g (float[4] x) => (float[4] z) {
+            n = Abs(x)
+            z = Relu(n)
+        }""")
+    optimized, counts = apply(model, IdempotentPairToOne())
+    assert counts["idempotent_pair_to_one"] == 0
+    assert op_counts(optimized) == op_counts(model)
+
+
+@pytest.mark.parametrize("inner", ["Div", "Mul"])
+def test_either_inside_a_pattern_binds_the_alternative_that_matched(inner):
+    model = parse(f"""
+        g (float[4] x) => (float[4] z) {{
+            c = Constant <value = float[4] {{2.0, 4.0, -1.0, 0.5}}> ()
+            t = {inner}(x, c)
+            z = Neg(t)
+        }}""")
+    optimized, counts = apply(model, ScaleOfDivOrMul())
+    assert counts["scale_of_div_or_mul"] == 1
+    assert op_counts(optimized)["Mul"] == 1 and "Neg" not in op_counts(optimized)
+    assert_same_outputs(model, optimized)
+
+
+def test_either_does_not_match_a_third_operator():
+    model = parse("""
+        g (float[4] x) => (float[4] z) {
+            c = Constant <value = float[4] {2.0, 4.0, -1.0, 0.5}> ()
+            t = Sub(x, c)
+            z = Neg(t)
+        }""")
+    optimized, counts = apply(model, ScaleOfDivOrMul())
+    assert counts["scale_of_div_or_mul"] == 0
+    assert op_counts(optimized) == op_counts(model)
+
+
+@pytest.mark.parametrize("target,fires", [(Target.ORT, True), (Target.GENERIC, False), (Target.OPENVINO, False)])
+def test_targets_limit_where_a_rule_runs(target, fires):
+    model = product_model("t = Mul(x, h)\n z = Mul(t, y)")
+    explanation = Explanation()
+    optimized, counts = apply(model, OnlyForOrt(), ctx=PassContext(original=model, target=target),
+                              explanation=explanation)
+    assert counts["only_for_ort"] == int(fires)
+    if not fires:
+        assert any(a.outcome == "not applicable" and "target" in a.reason for a in explanation.attempts)
+    assert_same_outputs(model, optimized)
