@@ -219,6 +219,14 @@ def _shape_of(node: gs.Node) -> PartialValue | None:
     return PartialValue(tuple(dims[start:end]))
 
 
+def _unsqueeze_axis_count(node: gs.Node) -> int | None:
+    """How many axes an Unsqueeze inserts (an attribute before opset 13, a constant input since); None if unknown."""
+    if "axes" in node.attrs:
+        return len(node.attrs["axes"])
+    axes = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    return None if axes is None else int(axes.size)
+
+
 def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue | None:
     """The partially known value of ``node``'s first output, for the shape-arithmetic operators."""
     op = node.op
@@ -250,7 +258,10 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         return PartialValue(picked, scalar=indices.ndim == 0, dtype=first.dtype)
     if op == "Slice" and not first.scalar and len(node.inputs) >= 3:
         params = [ir.constant_value(t) if t.name else None for t in node.inputs[1:5]]
-        if any(p is None for p in params[:2]) or any(p is not None and p.size != 1 for p in params):
+        # A parameter input that is given but not constant (axes or steps fed at run time) is unknown,
+        # not its default.
+        given = [bool(t.name) for t in node.inputs[1:5]]
+        if any(g and p is None for g, p in zip(given, params)) or any(p is not None and p.size != 1 for p in params):
             return None
         axes = params[2] if len(params) > 2 and params[2] is not None else np.array([0])
         steps = params[3] if len(params) > 3 and params[3] is not None else np.array([1])
@@ -269,7 +280,7 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         if any(p is None or p.scalar for p in inputs):
             return None
         return PartialValue(tuple(e for p in inputs for e in p.elements), dtype=first.dtype)
-    if op == "Unsqueeze" and first.scalar:
+    if op == "Unsqueeze" and first.scalar and _unsqueeze_axis_count(node) == 1:
         return PartialValue(first.elements, dtype=first.dtype)
     if op == "Squeeze" and not first.scalar and len(first.elements) == 1:
         return PartialValue(first.elements, scalar=True, dtype=first.dtype)

@@ -187,18 +187,6 @@ def has_ceil_mode_pool(case: FuzzCase) -> bool:
     )
 
 
-def has_multi_axis_unsqueeze(case: FuzzCase) -> bool:
-    values = constants(case)
-    return any(
-        n.op_type == "Unsqueeze" and n.input[1] in values and values[n.input[1]].size >= 2
-        for n in all_nodes(case.model.graph)
-    )
-
-
-def runs_fold(failure: Failure) -> bool:
-    return any(name in failure.pipeline for name in ("fold", "O1", "O2", "O3"))
-
-
 def runs_shape_inference(failure: Failure) -> bool:
     return any(name in failure.pipeline.split("/")[0] for name in ("fold", "fuse", "O1", "O2", "O3"))
 
@@ -216,14 +204,6 @@ KNOWN_BUGS: list[KnownBug] = [
             and "Inferred shape and existing shape differ" in failure.detail
             and "op_type:Split" not in failure.detail
         ),
-    ),
-    KnownBug(
-        "test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two",
-        lambda case, failure: has_multi_axis_unsqueeze(case) and runs_fold(failure),
-    ),
-    KnownBug(
-        "test_slice_of_a_shape_with_a_runtime_step_is_not_folded",
-        lambda case, failure: has_runtime_input(case, "Slice", 4) and runs_fold(failure),
     ),
     KnownBug(
         "test_shape_of_an_operator_with_runtime_parameters_is_not_guessed",

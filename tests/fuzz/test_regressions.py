@@ -105,10 +105,6 @@ def test_slice_length_from_shape_inference_is_clamped(start, end, step, length):
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug(
-    "fold (fold_shapes): Unsqueeze of a scalar by two axes becomes a 1-D "
-    "constant; Shape of it folds to [1] instead of [1, 1]"
-)
 def test_unsqueeze_of_a_scalar_by_two_axes_keeps_rank_two():
     """``Unsqueeze(b, axes=[0, 1])`` of a scalar constant ``b`` is ``int64[1, 1]``.
 
@@ -200,7 +196,6 @@ def test_dce_dead_values_with_one_name_in_both_branches():
         assert_equivalent(original, "dce", {"x": np.array([1, -2], np.float32), "c": np.array(condition)})
 
 
-@known_bug("fold (fold_shapes): Slice of a shape whose steps input is not constant is folded as if the step were 1")
 def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
     """``Slice(Shape(x), starts=[0], ends=[9], axes=[0], steps=step)`` with ``step`` a graph input.
 

@@ -521,6 +521,26 @@ def test_slice_keeping_a_dynamic_dimension_stays():
     assert op_counts(optimized) == {"Shape": 1, "Slice": 1}
 
 
+@pytest.mark.parametrize("runtime", ["axes", "steps"])
+def test_slice_of_a_shape_with_runtime_axes_or_steps_stays(runtime):
+    """Axes or steps fed at run time are unknown, not their defaults (axis 0, step 1)."""
+    parameters = {"starts": [0], "ends": [9], "axes": [-1], "steps": [2]}
+    inputs = [value("x", TensorProto.FLOAT, [2, 3, 5])]
+    initializers = []
+    for name, data in parameters.items():
+        if name == runtime:
+            inputs.append(value(name, TensorProto.INT64, [1]))
+        else:
+            initializers.append(tensor(name, np.array(data, np.int64)))
+    model = make_model(
+        [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Slice", ["s", *parameters], ["y"])],
+        inputs, [value("y", TensorProto.INT64, ["K"])], initializers)
+    optimized, _ = fold(model)
+    assert op_counts(optimized) == {"Slice": 1}  # the Shape of a static x folds, the Slice stays
+    feeds = {"x": np.zeros((2, 3, 5), np.float32), runtime: np.array(parameters[runtime], np.int64)}
+    assert_same_outputs(model, optimized, feeds)
+
+
 def test_integer_arithmetic_on_shape_elements():
     model = parse(SHAPE_HEADER + """(float[N,3,4,16] y, int64 hw, int64[1] half)
         <int64 zero = {0}, int64 one = {1}, int64 two = {2}, int64 three = {3}, int64[1] axes = {0}> {
