@@ -1,0 +1,99 @@
+"""Checks the fusion rules share: constants read within float32's precision, ranks, normalized axes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxopt import ir
+from onnxopt.pass_infra import Target
+from onnxopt.pattern import Match
+
+# Exporters round the same constant differently (sqrt(2) as 1.4142135 or 1.41421356237, 1/6 as float32
+# or float64): a few float32 units in the last place (2**-23 ~ 1.2e-7) apart, never more.
+FLOAT32_RTOL = 1e-6
+
+# Floating-point types the fused operators (LayerNormalization, Gelu, HardSwish, ...) take, whose
+# decomposed forms compute no more precisely than the fused kernels do.
+FUSABLE_FLOATS = frozenset({np.dtype(np.float16), np.dtype(np.float32)})
+
+ALL_TARGETS = frozenset(Target)
+# TensorRT's ONNX parser is not available to check here; it recognises the decomposed forms of these
+# itself, so operators newer than LayerNormalization and HardSigmoid stay decomposed for it.
+NOT_TENSORRT = frozenset(Target) - {Target.TENSORRT}
+
+# Operators that broadcast their operands numpy-style: a constant operand with more axes than the other
+# raises the result's rank, which a fused operator would not.
+BROADCASTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+
+
+def close(value: float | None, expected: float, rtol: float = FLOAT32_RTOL) -> bool:
+    """Whether ``value`` is ``expected`` within float32 precision."""
+    return value is not None and bool(np.isclose(value, expected, rtol=rtol, atol=0.0))
+
+
+def scalar(m: Match, name: str) -> float | None:
+    """The one value of a constant with one element bound to ``name``, or ``None``."""
+    value = m.value(name)
+    if value is None or value.size != 1 or value.dtype.kind not in "iuf":
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def rank(m: Match, name: str) -> int | None:
+    shape = m.shape(name)
+    return None if shape is None else len(shape)
+
+
+def fusable_float(m: Match, name: str) -> str | None:
+    """Why the value's type rules a fusion out, or ``None`` (float32 and float16 fuse)."""
+    dtype = m.dtype(name)
+    if dtype not in FUSABLE_FLOATS:
+        return f"'{name}' is {dtype if dtype is not None else 'of unknown type'}, not float32 or float16"
+    return None
+
+
+def constants_keep_rank(m: Match, data_rank: int | None) -> str | None:
+    """Why a constant operand of a matched broadcasting node could change the result's shape, or ``None``.
+
+    A fused operator's output has its input's shape; the decomposed form's has more axes when one of its
+    constants (a ``0.5``, an ``epsilon``) has more axes than the input. With the input's rank unknown,
+    only constants without axes are safe.
+    """
+    for node in m.nodes:
+        if node.op not in BROADCASTING_OPS:
+            continue
+        for tensor in node.inputs:
+            if not ir.is_constant(tensor):
+                continue
+            value = ir.constant_value(tensor)
+            if value is None:
+                return f"constant '{tensor.name}' cannot be read"
+            limit = 0 if data_rank is None else data_rank
+            if value.ndim > limit:
+                return f"constant '{tensor.name}' of shape {list(value.shape)} may broadcast the result to more axes"
+    return None
+
+
+def trailing_axis(axes: list[int], data_rank: int | None) -> int | None:
+    """The first axis, negative, when ``axes`` are exactly the last ones (``[-2, -1]`` -> ``-2``), else ``None``."""
+    if not axes:
+        return None
+    if data_rank is None:
+        if any(axis >= 0 for axis in axes):
+            return None
+        negative = sorted(axes)
+    else:
+        if any(not -data_rank <= axis < data_rank for axis in axes):
+            return None
+        negative = sorted(axis - data_rank if axis >= 0 else axis for axis in axes)
+    count = len(negative)
+    if negative != list(range(-count, 0)):
+        return None
+    return -count
+
+
+def known_dims(shape: list | None) -> list[int] | None:
+    """The shape when every dimension is a known integer, else ``None``."""
+    if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    return [int(d) for d in shape]

@@ -1,0 +1,302 @@
+"""Tests of ``fuse``'s normalization rules: LayerNormalization and RMSNormalization from their parts.
+
+The graphs spell the normalizations the way exporters do: TorchScript (ReduceMean axes as an attribute,
+``Pow(d, 2)``, ``Div``, ``1 / sqrt`` for rsqrt), the dynamo exporter (axes as an input from opset 18,
+``Reciprocal``) and tf2onnx (``d * d``, ``x * r + (beta - mean * r)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_same_outputs, make_model, op_counts, tensor, value
+from onnx import TensorProto, helper
+
+from onnxopt import ir
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import PassContext, Target
+from onnxopt.passes.fuse import Fuse
+
+ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+def fuse(model: onnx.ModelProto, target: Target = Target.GENERIC):
+    """Runs fuse once; checks the pass contracts and onnx.checker on the result."""
+    graph = ir.import_model(model)
+    signature = IOSignature.of(graph)
+    result = Fuse()(graph, PassContext(original=model, target=target))
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, result
+
+
+class Builder:
+    """Nodes and constants of a test graph, with fresh value names."""
+
+    def __init__(self, opset: int, dtype=np.float32):
+        self.opset, self.dtype = opset, dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def fresh(self, hint: str) -> str:
+        self.count += 1
+        return f"{hint}{self.count}"
+
+    def const(self, array, dtype=None) -> str:
+        name = self.fresh("c")
+        self.inits.append(tensor(name, np.asarray(array, dtype or self.dtype)))
+        return name
+
+    def node(self, op: str, *inputs: str, **attrs) -> str:
+        out = self.fresh(op.lower())
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def reduce_mean(self, x: str, axes) -> str:
+        if self.opset >= 18:
+            return self.node("ReduceMean", x, self.const(list(axes), np.int64))
+        return self.node("ReduceMean", x, axes=list(axes))
+
+    def square(self, d: str, form: str) -> str:
+        return self.node("Pow", d, self.const(2.0)) if form == "pow" else self.node("Mul", d, d)
+
+    def divide(self, numerator: str, denominator: str, form: str) -> str:
+        if form == "div":
+            return self.node("Div", numerator, denominator)
+        if form == "reciprocal":
+            return self.node("Mul", numerator, self.node("Reciprocal", denominator))
+        return self.node("Mul", numerator, self.node("Div", self.const(1.0), denominator))  # TorchScript's rsqrt
+
+    def model(self, output: str, shape, extra_outputs=(), extra_inputs=(), output_shape=None) -> onnx.ModelProto:
+        """The model from input ``x`` of ``shape`` to output ``y`` (the value ``output``, renamed)."""
+        producer = next(n for n in self.nodes if output in n.output)
+        producer.output[list(producer.output).index(output)] = "y"
+        elem = ELEM[self.dtype]
+        outputs = [value("y", elem, list(output_shape or shape))]
+        outputs += [value(n, elem, [f"{n}_{i}" for i in range(len(shape))]) for n in extra_outputs]
+        inputs = [value("x", elem, list(shape))] + list(extra_inputs)
+        return make_model(self.nodes, inputs, outputs, self.inits, opset=self.opset, check=False)
+
+
+def layer_norm_model(opset=17, shape=(2, 3, 8), axes=(-1,), variance_axes=None, square="pow", divide="div",
+                     gamma=True, beta=True, epsilon=1e-5, dtype=np.float32, gamma_shape=None, keep_output=None):
+    """x -> decomposed LayerNormalization (-> * gamma -> + beta) -> y."""
+    rng = np.random.default_rng(0)
+    b = Builder(opset, dtype)
+    mean = b.reduce_mean("x", axes)
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.square(centered, square), variance_axes or axes)
+    std = b.node("Sqrt", b.node("Add", variance, b.const(epsilon)))
+    y = b.divide(centered, std, divide)
+    normalized = [shape[a] for a in sorted(a % len(shape) for a in axes)]
+    if gamma:
+        y = b.node("Mul", y, b.const(rng.uniform(0.5, 2, gamma_shape or normalized)))
+    if beta:
+        y = b.node("Add", y, b.const(rng.standard_normal(normalized)))
+    outputs = [keep_output(locals())] if keep_output else []
+    return b.model(y, shape, extra_outputs=outputs)
+
+
+def check(model, expected_ops, stats=None, target=Target.GENERIC, rtol=1e-4, atol=1e-5):
+    optimized, result = fuse(model, target)
+    assert op_counts(optimized) == expected_ops, (op_counts(optimized), result.stats)
+    for rule, count in (stats or {}).items():
+        assert result.stats[rule] == count, result.stats
+    assert_same_outputs(model, optimized, rtol=rtol, atol=atol)
+    return optimized
+
+
+# ---------------------------------------------------------------------------------------------------
+# LayerNormalization
+
+
+@pytest.mark.parametrize("opset", [17, 18], ids=["axes-attribute", "axes-input"])
+@pytest.mark.parametrize("square", ["pow", "mul"])
+@pytest.mark.parametrize("divide", ["div", "reciprocal", "one-over"])
+def test_layer_norm_with_gamma_and_beta_becomes_one_node(opset, square, divide):
+    model = layer_norm_model(opset=opset, square=square, divide=divide)
+    optimized = check(model, {"LayerNormalization": 1}, {"layer_norm": 1, "norm_scale": 1, "layer_norm_bias": 1})
+    node = optimized.graph.node[0]
+    assert list(node.output) == ["y"]
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "axis")) == -1
+
+
+@pytest.mark.parametrize("gamma,beta", [(False, False), (True, False), (False, True)])
+def test_layer_norm_without_gamma_or_beta(gamma, beta):
+    check(layer_norm_model(gamma=gamma, beta=beta), {"LayerNormalization": 1})
+
+
+@pytest.mark.parametrize("axes", [(-2, -1), (1, 2), (2, 1)], ids=["negative", "positive", "unsorted"])
+def test_layer_norm_over_the_last_two_axes(axes):
+    optimized = check(layer_norm_model(axes=axes), {"LayerNormalization": 1})
+    node = optimized.graph.node[0]
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "axis")) == -2
+
+
+def test_layer_norm_float16():
+    model = layer_norm_model(dtype=np.float16)
+    check(model, {"LayerNormalization": 1}, rtol=1e-2, atol=1e-2)
+
+
+def test_layer_norm_gamma_of_rank_three_with_leading_ones():
+    check(layer_norm_model(gamma_shape=(1, 1, 8)), {"LayerNormalization": 1})
+
+
+@pytest.mark.parametrize("case", [
+    dict(axes=(1,), gamma=False, beta=False),  # a middle axis: not LayerNormalization's
+    dict(axes=(0, 2), gamma=False, beta=False),  # not contiguous last axes
+    dict(axes=(-1,), variance_axes=(-2, -1)),  # mean and variance over different axes
+    dict(dtype=np.float64),                   # the kernel would compute in float32
+    dict(opset=16),                           # no LayerNormalization in this opset
+], ids=["middle-axis", "non-contiguous", "different-axes", "float64", "opset16"])
+def test_layer_norm_does_not_fire(case):
+    model = layer_norm_model(**case)
+    optimized, result = fuse(model)
+    assert "LayerNormalization" not in op_counts(optimized)
+    assert not result.stats.get("layer_norm")
+    assert_same_outputs(model, optimized, atol=1e-5)
+
+
+def test_layer_norm_keeps_an_intermediate_read_elsewhere():
+    model = layer_norm_model(keep_output=lambda names: names["centered"])
+    optimized, result = fuse(model)
+    assert result.stats["layer_norm"] == 0
+    assert_same_outputs(model, optimized)
+
+
+def test_layer_norm_with_epsilon_from_an_input_does_not_fire():
+    b = Builder(17)
+    mean = b.reduce_mean("x", (-1,))
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.square(centered, "pow"), (-1,))
+    y = b.node("Div", centered, b.node("Sqrt", b.node("Add", variance, "eps")))
+    model = b.model(y, (2, 3, 8), extra_inputs=[value("eps", TensorProto.FLOAT, [])])
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32),
+             "eps": np.array(1e-5, np.float32)}
+    optimized, result = fuse(model)
+    assert result.stats["layer_norm"] == 0
+    assert_same_outputs(model, optimized, feeds)
+
+
+def test_layer_norm_of_a_mean_of_another_value_does_not_fire():
+    b = Builder(17)
+    mean = b.reduce_mean("z", (-1,))
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.square(centered, "pow"), (-1,))
+    y = b.node("Div", centered, b.node("Sqrt", b.node("Add", variance, b.const(1e-5))))
+    model = b.model(y, (2, 3, 8), extra_inputs=[value("z", TensorProto.FLOAT, [2, 3, 8])])
+    optimized, result = fuse(model)
+    assert result.stats["layer_norm"] == 0
+    assert_same_outputs(model, optimized)
+
+
+def test_layer_norm_epsilon_with_more_axes_than_x_does_not_fire():
+    # A [1, 1, 1, 1] epsilon makes the decomposed result 4-D; LayerNormalization's would stay 3-D.
+    b = Builder(17)
+    mean = b.reduce_mean("x", (-1,))
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.square(centered, "pow"), (-1,))
+    y = b.node("Div", centered, b.node("Sqrt", b.node("Add", variance, b.const(np.full((1, 1, 1, 1), 1e-5)))))
+    model = b.model(y, (2, 3, 8), output_shape=(1, 2, 3, 8))
+    optimized, result = fuse(model)
+    assert result.stats["layer_norm"] == 0
+    assert_same_outputs(model, optimized)
+
+
+def test_gamma_along_a_batch_axis_is_not_folded():
+    # gamma of shape [3, 1] varies along axis 1, which LayerNormalization's scale cannot express.
+    model = layer_norm_model(gamma_shape=(3, 1), beta=False)
+    check(model, {"LayerNormalization": 1, "Mul": 1}, {"layer_norm": 1, "norm_scale": 0})
+
+
+def test_layer_norm_for_every_target():
+    for target in Target:
+        check(layer_norm_model(), {"LayerNormalization": 1}, target=target)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tf2onnx's batch-normalization form
+
+
+def affine_layer_norm_model(gamma=True, beta=True, opset=17, shape=(2, 5, 16)):
+    """Keras LayerNormalization as tf2onnx writes it: x * r + (beta - mean * r), r = gamma * rsqrt(var + eps)."""
+    rng = np.random.default_rng(1)
+    b = Builder(opset)
+    mean = b.reduce_mean("x", (-1,))
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.node("Mul", centered, centered), (-1,))
+    inverse = b.node("Reciprocal", b.node("Sqrt", b.node("Add", variance, b.const(1e-3))))
+    factor = b.node("Mul", inverse, b.const(rng.uniform(0.5, 2, shape[-1]))) if gamma else inverse
+    scaled = b.node("Mul", "x", factor)
+    shifted_mean = b.node("Mul", mean, factor)
+    if beta:
+        y = b.node("Add", scaled, b.node("Sub", b.const(rng.standard_normal(shape[-1])), shifted_mean))
+    else:
+        y = b.node("Sub", scaled, shifted_mean)
+    return b.model(y, shape)
+
+
+@pytest.mark.parametrize("gamma,beta", [(True, True), (False, True), (True, False), (False, False)])
+def test_tf2onnx_layer_norm_becomes_one_node(gamma, beta):
+    check(affine_layer_norm_model(gamma, beta), {"LayerNormalization": 1}, {"layer_norm_affine": 1})
+
+
+def test_tf2onnx_layer_norm_with_mismatched_factors_does_not_fire():
+    # x is multiplied by gamma * r, the mean by r alone: not a normalization.
+    b = Builder(17)
+    mean = b.reduce_mean("x", (-1,))
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.node("Mul", centered, centered), (-1,))
+    inverse = b.node("Reciprocal", b.node("Sqrt", b.node("Add", variance, b.const(1e-3))))
+    factor = b.node("Mul", inverse, b.const(np.linspace(0.5, 2, 16)))
+    y = b.node("Add", b.node("Mul", "x", factor), b.node("Sub", b.const(np.zeros(16)), b.node("Mul", mean, inverse)))
+    model = b.model(y, (2, 5, 16))
+    optimized, result = fuse(model)
+    assert result.stats["layer_norm_affine"] == 0
+    assert_same_outputs(model, optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RMSNormalization
+
+
+def rms_norm_model(opset=23, divide="reciprocal", weight=True, square="pow", axes=(-1,), shape=(2, 3, 8)):
+    """x -> x / sqrt(mean(x^2) + eps) (-> * weight) -> y, as the exporters write LLaMA's and T5's RMSNorm."""
+    b = Builder(opset)
+    mean_square = b.reduce_mean(b.square("x", square), axes)
+    y = b.divide("x", b.node("Sqrt", b.node("Add", mean_square, b.const(1e-6))), divide)
+    if weight:
+        y = b.node("Mul", b.const(np.random.default_rng(2).uniform(0.5, 2, shape[-1])), y)
+    return b.model(y, shape)
+
+
+@pytest.mark.parametrize("divide", ["div", "reciprocal", "one-over"])
+@pytest.mark.parametrize("square", ["pow", "mul"])
+def test_rms_norm_with_weight_becomes_one_node(divide, square):
+    check(rms_norm_model(divide=divide, square=square), {"RMSNormalization": 1}, {"rms_norm": 1, "norm_scale": 1})
+
+
+def test_rms_norm_without_weight():
+    check(rms_norm_model(weight=False), {"RMSNormalization": 1})
+
+
+@pytest.mark.parametrize("case", [dict(opset=22), dict(axes=(1,))], ids=["opset22", "middle-axis"])
+def test_rms_norm_does_not_fire(case):
+    model = rms_norm_model(**case)
+    optimized, result = fuse(model)
+    assert "RMSNormalization" not in op_counts(optimized)
+    assert_same_outputs(model, optimized)
+
+
+def test_rms_norm_is_not_emitted_for_tensorrt():
+    model = rms_norm_model()
+    optimized, result = fuse(model, Target.TENSORRT)
+    assert "RMSNormalization" not in op_counts(optimized)
+    assert_same_outputs(model, optimized)
+
+
+def test_layer_norm_at_opset_23_is_not_taken_for_rms_norm_of_the_centered_value():
+    check(layer_norm_model(opset=23), {"LayerNormalization": 1}, {"rms_norm": 0})
