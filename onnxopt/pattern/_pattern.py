@@ -63,10 +63,15 @@ class Optional(ValuePattern):
 
 @dataclass(eq=False)
 class Const(ValuePattern):
-    """A constant whose every element equals ``value`` (within ``rtol``), e.g. the ``0`` of ``Add(x, 0)``."""
+    """A constant whose every element equals ``value`` (within ``rtol``), e.g. the ``0`` of ``Add(x, 0)``.
+
+    ``ulps`` widens the tolerance to that many units in the last place of the constant's own floating-point
+    type, for constants like ``sqrt(2)`` that a float16 model can only hold rounded.
+    """
 
     value: float
     rtol: float = 0.0
+    ulps: float = 0.0
 
     def __repr__(self) -> str:
         return repr(self.value)
@@ -151,9 +156,9 @@ class PatternBuilder:
         return Optional(value)
 
     @staticmethod
-    def const(value: float, rtol: float = 0.0) -> Const:
-        """A constant all of whose elements equal ``value``."""
-        return Const(value, rtol)
+    def const(value: float, rtol: float = 0.0, ulps: float = 0.0) -> Const:
+        """A constant all of whose elements equal ``value``, within ``rtol`` or ``ulps`` of its type."""
+        return Const(value, rtol, ulps)
 
     @staticmethod
     def either(*alternatives: Any) -> ValuePattern:
@@ -295,7 +300,7 @@ class Matcher:
             if array is None:
                 self.fail(f"'{tensor.name}' is not a constant (the pattern wants {pattern.value})")
             elif array.dtype.kind not in "biuf" or array.size == 0 or not np.allclose(
-                    array.astype(np.float64), pattern.value, rtol=pattern.rtol, atol=0.0):
+                    array.astype(np.float64), pattern.value, rtol=_tolerance(pattern, array.dtype), atol=0.0):
                 self.fail(f"constant '{tensor.name}' is not {pattern.value} everywhere")
             else:
                 yield bound
@@ -355,6 +360,12 @@ class Matcher:
             return
         for partial in self._value(patterns[index], tensors[index], bound):
             yield from self._inputs(patterns, tensors, index + 1, partial)
+
+
+def _tolerance(pattern: Const, dtype: np.dtype) -> float:
+    if pattern.ulps and dtype.kind == "f":
+        return max(pattern.rtol, pattern.ulps * float(np.finfo(dtype).eps))
+    return pattern.rtol
 
 
 def _name(node: gs.Node) -> str:

@@ -12,7 +12,7 @@
   in any order -> ``HardSwish(x)``.
 * ``mish`` (opset 18): ``x * tanh(softplus(x))``, softplus as ``Softplus`` or ``log(exp(x) + 1)`` -> ``Mish(x)``.
 
-Every constant is compared within float32 precision (``FLOAT32_RTOL``); anything else is left alone. The
+Every constant is compared within ``ULPS`` units in the last place of its type; anything else is left alone. The
 fused operators compute the same function in the input's type (float32 and float16 only), so the
 results agree to rounding. Constants with more axes than ``x`` (which would broadcast the decomposed
 result to a larger shape) stop the fusion.
@@ -26,7 +26,7 @@ import numpy as np
 
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
-from .common import ALL_TARGETS, FLOAT32_RTOL, NOT_TENSORRT, close, constants_keep_rank, fusable_float, rank, scalar
+from .common import ALL_TARGETS, NOT_TENSORRT, ULPS, close, constants_keep_rank, fusable_float, rank, scalar
 
 SQRT_2 = math.sqrt(2.0)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -35,16 +35,16 @@ GELU_CUBIC = 0.044715
 
 def gelu_erf_pattern(op, x):
     """``x * 0.5 * (1 + erf(x / sqrt(2)))`` in any order and association of the product."""
-    scaled = op.either(op.Div(x, op.const(SQRT_2, FLOAT32_RTOL)), op.Mul(x, op.const(1 / SQRT_2, FLOAT32_RTOL)))
-    return op.product(x, op.const(0.5, FLOAT32_RTOL), op.Add(op.Erf(scaled), 1))
+    scaled = op.either(op.Div(x, op.const(SQRT_2, ulps=ULPS)), op.Mul(x, op.const(1 / SQRT_2, ulps=ULPS)))
+    return op.product(x, op.const(0.5, ulps=ULPS), op.Add(op.Erf(scaled), 1))
 
 
 def gelu_tanh_pattern(op, x):
     """``x * 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))`` in any order of the products."""
     cube = op.either(op.Pow(x, 3), op.product(x, x, x))
-    cubic = op.Add(x, op.product(op.const(GELU_CUBIC, FLOAT32_RTOL), cube))
-    inner = op.product(op.const(SQRT_2_OVER_PI, FLOAT32_RTOL), cubic)
-    return op.product(x, op.const(0.5, FLOAT32_RTOL), op.Add(op.Tanh(inner), 1))
+    cubic = op.Add(x, op.product(op.const(GELU_CUBIC, ulps=ULPS), cube))
+    inner = op.product(op.const(SQRT_2_OVER_PI, ulps=ULPS), cubic)
+    return op.product(x, op.const(0.5, ulps=ULPS), op.Add(op.Tanh(inner), 1))
 
 
 def clamp_pattern(op, value, low, high):
@@ -58,9 +58,9 @@ def clamp_pattern(op, value, low, high):
 
 
 def affine_pattern(op, x, a, b, c, d):
-    """``alpha * x + beta`` as ``x * a + b``, ``x / d + b``, ``(x + c) / d`` or ``(x + c) * a``."""
+    """``alpha * x + beta`` as ``x * a + b``, ``x / d + b``, ``(x + c) / d``, ``(x + c) * a``, ``x + c``, ``x * a``."""
     return op.either(op.Add(op.Mul(x, a), b), op.Add(op.Div(x, d), b), op.Div(op.Add(x, c), d),
-                     op.Mul(op.Add(x, c), a))
+                     op.Mul(op.Add(x, c), a), op.Add(x, c), op.Mul(x, a))
 
 
 def hard_sigmoid_pattern(op, x, a, b, c, d, low, high, k):
@@ -109,7 +109,8 @@ def affine_constants(m: Match) -> tuple[float, float] | None:
     if any(v is None for v in values.values()) or values.get("d") == 0:
         return None
     a, b, c, d = (values.get(name) for name in "abcd")
-    forms = {"ab": lambda: (a, b), "bd": lambda: (1 / d, b), "cd": lambda: (1 / d, c / d), "ac": lambda: (a, c * a)}
+    forms = {"ab": lambda: (a, b), "bd": lambda: (1 / d, b), "cd": lambda: (1 / d, c / d), "ac": lambda: (a, c * a),
+             "c": lambda: (1.0, c), "a": lambda: (a, 0.0)}
     return forms[present]() if present in forms else None
 
 
@@ -126,7 +127,7 @@ def hard_sigmoid_constants(m: Match) -> tuple[float, float] | None:
             return None
         scale = 1 / k if m.node("outer_scale").op == "Div" else k
     # clamp(v, 0, high) * scale = clamp(v * scale, 0, 1) exactly when high * scale = 1 (scale > 0).
-    if not (scale > 0 and close(high * scale, 1.0)):
+    if not (scale > 0 and close(high * scale, 1.0, m.dtype("x"))):
         return None
     alpha, beta = affine
     return alpha * scale, beta * scale
@@ -210,7 +211,7 @@ class HardSwishFromParts(RewriteRule):
         low, high = clip_bounds(m)
         k = scalar(m, "k")
         divisor = None if k in (None, 0) else (k if m.has_node("divide") else 1 / k)
-        if low != 0 or not close(high, 6.0) or not close(divisor, 6.0):
+        if low != 0 or not close(high, 6.0, m.dtype("x")) or not close(divisor, 6.0, m.dtype("x")):
             return m.fail("not relu6(x + 3) / 6")
         return m.ok()
 

@@ -8,9 +8,10 @@ from onnxopt import ir
 from onnxopt.pass_infra import Target
 from onnxopt.pattern import Match
 
-# Exporters round the same constant differently (sqrt(2) as 1.4142135 or 1.41421356237, 1/6 as float32
-# or float64): a few float32 units in the last place (2**-23 ~ 1.2e-7) apart, never more.
-FLOAT32_RTOL = 1e-6
+# Exporters round the same constant differently (sqrt(2) as 1.4142135 or 1.41421356237, 1/6 computed in
+# float32 or float64): at most a unit or two in the last place of the constant's type apart (2**-23 for
+# float32, 2**-10 for float16). A constant farther off is another function, and the fusion is refused.
+ULPS = 2
 
 # Floating-point types the fused operators (LayerNormalization, Gelu, HardSwish, ...) take, whose
 # decomposed forms compute no more precisely than the fused kernels do.
@@ -26,8 +27,9 @@ NOT_TENSORRT = frozenset(Target) - {Target.TENSORRT}
 BROADCASTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
 
 
-def close(value: float | None, expected: float, rtol: float = FLOAT32_RTOL) -> bool:
-    """Whether ``value`` is ``expected`` within float32 precision."""
+def close(value: float | None, expected: float, dtype: np.dtype | None = None) -> bool:
+    """Whether ``value`` is ``expected`` within ``ULPS`` units in the last place of ``dtype`` (float32 by default)."""
+    rtol = ULPS * float(np.finfo(dtype if dtype is not None and np.dtype(dtype).kind == "f" else np.float32).eps)
     return value is not None and bool(np.isclose(value, expected, rtol=rtol, atol=0.0))
 
 
