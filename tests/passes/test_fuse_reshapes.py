@@ -1,0 +1,271 @@
+"""Tests of ``fuse``'s shape rules: Reshape/Flatten/Squeeze/Unsqueeze chains and shape no-ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from helpers import assert_same_outputs, op_counts
+from test_fuse_norm import fuse
+
+from onnxopt.passes.fusions.reshapes import InputDim, reshape_target, through
+
+
+def parse(text: str, opset: int = 17) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>' + text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def feeds_for(model, dims=None):
+    """Random inputs, symbolic dimensions set from ``dims`` (name -> size)."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in model.graph.input:
+        shape = [d.dim_value if d.HasField("dim_value") else (dims or {})[d.dim_param] for d in vi.type.tensor_type.shape.dim]
+        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def computing_ops(model) -> dict[str, int]:
+    """Operator counts without Constant nodes (those left unread are dce's to remove)."""
+    return {op: n for op, n in op_counts(model).items() if op != "Constant"}
+
+
+def collapses(model, expected_ops, rule="reshape_chain", dims=None, count=None):
+    optimized, result = fuse(model)
+    assert computing_ops(optimized) == expected_ops, (op_counts(optimized), result.stats)
+    assert result.stats[rule] >= (count or 1)
+    assert_same_outputs(model, optimized, feeds_for(model, dims))
+    return optimized
+
+
+def target_of(model) -> list[int]:
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    shape = next(i for i in model.graph.initializer if i.name == reshape.input[1])
+    return onnx.numpy_helper.to_array(shape).tolist()
+
+
+def test_static_chain_becomes_one_reshape():
+    model = parse("""
+        g (float[2, 3, 4] x) => (float[6, 4, 1] y) {
+            a = Flatten <axis = 2> (x)
+            s = Constant <value = int64[2] {6, 4}> ()
+            b = Reshape(a, s)
+            axes = Constant <value = int64[1] {2}> ()
+            y = Unsqueeze(b, axes)
+        }""")
+    optimized = collapses(model, {"Reshape": 1})
+    assert target_of(optimized) == [6, 4, 1]
+
+
+def test_dynamic_batch_chain_copies_the_batch_dimension():
+    # [B, S, 768] -> [B, S, 12, 64] -> [B, S*12, 64]... here: -> Flatten(axis=2) -> [B*S, 768]
+    model = parse("""
+        g (float[B, S, 8] x) => (float[N, 2, 4] y) {
+            s1 = Constant <value = int64[4] {0, 0, 2, 4}> ()
+            a = Reshape(x, s1)
+            s2 = Constant <value = int64[3] {-1, 2, 4}> ()
+            y = Reshape(a, s2)
+        }""")
+    optimized = collapses(model, {"Reshape": 1}, dims={"B": 2, "S": 3})
+    assert target_of(optimized) == [-1, 2, 4]
+
+
+def test_squeeze_unsqueeze_pair_cancels():
+    model = parse("""
+        g (float[B, 1, 5] x) => (float[B, 1, 5] y) {
+            axes = Constant <value = int64[1] {1}> ()
+            a = Squeeze(x, axes)
+            y = Unsqueeze(a, axes)
+        }""")
+    collapses(model, {"Identity": 1}, dims={"B": 3})  # an Identity keeps the output's name
+
+
+def test_three_in_a_row_collapse_pairwise():
+    model = parse("""
+        g (float[B, 4, 6] x) => (float[B, 24] y) {
+            axes = Constant <value = int64[1] {0}> ()
+            a = Unsqueeze(x, axes)
+            s = Constant <value = int64[4] {0, 0, 4, 6}> ()
+            b = Reshape(a, s)
+            c = Squeeze(b, axes)
+            y = Flatten(c)
+        }""")
+    # Unsqueeze, Reshape and Squeeze give x back; the Flatten stays.
+    collapses(model, {"Flatten": 1}, dims={"B": 2}, count=2)
+
+
+def test_unsqueeze_before_opset_13_uses_the_attribute():
+    model = parse("""
+        g (float[B, 6] x) => (float[B, 1, 2, 3] y) {
+            a = Unsqueeze <axes = [1]> (x)
+            s = Constant <value = int64[4] {0, 1, 2, 3}> ()
+            y = Reshape(a, s)
+        }""", opset=11)
+    optimized = collapses(model, {"Reshape": 1}, dims={"B": 2})
+    assert target_of(optimized) == [0, 1, 2, 3]
+
+
+def test_flatten_then_reshape_with_one_unknown_dimension():
+    model = parse("""
+        g (float[B, S, 8] x) => (float[M, N, 8] y) {
+            a = Flatten <axis = 2> (x)
+            s = Constant <value = int64[3] {2, -1, 8}> ()
+            y = Reshape(a, s)
+        }""")
+    optimized = collapses(model, {"Reshape": 1}, dims={"B": 2, "S": 3})
+    assert target_of(optimized) == [2, -1, 8]
+
+
+def test_two_unknown_dimensions_are_not_collapsed():
+    # [B, S, T] -> [B*S, T] -> [B*S, T, 1]: neither B*S nor T sits where a 0 would copy it.
+    model = parse("""
+        g (float[B, S, T] x) => (float[M, T, 1] y) {
+            a = Flatten <axis = 2> (x)
+            axes = Constant <value = int64[1] {2}> ()
+            y = Unsqueeze(a, axes)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["reshape_chain"] == 0
+    assert_same_outputs(model, optimized, feeds_for(model, {"B": 2, "S": 3, "T": 4}))
+
+
+def test_chain_with_runtime_shape_is_left_alone():
+    model = parse("""
+        g (float[B, 2, 4] x, int64[2] shape) => (float[M, N] y) {
+            a = Flatten(x)
+            y = Reshape(a, shape)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["reshape_chain"] == 0
+    assert op_counts(optimized) == op_counts(model)
+    feeds = {"x": np.ones((2, 2, 4), np.float32), "shape": np.array([4, 4], np.int64)}
+    assert_same_outputs(model, optimized, feeds)
+
+
+def test_chain_whose_middle_is_read_elsewhere_is_left_alone():
+    model = parse("""
+        g (float[2, 8] x) => (float[16] y, float[4, 4] z) {
+            s = Constant <value = int64[2] {4, 4}> ()
+            z = Reshape(x, s)
+            f = Constant <value = int64[1] {16}> ()
+            y = Reshape(z, f)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["reshape_chain"] == 0
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_squeeze_without_axes_and_unknown_dimensions_is_left_alone():
+    model = parse("""
+        g (float[B, 1, 4] x) => (float[M] y) {
+            a = Squeeze(x)
+            f = Constant <value = int64[1] {-1}> ()
+            y = Reshape(a, f)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["reshape_chain"] == 0
+    assert_same_outputs(model, optimized, feeds_for(model, {"B": 1}))
+
+
+def test_noop_reshape_is_removed():
+    model = parse("""
+        g (float[B, 8] x) => (float[B, 8] y) {
+            s = Constant <value = int64[2] {0, -1}> ()
+            r = Reshape(x, s)
+            y = Relu(r)
+        }""")
+    collapses(model, {"Relu": 1}, rule="noop_reshape", dims={"B": 3})
+
+
+def test_reshape_that_changes_the_shape_stays():
+    model = parse("""
+        g (float[B, 8] x) => (float[M, 4] y) {
+            s = Constant <value = int64[2] {-1, 4}> ()
+            r = Reshape(x, s)
+            y = Relu(r)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_reshape"] == 0 and op_counts(optimized) == op_counts(model)
+
+
+@pytest.mark.parametrize("op_type,rule", [("Concat <axis = 0>", "noop_concat"), ("Sum", "noop_variadic"),
+                                          ("Max", "noop_variadic"), ("Mean", "noop_variadic"),
+                                          ("Identity", "noop_identity")])
+def test_single_input_no_ops_are_removed(op_type, rule):
+    model = parse(f"""
+        g (float[3, 4] x) => (float[3, 4] y) {{
+            a = {op_type}(x)
+            y = Relu(a)
+        }}""")
+    collapses(model, {"Relu": 1}, rule=rule)
+
+
+def test_two_input_concat_stays():
+    model = parse("""
+        g (float[3, 4] x) => (float[6, 4] y) {
+            a = Concat <axis = 0> (x, x)
+            y = Relu(a)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_concat"] == 0 and op_counts(optimized) == op_counts(model)
+
+
+def test_identity_that_names_a_graph_output_stays():
+    model = parse("""
+        g (float[3, 4] x) => (float[3, 4] y) {
+            y = Identity(x)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_identity"] == 0 and op_counts(optimized) == {"Identity": 1}
+
+
+@pytest.mark.parametrize("sizes", [None, "{4}"], ids=["no-sizes", "whole-axis"])
+def test_split_into_one_output_is_removed(sizes):
+    sizes_node = "" if sizes is None else f"s = Constant <value = int64[1] {sizes}> ()"
+    call = "Split <axis = 1> (x)" if sizes is None else "Split <axis = 1> (x, s)"
+    model = parse(f"""
+        g (float[3, 4] x) => (float[3, 4] y) {{
+            {sizes_node}
+            a = {call}
+            y = Relu(a)
+        }}""")
+    collapses(model, {"Relu": 1}, rule="noop_split")
+
+
+def test_split_with_runtime_sizes_stays():
+    model = parse("""
+        g (float[3, 4] x, int64[1] s) => (float[3, N] y) {
+            a = Split <axis = 1> (x, s)
+            y = Relu(a)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_split"] == 0 and op_counts(optimized) == op_counts(model)
+
+
+@pytest.mark.parametrize("repeats,removed", [("{1, 1}", True), ("{1, 2}", False)])
+def test_tile_by_ones(repeats, removed):
+    out = "float[3, 4]" if removed else "float[3, 8]"
+    model = parse(f"""
+        g (float[3, 4] x) => ({out} y) {{
+            r = Constant <value = int64[2] {repeats}> ()
+            a = Tile(x, r)
+            y = Relu(a)
+        }}""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_tile"] == int(removed)
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_through_tracks_symbolic_dimensions():
+    b, s = InputDim(0), InputDim(1)
+    import onnx_graphsurgeon as gs
+
+    flatten = gs.Node("Flatten", attrs={"axis": 2}, inputs=[gs.Variable("x")], outputs=[gs.Variable("y")])
+    assert through(flatten, [b, s, 8]) == [None, 8]
+    flatten.attrs["axis"] = 1
+    assert through(flatten, [b, 4, 8]) == [b, 32]
+    assert reshape_target([b, 32]) == [0, 32]
+    assert reshape_target([s, b]) is None
