@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext
-from onnxopt.passes.fusions import activations, normalization, reshapes
+from onnxopt.passes.fusions import activations, normalization, reshapes, transposes
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
@@ -552,7 +552,7 @@ class NoopCastPair(RewriteRule):
 
 RULES = (PadConvToConv(), ConvBatchNormToConv(), MatMulAddToGemm(), TransposeTransposeToTranspose(),
          TransposeIdentityToNothing(), ConvMulToConv(), ConvAddToConv(), NoopDropout(), NoopExpand(), NoopSlice(),
-         NoopPad(), NoopCastPair()) + normalization.RULES + activations.RULES + reshapes.RULES
+         NoopPad(), NoopCastPair()) + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES
 
 
 @dataclass(frozen=True)
