@@ -167,8 +167,10 @@ class OrtRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def feeds_from(self, arrays: dict) -> dict:
+        return {i.name: _input_array(arrays, {i.name}) for i in self.session.get_inputs()}
 
     def run(self, feeds: dict) -> None:
         self.session.run(self.output_names, feeds)
@@ -187,7 +189,10 @@ class OpenVinoRunner:
                   "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = ov.Core().compile_model(path, "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+
+    def feeds_from(self, arrays: dict) -> dict:
+        # By position: OpenVINO may give an input port the names of tensors it merged into it as well.
+        return {index: _input_array(arrays, port.get_names()) for index, port in enumerate(self.compiled.inputs)}
 
     def run(self, feeds: dict) -> None:
         self.request.infer(feeds, share_inputs=True, share_outputs=True)
@@ -214,11 +219,12 @@ def time_runs(run_once, warmup: int, seconds: float, min_runs: int, max_runs: in
     return times
 
 
-def _model_feeds(runner, arrays: dict) -> dict:
-    missing = [name for name in runner.input_names if name not in arrays]
-    if missing:
-        raise RuntimeError(f"the model needs inputs the original does not have: {', '.join(missing[:5])}")
-    return {name: arrays[name] for name in runner.input_names}
+def _input_array(arrays: dict, names: set[str]):
+    """The array for the input known by any of ``names``."""
+    for name in sorted(names):
+        if name in arrays:
+            return arrays[name]
+    raise RuntimeError(f"the model needs an input the original does not have: {' or '.join(sorted(names))}")
 
 
 def measure_child(job_path: str) -> int:
@@ -249,7 +255,7 @@ def measure_child(job_path: str) -> int:
             else:
                 runner = OpenVinoRunner(job["model"], request["threads"])
             return {"seconds": time.perf_counter() - start}
-        feeds = _model_feeds(runner, scenarios[request["scenario"]])
+        feeds = runner.feeds_from(scenarios[request["scenario"]])
         if request["op"] == "outputs":
             np.savez(request["path"], **runner.outputs(feeds))
             return {}
@@ -594,10 +600,14 @@ def measure_model(model: dict, sources: dict, scenarios: list[Scenario], feeds: 
             timed = [n for n in live if VARIANT_BY_NAME[n].timed]
             samples = {(n, s.name): [] for n in timed for s in scenarios}
             loads = {(n, s.name): [] for n in timed for s in scenarios}
+            failed = set()  # (variant, scenario) whose measurement raised: not retried in later rounds
             for round_index in range(args.rounds):
                 for scenario in scenarios:
                     shift = round_index % max(1, len(timed))
                     for name in timed[shift:] + timed[:shift]:  # rotate who goes first
+                        if (name, scenario.name) in failed:
+                            progress.advance(task)
+                            continue
                         progress.update(task, description=f"{model['name']}: {scenario.name}, {threads} thr, "
                                                           f"round {round_index + 1}/{args.rounds}: {name}")
                         reply = measure_once(live[name], scenario.name, args,
@@ -605,6 +615,7 @@ def measure_model(model: dict, sources: dict, scenarios: list[Scenario], feeds: 
                         progress.advance(task)
                         if "error" in reply:
                             variants[name]["errors"].append(f"{scenario.name}, {threads} threads: {reply['error']}")
+                            failed.add((name, scenario.name))
                             continue
                         samples[(name, scenario.name)] += reply["times_ms"]
                         loads[(name, scenario.name)].append((reply["other_busy_cores"], reply["load_average"]))
