@@ -1,12 +1,39 @@
 """Shape and dtype inference for the in-memory graph.
 
 Passes that read shapes (``fold``'s shape folding, fusions that need ranks) call ``infer_shapes`` first.
-It combines onnxruntime's symbolic inference (consistent dimension symbols) with onnx's own inference.
+Two engines run, and each value of one is checked against the other:
+
+- onnxruntime's symbolic shape inference keeps dimension symbols consistent across the graph (the batch
+  of a MatMul's output is the batch of its input, a Concat of caches has ``past_sequence + sequence``
+  rows), which is what lets ``fold`` turn the dynamic Reshapes of a transformer into constant ones. But it
+  is no implementation of the specification: it guesses operator parameters it cannot see (Squeeze axes,
+  Slice axes and steps, Split sizes fed at run time), assumes that dynamic dimensions are never 1 and
+  long enough for every Slice, and gets some operators wrong (Split with ``num_outputs`` into uneven
+  chunks, Slice ends it does not clamp, strided SAME padding beside a dynamic dimension).
+- onnx's own inference (with data propagation) follows the specification, but invents a fresh symbol
+  (``unk__N``) wherever it loses track, so equal dynamic dimensions rarely share a name.
+
+A node's symbolic result is trusted unless one of its inputs is not, it is one of the cases above
+(``_symbolic_guess``), or it contradicts onnx's: a rank or a static dimension that differs, a static
+dimension where onnx has a named symbol, or a symbol onnx proves to be two different numbers. A trusted
+value takes onnx's static dimensions and the symbolic engine's for the rest (its symbols included); an
+untrusted one takes onnx's result alone. Both engines depart from the specification for pools with
+``ceil_mode`` (the specification drops a last window that would start in the end padding) and for
+ConvTranspose with SAME padding and ``output_padding``: there the specification's size is computed here,
+and a value that disagrees with it, with everything computed from it, is left without a shape.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -15,86 +42,479 @@ from onnxopt import ir
 
 log = logging.getLogger("onnxopt")
 
-__all__ = ["infer_shapes"]
+__all__ = ["TensorType", "infer_shapes", "inferred_types"]
+
+Dim = int | str | None
+Shape = tuple[Dim, ...] | None
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """What inference says of a tensor: its element type (an ``onnx.TensorProto`` number, 0 when unknown)
+    and its shape (``None`` when even the rank is unknown; a dimension is a number, a symbol or ``None``)."""
+
+    elem_type: int
+    shape: Shape
 
 
 def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> None:
-    """Fills in dtypes and shapes of intermediate tensors with onnx shape inference.
+    """Fills in dtypes and shapes of the main graph's intermediate tensors.
 
     Inference runs on a copy of the graph without large weights (shapes rarely depend on them), so it
-    stays cheap on huge models. Graph inputs and outputs keep their declared types. Failures leave
-    the graph as it was.
+    stays cheap on huge models; an unchanged graph is not inferred twice. Graph inputs and outputs keep
+    their declared types; every other value a node computes gets what inference says, "unknown" included
+    (a shape from an earlier run may be one no longer trusted, or use symbols that now mean something
+    else). If onnx's inference fails, the graph stays as it was.
     """
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in ir._graph_opsets(graph).items()]
-    light = onnx.ModelProto()
-    light.ir_version = max(graph.ir_version or 8, 8) if template is None else max(template.ir_version, 4)
-    light.opset_import.extend(opsets)
     ir.purge_detached(graph)
     ir._detach_constant_protos(graph)
+    types = inferred_types(_light_model(graph, template))
+    if types is None:
+        return
+    protected = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
+    for name, tensor in graph.tensors().items():
+        if id(tensor) in protected or not isinstance(tensor, gs.Variable) or name not in types:
+            continue
+        inferred = types[name]
+        if inferred.elem_type:
+            tensor.dtype = (
+                inferred.elem_type
+                if inferred.elem_type in ir._NON_NUMPY
+                else onnx.helper.tensor_dtype_to_np_dtype(inferred.elem_type)
+            )
+        tensor.shape = None if inferred.shape is None else list(inferred.shape)
+
+
+def _light_model(graph: gs.Graph, template: onnx.ModelProto | None) -> onnx.ModelProto:
+    """The graph as a model without large weights and without value_info inference can recompute.
+
+    Large weights become graph inputs of the same type: both engines still know their shapes, and neither
+    copies or reads their data. The value_info of values computed by standard operators is dropped, so
+    that onnx's inference checks the symbolic engine independently rather than repeating what an earlier
+    run wrote; that of custom operators' outputs stays (onnx cannot infer them).
+    """
+    light = onnx.ModelProto()
+    light.ir_version = max(graph.ir_version or 8, 8) if template is None else max(template.ir_version, 4)
+    light.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in ir._graph_opsets(graph).items())
     with ir._weights_stubbed(graph):
         exported = gs.export_onnx(graph, do_type_check=False)
     light.graph.CopyFrom(exported.graph)
     light.functions.extend(exported.functions)
-    # Large weights become graph inputs of the same type: inference still knows their shapes, and
-    # neither engine copies or reads their data (shapes do not depend on large tensors' values).
     small = []
     for init in light.graph.initializer:
-        if (ir._declared_nbytes(init) or 0) > 1 << 16:
+        if (ir._declared_nbytes(init) or 0) > ir.STUB_THRESHOLD_BYTES:
             light.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
             small.append(init)
     del light.graph.initializer[:]
     light.graph.initializer.extend(small)
-    inferred = _symbolic_inference(light) or _onnx_inference(light)
-    if inferred is None:
-        return
-    infos = {vi.name: vi for vi in inferred.graph.value_info}
-    protected = {id(t) for t in graph.inputs} | {id(t) for t in graph.outputs}
-    for name, tensor in graph.tensors().items():
-        if id(tensor) in protected or not isinstance(tensor, gs.Variable) or name not in infos:
-            continue
-        type_proto = infos[name].type
-        if not type_proto.HasField("tensor_type"):
-            continue
-        tensor_type = type_proto.tensor_type
-        if tensor_type.elem_type:
-            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type) if tensor_type.elem_type not in ir._NON_NUMPY else tensor_type.elem_type
-        if tensor_type.HasField("shape"):
-            tensor.shape = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim
-            ]
+    computed = {name for node in light.graph.node if _is_standard(node) for name in node.output}
+    kept = [vi for vi in light.graph.value_info if vi.name not in computed]
+    del light.graph.value_info[:]
+    light.graph.value_info.extend(kept)
+    return light
 
 
-def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """onnxruntime's symbolic shape inference, which keeps dimension symbols consistent across the graph.
+_CACHE_SIZE = 4
+_cache: OrderedDict[bytes, dict[str, TensorType] | None] = OrderedDict()
 
-    onnx's own inference invents a fresh symbol (``unk__N``) wherever it loses track, so two equal
-    dynamic dimensions rarely share a name; onnxruntime's tool propagates them through MatMul,
-    Transpose, Reshape and broadcasting. Symbols are never merged on a guess (``auto_merge=False``):
-    a model where that would be needed falls back to onnx's inference.
+
+def inferred_types(model: onnx.ModelProto) -> dict[str, TensorType] | None:
+    """The reconciled types of the values computed by ``model``'s main graph, by name; ``None`` if onnx's
+    inference fails. The last few results are remembered by the model's content: an optimizer runs
+    inference before each pass, often on a graph the previous pass did not change."""
+    key = hashlib.sha256(model.SerializeToString(deterministic=True)).digest()
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    types = _reconcile(model.graph, _symbolic_inference(model), _onnx_inference(model))
+    _cache[key] = types
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return types
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The engines
+
+
+@dataclass(frozen=True)
+class SymbolicResult:
+    types: dict[str, TensorType]
+    known_values: frozenset[str]  # values whose content the engine computed (constants, shape arithmetic)
+
+
+@cache
+def _symbolic_shape_inference_class() -> type | None:
+    """onnxruntime's ``SymbolicShapeInference``, loaded from its file.
+
+    Importing ``onnxruntime.tools.symbolic_shape_infer`` first runs ``onnxruntime/tools/__init__.py``,
+    which imports torch whenever torch is installed (seconds and hundreds of MiB, for a helper of
+    PyTorch export); the module itself needs only onnx, numpy and sympy.
     """
+    name = "onnxruntime.tools.symbolic_shape_infer"
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-    except ImportError:
+        package = importlib.util.find_spec("onnxruntime")
+        path = Path(package.origin).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.SymbolicShapeInference
+    except Exception as error:  # noqa: BLE001 - without the engine, onnx's inference serves alone
+        log.debug("onnxruntime's symbolic shape inference is unavailable: %s", error)
         return None
-    # The steps of SymbolicShapeInference.infer_shapes, which on incomplete inference also writes a
-    # debug model into the current directory; any change in those internals falls back to onnx's inference.
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> SymbolicResult | None:
+    """onnxruntime's symbolic inference, as far as it gets.
+
+    These are the steps of ``SymbolicShapeInference.infer_shapes``, which on an incomplete run also writes
+    a debug model into the current directory. Symbols are never merged on a guess (``auto_merge=False``);
+    where a merge would be needed the engine stops, and the values it inferred before stopping are kept.
+    """
+    engine_class = _symbolic_shape_inference_class()
+    if engine_class is None:
+        return None
     try:
-        inference = SymbolicShapeInference(2**31 - 1, False, False, 0)
-        inference._preprocess(model)
-        complete = False
-        while inference.run_:
-            complete = inference._infer_impl()
-        inference._update_output_from_vi()
-        return inference.out_mp_ if complete else None
+        engine = engine_class(2**31 - 1, False, False, 0)
+        engine._preprocess(model)
+        while engine.run_:
+            engine._infer_impl()
+        known = frozenset(engine.sympy_data_) | frozenset(engine.initializers_)
+        return SymbolicResult(_types(engine.out_mp_.graph.value_info), known)
     except Exception as error:  # noqa: BLE001 - inference is best effort by contract
         log.debug("symbolic shape inference failed: %s", error)
         return None
 
 
-def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto | None:
+def _onnx_inference(model: onnx.ModelProto) -> dict[str, TensorType] | None:
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as error:  # noqa: BLE001 - inference is best effort by contract
         log.debug("shape inference failed: %s", error)
         return None
+    return _types([*inferred.graph.value_info, *inferred.graph.output])
+
+
+def _types(value_infos) -> dict[str, TensorType]:
+    types = {}
+    for vi in value_infos:
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = _tensor_type(vi.type.tensor_type)
+    return types
+
+
+def _tensor_type(tensor_type: onnx.TypeProto.Tensor) -> TensorType:
+    if not tensor_type.HasField("shape"):
+        return TensorType(tensor_type.elem_type, None)
+    shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+    return TensorType(tensor_type.elem_type, shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reconciling the engines
+
+
+def _reconcile(
+    graph: onnx.GraphProto, symbolic: SymbolicResult | None, reference: dict[str, TensorType] | None
+) -> dict[str, TensorType] | None:
+    """The type of every value the main graph's nodes compute, walking the nodes in order (see the module
+    docstring for the rules)."""
+    if reference is None:
+        return None
+    walk = _Walk(graph, symbolic or SymbolicResult({}, frozenset()), reference)
+    for node in graph.node:
+        walk.visit(node)
+    return {name: walk.types[name] for name in walk.computed if name in walk.types}
+
+
+class _Walk:
+    """The state of ``_reconcile``: what is decided so far, and which values are untrusted or unknown."""
+
+    def __init__(self, graph: onnx.GraphProto, symbolic: SymbolicResult, reference: dict[str, TensorType]):
+        self.symbolic, self.reference = symbolic, reference
+        self.types: dict[str, TensorType] = {}  # graph inputs, weights and what is decided so far
+        self.computed: list[str] = []
+        for vi in graph.input:
+            if vi.type.HasField("tensor_type"):
+                self.types[vi.name] = _tensor_type(vi.type.tensor_type)
+        for init in graph.initializer:
+            self.types[init.name] = TensorType(init.data_type, tuple(init.dims))
+        # Symbols of the graph inputs stand for any size: never a number.
+        self.free_symbols = {d for t in self.types.values() for d in (t.shape or ()) if isinstance(d, str)}
+        self.bindings: dict[str, int] = {}  # symbolic engine's symbol -> the number onnx proves it is
+        self.untrusted: set[str] = set()
+        self.unknown: set[str] = set()  # both engines may be wrong: no shape
+
+    def visit(self, node: onnx.NodeProto) -> None:
+        outputs = [name for name in node.output if name]
+        self.computed.extend(outputs)
+        read = set(_reads(node))
+        if read & self.unknown:
+            self._leave_unknown(outputs)
+            return
+        reason = "an input is untrusted" if read & self.untrusted else _symbolic_guess(node, self)
+        reason = reason or self._contradiction(outputs)
+        if reason:
+            log.debug("shape inference: %s '%s': onnx's result only (%s)", node.op_type, node.name, reason)
+            self.untrusted.update(outputs)
+        for name in outputs:
+            # Every computed value gets a type, if only "unknown": one it held from an earlier run may use
+            # symbols that now mean something else.
+            self.types[name] = self._merge(name, trusted=not reason) or TensorType(0, None)
+        departure = _departure_from_specification(node, self)
+        if departure:
+            log.debug("shape inference: %s '%s': no shape (%s)", node.op_type, node.name, departure)
+            self._leave_unknown(outputs)
+
+    def shape(self, name: str) -> Shape:
+        return self.types[name].shape if name in self.types else None
+
+    def known_value(self, name: str) -> bool:
+        return name in self.symbolic.known_values
+
+    def _leave_unknown(self, outputs: list[str]) -> None:
+        self.unknown.update(outputs)
+        for name in outputs:
+            found = self.reference.get(name) or self.symbolic.types.get(name)
+            self.types[name] = TensorType(found.elem_type if found else 0, None)
+
+    def _merge(self, name: str, trusted: bool) -> TensorType | None:
+        symbolic, reference = self.symbolic.types.get(name), self.reference.get(name)
+        if not trusted:
+            # No shape rather than none said: the value may hold one from before that is no more trusted.
+            return reference or TensorType(symbolic.elem_type if symbolic else 0, None)
+        if symbolic is None:
+            return reference
+        if reference is None:
+            return symbolic
+        elem_type = reference.elem_type or symbolic.elem_type
+        if symbolic.shape is None or reference.shape is None:
+            return TensorType(elem_type, symbolic.shape if reference.shape is None else reference.shape)
+        dims = tuple(r if isinstance(r, int) or s is None else s for s, r in zip(symbolic.shape, reference.shape))
+        return TensorType(elem_type, dims)
+
+    def _named(self, dim: Dim) -> bool:
+        """Whether onnx's symbol is one of the graph's rather than one it made up (``unk__N``) for a size
+        it does not know."""
+        return isinstance(dim, str) and (dim in self.free_symbols or not dim.startswith("unk__"))
+
+    def _contradiction(self, outputs: list[str]) -> str | None:
+        """Why the symbolic engine's result for these outputs cannot be right, if onnx's shows it."""
+        for name in outputs:
+            symbolic, reference = self.symbolic.types.get(name), self.reference.get(name)
+            if symbolic is None or symbolic.shape is None:
+                continue
+            if any(isinstance(s, int) and s < 0 for s in symbolic.shape):
+                return f"negative size for {name}"
+            if reference is None or reference.shape is None:
+                continue
+            if len(symbolic.shape) != len(reference.shape):
+                return f"rank of {name}: {len(symbolic.shape)}, onnx {len(reference.shape)}"
+            for s, r in zip(symbolic.shape, reference.shape):
+                if isinstance(s, int) and (isinstance(r, int) or self._named(r)) and s != r:
+                    return f"{name}: {list(symbolic.shape)}, onnx {list(reference.shape)}"
+                proven = isinstance(s, str) and isinstance(r, int)
+                if proven and (s in self.free_symbols or self.bindings.setdefault(s, r) != r):
+                    return f"{name}: symbol {s} is {r} for onnx"
+        return None
+
+
+def _reads(node: onnx.NodeProto) -> Iterator[str]:
+    """Every value a node reads, those its subgraphs read from enclosing scopes included."""
+    yield from (name for name in node.input if name)
+    for attribute in node.attribute:
+        for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+            for inner in sub.node:
+                yield from _reads(inner)
+
+
+def _is_standard(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx")
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {name: v.decode() if isinstance(v, bytes) else v for name, v in values.items()}
+
+
+def _static(shape: Shape) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the symbolic engine guesses
+
+# Inputs whose values (not only shapes) decide the output's shape.
+_SHAPE_PARAMETERS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Split": (1,),
+    "SplitToSequence": (1,),
+    "Pad": (1, 3),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "TopK": (1,),
+    "OneHot": (1,),
+    "CenterCropPad": (1,),
+    "Col2Im": (1, 2),
+    "MaxUnpool": (2,),
+    "STFT": (1, 3),
+    "DFT": (1, 2),
+    "MelWeightMatrix": (0, 1),
+    "HannWindow": (0,),
+    "HammingWindow": (0,),
+    "BlackmanWindow": (0,),
+    "AffineGrid": (1,),
+    "Compress": (1,),
+    "NonZero": (0,),
+    "Unique": (0,),
+    "NonMaxSuppression": (0, 1, 2, 3, 4),
+    **{
+        op: (1,)
+        for op in (
+            "ReduceSum",
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceProd",
+            "ReduceL1",
+            "ReduceL2",
+            "ReduceLogSum",
+            "ReduceLogSumExp",
+            "ReduceSumSquare",
+        )
+    },
+}
+_SAME_PADDING = {"SAME_UPPER", "SAME_LOWER"}
+_WINDOWED = {"Conv", "ConvInteger", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "QLinearConv"}
+_POOLS = {"MaxPool", "AveragePool", "LpPool"}
+
+
+def _symbolic_guess(node: onnx.NodeProto, walk: _Walk) -> str | None:
+    """Why the symbolic engine's result for ``node`` may be a guess, even where onnx cannot tell."""
+    if not _is_standard(node):
+        return None
+    op = node.op_type
+    for index in _SHAPE_PARAMETERS.get(op, ()):
+        if index < len(node.input) and node.input[index] and not walk.known_value(node.input[index]):
+            return f"input {index} is not known before running"
+    if op not in _WINDOWED and op not in ("Squeeze", "Split", "Slice"):
+        return None
+    attributes = _attributes(node)
+    data = walk.shape(node.input[0]) if node.input and node.input[0] else None
+    if op == "Squeeze" and len(node.input) < 2 and "axes" not in attributes and not _static(data):
+        return "Squeeze without axes of a dynamic dimension, which may be 1"
+    if op == "Split" and "num_outputs" in attributes and not _static(data):
+        return "Split into num_outputs chunks of a dynamic size, the last one smaller"
+    if op == "Slice" and _static_from_dynamic(walk.symbolic.types.get(node.output[0]), data):
+        return "Slice of a dynamic dimension to a static size, which a short input does not have"
+    spatial_dynamic = data is not None and not _static(data[2:])
+    if op in _WINDOWED and spatial_dynamic:
+        if attributes.get("auto_pad") in _SAME_PADDING and any(s > 1 for s in attributes.get("strides", ())):
+            return "strided SAME padding of a dynamic dimension"
+        if op in _POOLS and attributes.get("ceil_mode"):
+            return "ceil_mode pool of a dynamic dimension"
+    return None
+
+
+def _static_from_dynamic(result: TensorType | None, data: Shape) -> bool:
+    """Whether ``result`` has a static dimension where ``data`` has a dynamic one, at the same position."""
+    if result is None or result.shape is None or data is None or len(result.shape) != len(data):
+        return False
+    return any(isinstance(r, int) and not isinstance(d, int) for r, d in zip(result.shape, data))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where both engines depart from the specification
+
+
+def _departure_from_specification(node: onnx.NodeProto, walk: _Walk) -> str | None:
+    """Why the result decided for ``node`` contradicts the specification, for the operators both engines
+    get wrong; ``None`` when it agrees (or says nothing that could be wrong)."""
+    if not _is_standard(node) or node.op_type not in ("ConvTranspose", *_POOLS) or not node.output:
+        return None
+    attributes = _attributes(node)
+    if node.op_type in _POOLS and not attributes.get("ceil_mode"):
+        return None
+    data, result = walk.shape(node.input[0]), walk.shape(node.output[0])
+    if data is None or result is None or len(data) != len(result) or len(data) < 3:
+        return None
+    if node.op_type == "ConvTranspose":
+        weight = walk.shape(node.input[1]) if len(node.input) > 1 else None
+        expected = _conv_transpose_sizes(data[2:], attributes, weight)
+    else:
+        expected = _ceil_pool_sizes(data[2:], attributes)
+    for want, got in zip(expected, result[2:]):
+        if want is not None and isinstance(got, int) and got != want:
+            return f"{node.output[0]}: {list(result)}, but the specification gives {want} where it says {got}"
+    return None
+
+
+def _pads(attributes: dict, rank: int) -> tuple[list[int], list[int]]:
+    pads = list(attributes.get("pads", [0] * (2 * rank)))
+    return pads[:rank], pads[rank:]
+
+
+def _ceil_pool_sizes(sizes: tuple[Dim, ...], attributes: dict) -> list[int | None]:
+    """Output sizes of a pool with ``ceil_mode=1`` (None where the input size is not static).
+
+    Windows are counted rounding up, but a last window that would start in the end padding is dropped
+    (onnxruntime and the reference implementation agree); with ``auto_pad`` the specification's formulas
+    apply, whatever ``ceil_mode`` says.
+    """
+    rank = len(sizes)
+    kernel = attributes.get("kernel_shape", [1] * rank)
+    strides = attributes.get("strides", [1] * rank)
+    dilations = attributes.get("dilations", [1] * rank)
+    begins, ends = _pads(attributes, rank)
+    auto_pad = attributes.get("auto_pad", "NOTSET")
+    result: list[int | None] = []
+    for axis, size in enumerate(sizes):
+        if not isinstance(size, int):
+            result.append(None)
+            continue
+        extent = (kernel[axis] - 1) * dilations[axis] + 1
+        if auto_pad == "VALID":
+            result.append(math.ceil((size - extent + 1) / strides[axis]))
+        elif auto_pad in _SAME_PADDING:
+            result.append(math.ceil(size / strides[axis]))
+        else:
+            count = math.ceil((size + begins[axis] + ends[axis] - extent) / strides[axis]) + 1
+            if (count - 1) * strides[axis] >= size + begins[axis]:
+                count -= 1
+            result.append(count)
+    return result
+
+
+def _conv_transpose_sizes(sizes: tuple[Dim, ...], attributes: dict, weight: Shape) -> list[int | None]:
+    """Output sizes of a ConvTranspose (None where unknown): with SAME padding the input size times the
+    stride, ``output_padding`` only moving the padding; otherwise the usual formula."""
+    rank = len(sizes)
+    if "output_shape" in attributes:
+        declared = list(attributes["output_shape"])[-rank:]
+        return [d if isinstance(d, int) else None for d in declared]
+    kernel = attributes.get("kernel_shape") or (list(weight[2:]) if weight is not None else [None] * rank)
+    strides = attributes.get("strides", [1] * rank)
+    dilations = attributes.get("dilations", [1] * rank)
+    output_padding = attributes.get("output_padding", [0] * rank)
+    auto_pad = attributes.get("auto_pad", "NOTSET")
+    begins, ends = _pads(attributes, rank) if auto_pad == "NOTSET" else ([0] * rank, [0] * rank)
+    result: list[int | None] = []
+    for axis, size in enumerate(sizes):
+        if not isinstance(size, int):
+            result.append(None)
+        elif auto_pad in _SAME_PADDING:
+            result.append(size * strides[axis])
+        elif not isinstance(kernel[axis], int):
+            result.append(None)
+        else:
+            extent = (kernel[axis] - 1) * dilations[axis] + 1
+            result.append(strides[axis] * (size - 1) + output_padding[axis] + extent - begins[axis] - ends[axis])
+    return result

@@ -45,16 +45,12 @@ def assert_equivalent(original: onnx.ModelProto, passes: str, feeds: dict[str, n
     return optimized
 
 
-@known_bug(
-    "ir.infer_shapes (onnxruntime symbolic inference): Split num_outputs=3 of 8 "
-    "gets [2,2,2] not [3,3,2]; fold folds Shape wrong, value_info invalid"
-)
 def test_split_num_outputs_uneven_chunks_keep_their_shapes():
     """Split-18 with ``num_outputs`` cuts ceil(8/3) = 3 elements per chunk: [3, 3, 2].
 
-    ``ir.infer_shapes`` takes onnxruntime's symbolic shape inference, which gives every chunk 8 // 3 = 2
-    elements. ``fold`` then folds ``Shape(a)`` to [2] (with ``dce`` after it the wrong constant is the
-    whole model: a silent miscompile), and alone it writes value_info that onnx.checker rejects.
+    onnxruntime's symbolic shape inference gives every chunk 8 // 3 = 2 elements. When ``infer_shapes``
+    took its word, ``fold`` folded ``Shape(a)`` to [2] (with ``dce`` after it the wrong constant was the
+    whole model: a silent miscompile), and alone it wrote value_info that onnx.checker rejects.
     """
     original = model(
         [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3), helper.make_node("Shape", ["a"], ["s"])],
@@ -66,10 +62,6 @@ def test_split_num_outputs_uneven_chunks_keep_their_shapes():
     assert_equivalent(original, "fold,dce", feeds)
 
 
-@known_bug(
-    "ir.infer_shapes (onnxruntime symbolic inference): Slice lengths are not "
-    "clamped as specified; the exported value_info fails onnx.checker"
-)
 @pytest.mark.parametrize(
     ("start", "end", "step", "length"),
     [
@@ -81,9 +73,9 @@ def test_split_num_outputs_uneven_chunks_keep_their_shapes():
 def test_slice_length_from_shape_inference_is_clamped(start, end, step, length):
     """``Slice(x[4], starts=[start], ends=[end], steps=[step])`` has ``length`` elements.
 
-    onnxruntime's symbolic shape inference, which ``ir.infer_shapes`` trusts, computes the length
-    without clamping the end as the specification says (-2, 1 and -2 elements for these cases),
-    and ``fold`` writes it into the value_info of ``y``: the result fails onnx.checker's full check
+    onnxruntime's symbolic shape inference computes the length without clamping the end as the
+    specification says (-2, 1 and -2 elements for these cases); when ``infer_shapes`` took its word,
+    ``fold`` wrote it into the value_info of ``y``, and the result failed onnx.checker's full check
     ("Inferred shape and existing shape differ").
     """
     original = model(
@@ -219,10 +211,6 @@ def test_slice_of_a_shape_with_a_runtime_step_is_not_folded():
     assert_equivalent(original, "fold", {"x": np.zeros((2, 3), np.float32), "step": np.array([2], np.int64)})
 
 
-@known_bug(
-    "ir.infer_shapes (onnxruntime symbolic inference): strided Conv/MaxPool with auto_pad SAME and a dynamic "
-    "width get a wrong height (floor, not ceil); fold folds it"
-)
 @pytest.mark.parametrize(
     ("op", "height", "width", "kernel", "stride"),
     [
@@ -234,10 +222,10 @@ def test_same_padding_strided_with_a_dynamic_width_keeps_its_height(op, height, 
     """``op(x[1, 1, height, W], kernel, auto_pad=SAME_UPPER, strides=[stride, stride])`` has ceil(height /
     stride) rows, the width ``W`` (fed ``width``) being dynamic.
 
-    With the width symbolic, onnxruntime's symbolic shape inference (which ``ir.infer_shapes`` trusts)
-    gets the static height wrong too. ``fold`` writes that into the value_info of ``y`` (the result
-    fails onnx.checker) and folds ``Shape(y)[2]``: with ``dce`` after it, the whole model becomes a wrong
-    constant, a silent miscompile.
+    With the width symbolic, onnxruntime's symbolic shape inference gets the static height wrong too.
+    When ``infer_shapes`` took its word, ``fold`` wrote that into the value_info of ``y`` (the result
+    failed onnx.checker) and folded ``Shape(y)[2]``: with ``dce`` after it, the whole model became a
+    wrong constant, a silent miscompile.
     """
     attrs = {"auto_pad": "SAME_UPPER", "strides": [stride, stride]}
     if op == "Conv":
@@ -260,10 +248,6 @@ def test_same_padding_strided_with_a_dynamic_width_keeps_its_height(op, height, 
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug(
-    "fold trusts shape inference for pools with ceil_mode=1, which keeps windows "
-    "the spec drops (or ignores auto_pad); Shape folds to 2 rows, the runtime gives 1"
-)
 @pytest.mark.parametrize(
     ("op", "attrs", "rows"),
     [
@@ -279,8 +263,8 @@ def test_pool_with_ceil_mode_has_the_rows_the_runtime_computes(op, attrs, rows):
     """``op(x[1, 1, 2, 1], ceil_mode=1, **attrs)`` has one row (onnxruntime; onnx's reference evaluator agrees
     where it supports the attributes).
 
-    Shape inference (onnxruntime's symbolic one and onnx's alike) says 2 rows, ``fold`` trusts it and
-    folds ``Shape(y)`` to ``[1, 1, 2, 1]``: a silent miscompile.
+    Shape inference (onnxruntime's symbolic one and onnx's alike) says 2 rows; ``fold`` trusted it and
+    folded ``Shape(y)`` to ``[1, 1, 2, 1]``: a silent miscompile.
     """
     original = model(
         [helper.make_node(op, ["x"], ["y"], ceil_mode=1, **attrs), helper.make_node("Shape", ["y"], ["shape"])],
@@ -292,17 +276,13 @@ def test_pool_with_ceil_mode_has_the_rows_the_runtime_computes(op, attrs, rows):
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug(
-    "fold trusts shape inference for ConvTranspose auto_pad=SAME_UPPER with "
-    "output_padding, which adds the padding to the size: [11, 7] instead of [10, 6]"
-)
 def test_conv_transpose_same_upper_with_output_padding_is_input_times_stride():
     """``ConvTranspose(x[1, 1, 5, 3], w[1, 1, 2, 2], strides=[2, 2], auto_pad=SAME_UPPER, output_padding=[1, 1])``.
 
     With SAME padding the output is the input times the stride, ``[10, 6]`` (the specification,
     onnxruntime and onnx's reference evaluator agree; output_padding only shifts the padding). Shape
     inference (onnx's and onnxruntime's symbolic one) adds the output padding, ``[11, 7]``; ``fold``
-    trusts it and folds ``Shape(y)`` to that: a silent miscompile.
+    trusted it and folded ``Shape(y)`` to that: a silent miscompile.
     """
     original = model(
         [
@@ -320,10 +300,6 @@ def test_conv_transpose_same_upper_with_output_padding_is_input_times_stride():
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug(
-    "ir.infer_shapes (onnxruntime symbolic inference) guesses parameters that are "
-    "graph inputs (axes, steps, split sizes); fold folds Shape to the guess"
-)
 @pytest.mark.parametrize(
     ("op", "attrs", "x_shape", "parameters", "runtime", "shape"),
     [
@@ -340,10 +316,10 @@ def test_conv_transpose_same_upper_with_output_padding_is_input_times_stride():
 def test_shape_of_an_operator_with_runtime_parameters_is_not_guessed(op, attrs, x_shape, parameters, runtime, shape):
     """``y = op(x, parameters)`` where the parameter ``runtime`` is a graph input (fed its value).
 
-    onnxruntime's symbolic shape inference, which ``ir.infer_shapes`` trusts, does not leave the shape
-    of ``y`` unknown when a parameter input is not constant: it guesses (all size-1 axes, axis 0,
-    step 1, equal chunks). ``fold`` folds ``Shape(y)`` to the guess, a silent miscompile; in bigger
-    graphs the wrong value_info makes the result fail onnx.checker, or onnxruntime refuse to run it
+    onnxruntime's symbolic shape inference does not leave the shape of ``y`` unknown when a parameter
+    input is not constant: it guesses (all size-1 axes, axis 0, step 1, equal chunks). When
+    ``infer_shapes`` took its word, ``fold`` folded ``Shape(y)`` to the guess, a silent miscompile; in
+    bigger graphs the wrong value_info made the result fail onnx.checker, or onnxruntime refuse to run it
     ("Shape mismatch attempting to re-use buffer").
     """
     inputs, initializers, feeds = [value("x", TensorProto.FLOAT, x_shape)], [], {}
@@ -366,16 +342,12 @@ def test_shape_of_an_operator_with_runtime_parameters_is_not_guessed(op, attrs, 
     assert_equivalent(original, "fold", feeds)
 
 
-@known_bug(
-    "ir.infer_shapes (onnxruntime symbolic inference): Squeeze without axes keeps a dynamic dimension, "
-    "which may be 1; the value_info fold writes contradicts the declared output"
-)
 def test_squeeze_without_axes_of_a_dynamic_dimension_is_not_guessed():
     """``y = Squeeze(x[N])`` with no axes removes every dimension of size 1: with ``N = 1``, ``y`` is a scalar.
 
-    The model declares its output ``Relu(y)`` a scalar. onnxruntime's symbolic shape inference, which
-    ``ir.infer_shapes`` trusts, assumes a dynamic dimension is not 1 and gives ``y`` the shape ``[N]``;
-    ``fold`` writes that into the value_info, and the result fails onnx.checker (rank 1 against the
+    The model declares its output ``Relu(y)`` a scalar. onnxruntime's symbolic shape inference assumes a
+    dynamic dimension is not 1 and gives ``y`` the shape ``[N]``; when ``infer_shapes`` took its word,
+    ``fold`` wrote that into the value_info, and the result failed onnx.checker (rank 1 against the
     declared rank 0). The rank of ``y`` is unknown until ``N`` is.
     """
     original = model(

@@ -1,0 +1,341 @@
+"""Tests of ``onnxopt.shapes``: inferred shapes hold at run time, and symbolic knowledge is kept where it is sound.
+
+Every case runs the model in onnxruntime with each intermediate value as an output and checks what
+inference claims: a static dimension is the size computed, a rank is the rank computed, and one symbol
+is one size across the graph (``assert_shapes_hold``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx.parser
+import pytest
+from helpers import make_model, run, tensor, value
+from onnx import TensorProto, helper
+
+from onnxopt import ir, shapes
+
+OPSET = 18
+
+
+def model(nodes, inputs, results, initializers=()) -> onnx.ModelProto:
+    """A model computing ``nodes``; its outputs are the sums of the float values named in ``results``, whose
+    ranks (which some cases do not know) it need not declare."""
+    sums = [helper.make_node("ReduceSum", [name], [f"{name}_sum"], keepdims=0) for name in results]
+    outputs = [value(f"{name}_sum", TensorProto.FLOAT, []) for name in results]
+    return make_model([*nodes, *sums], inputs, outputs, initializers, opset=OPSET, ir_version=8)
+
+
+def parse(text: str) -> onnx.ModelProto:
+    parsed = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {OPSET}]>' + text)
+    onnx.checker.check_model(parsed, full_check=True)
+    return parsed
+
+
+def inferred(original: onnx.ModelProto) -> dict[str, list | None]:
+    """The shapes ``infer_shapes`` gives the values the main graph computes, by name."""
+    graph = ir.import_model(original)
+    shapes.infer_shapes(graph)
+    return {t.name: t.shape for node in graph.nodes for t in node.outputs}
+
+
+def runtime_shapes(original: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The shape onnxruntime computes for every value of the main graph (inputs and outputs included)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(original)
+    declared = {o.name for o in exposed.graph.output}
+    for node in exposed.graph.node:
+        exposed.graph.output.extend(onnx.ValueInfoProto(name=n) for n in node.output if n and n not in declared)
+    names = [o.name for o in exposed.graph.output]
+    computed = dict(zip(names, (np.asarray(v).shape for v in run(exposed, feeds))))
+    return {**{name: array.shape for name, array in feeds.items()}, **computed}
+
+
+def assert_shapes_hold(original: onnx.ModelProto, *feeds_list: dict[str, np.ndarray]) -> dict[str, list | None]:
+    """What ``infer_shapes`` says of each value is true of what onnxruntime computes on every ``feeds``."""
+    claimed = inferred(original)
+    claimed.update({vi.name: _declared(vi) for vi in original.graph.input})
+    for feeds in feeds_list:
+        actual = runtime_shapes(original, feeds)
+        symbols: dict[str, tuple[int, str]] = {}
+        for name, shape in claimed.items():
+            if shape is None or name not in actual:
+                continue
+            assert len(shape) == len(actual[name]), f"{name}: inferred {shape}, computed {actual[name]}"
+            for claim, size in zip(shape, actual[name]):
+                if isinstance(claim, int):
+                    assert claim == size, f"{name}: inferred {shape}, computed {actual[name]}"
+                elif isinstance(claim, str):
+                    seen, where = symbols.setdefault(claim, (size, name))
+                    assert seen == size, f"symbol {claim}: {seen} in {where}, {size} in {name} ({shape})"
+    return claimed
+
+
+def _declared(vi: onnx.ValueInfoProto) -> list | None:
+    tensor_type = vi.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+
+
+def floats(*shape: int) -> np.ndarray:
+    return np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the symbolic engine adds, kept
+
+
+def test_sizes_only_the_symbolic_engine_computes_are_kept_with_the_graphs_symbols():
+    """onnx's data propagation does not divide: it loses the 2 heads of this Reshape, which the symbolic
+    engine computes; the batch and sequence symbols of the input carry through."""
+    original = parse("""
+    g (float[B, S, 8] x) => (float[B, 2, S, 4] y)
+        <int64 zero = {0}, int64 one = {1}, int64 two = {2}, int64 four = {4}, int64[1] axes = {0}> {
+      s = Shape(x)
+      b = Gather(s, zero)
+      n = Gather(s, one)
+      c = Gather(s, two)
+      h = Div(c, four)
+      b1 = Unsqueeze(b, axes)
+      n1 = Unsqueeze(n, axes)
+      h1 = Unsqueeze(h, axes)
+      d1 = Unsqueeze(four, axes)
+      target = Concat<axis = 0>(b1, n1, h1, d1)
+      r = Reshape(x, target)
+      t = Relu(r)
+      y = Transpose<perm = [0, 2, 1, 3]>(t)
+    }""")
+    claimed = assert_shapes_hold(original, {"x": floats(1, 3, 8)}, {"x": floats(2, 5, 8)})
+    assert claimed["r"] == ["B", "S", 2, 4]
+    assert claimed["t"] == ["B", "S", 2, 4]
+
+
+def test_a_ceil_mode_pool_without_a_dropped_window_keeps_its_shape():
+    original = model(
+        [
+            helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
+            helper.make_node("Relu", ["y"], ["z"]),
+        ],
+        [value("x", TensorProto.FLOAT, ["N", 1, 3, 3])],
+        ["z"],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(2, 1, 3, 3)})
+    assert claimed["y"] == ["N", 1, 2, 2]
+
+
+def test_a_conv_transpose_without_same_padding_keeps_its_shape():
+    original = model(
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 0, 0, 1], output_padding=[1, 1]
+            ),
+            helper.make_node("Relu", ["y"], ["z"]),
+        ],
+        [value("x", TensorProto.FLOAT, [1, 1, 5, 3])],
+        ["z"],
+        [tensor("w", np.ones((1, 1, 2, 2), np.float32))],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(1, 1, 5, 3)})
+    assert claimed["y"] == [1, 1, 10, 6]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the symbolic engine guesses: onnx's result alone, for the value and what is computed from it
+
+
+def with_runtime_parameter(op, attrs, x_shape, parameters, runtime, outputs=("y",)):
+    """``op(x, parameters)`` and ``z = Relu(y)``, the parameter ``runtime`` a graph input; with its feeds."""
+    inputs, initializers, feeds = [value("x", TensorProto.FLOAT, x_shape)], [], {"x": floats(*x_shape)}
+    for name, data in parameters.items():
+        data = np.array(data, np.int64)
+        if name == runtime:
+            inputs.append(value(name, TensorProto.INT64, list(data.shape)))
+            feeds[name] = data
+        else:
+            initializers.append(tensor(name, data))
+    nodes = [helper.make_node(op, ["x", *parameters], list(outputs), **attrs), helper.make_node("Relu", ["y"], ["z"])]
+    return model(nodes, inputs, ["z"], initializers), feeds
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "x_shape", "parameters", "runtime", "outputs"),
+    [
+        ("Squeeze", {}, [1, 6, 1], {"axes": [2]}, "axes", ("y",)),
+        ("Unsqueeze", {}, [2, 3], {"axes": [1]}, "axes", ("y",)),
+        ("Slice", {}, [2, 1, 3], {"starts": [1], "ends": [3], "axes": [2]}, "axes", ("y",)),
+        ("Slice", {}, [2, 1, 3], {"starts": [-1], "ends": [-4], "axes": [2], "steps": [-1]}, "steps", ("y",)),
+        ("Split", {"axis": -1}, [2, 1, 3], {"split": [2, 1]}, "split", ("y", "rest")),
+        ("ReduceSum", {"keepdims": 0}, [2, 1, 3], {"axes": [2]}, "axes", ("y",)),
+        ("Pad", {}, [2, 3], {"pads": [0, 1, 0, 2]}, "pads", ("y",)),
+    ],
+)
+def test_parameters_fed_at_run_time_are_not_guessed(op, attrs, x_shape, parameters, runtime, outputs):
+    original, feeds = with_runtime_parameter(op, attrs, x_shape, parameters, runtime, outputs)
+    assert_shapes_hold(original, feeds)
+
+
+def test_squeeze_without_axes_of_a_dynamic_dimension_has_no_shape():
+    original = model(
+        [helper.make_node("Squeeze", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        [value("x", TensorProto.FLOAT, ["N", 3])],
+        ["z"],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(1, 3)}, {"x": floats(4, 3)})
+    assert claimed["y"] is None and claimed["z"] is None
+
+
+@pytest.mark.parametrize(("start", "end"), [(-3, np.iinfo(np.int64).max), (0, 1), (1, 3)])
+def test_slice_of_a_dynamic_dimension_is_not_given_a_static_size(start, end):
+    """The symbolic engine takes a dynamic dimension to be long enough: ``x[-3:]`` of 2 rows has 2, not 3."""
+    original = model(
+        [helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        [value("x", TensorProto.FLOAT, ["N", 3])],
+        ["z"],
+        [tensor("starts", np.array([start])), tensor("ends", np.array([end])), tensor("axes", np.array([0]))],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(0, 3)}, {"x": floats(2, 3)}, {"x": floats(6, 3)})
+    assert claimed["y"][1] == 3
+
+
+def test_split_into_uneven_chunks_of_a_dynamic_size():
+    original = model(
+        [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3, axis=1)]
+        + [helper.make_node("Relu", [n], [f"{n}_out"]) for n in "abc"],
+        [value("x", TensorProto.FLOAT, [2, "N"])],
+        [f"{n}_out" for n in "abc"],
+    )
+    assert_shapes_hold(original, {"x": floats(2, 8)}, {"x": floats(2, 7)})
+
+
+def test_split_into_uneven_chunks_of_a_static_size():
+    original = model(
+        [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3), helper.make_node("Relu", ["a"], ["z"])],
+        [value("x", TensorProto.FLOAT, [8])],
+        ["z", "b", "c"],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(8)})
+    assert claimed["a"] == [3] and claimed["z"] == [3]
+
+
+@pytest.mark.parametrize(("start", "end", "step", "length"), [(1, -5, -1, 2), (3, 1, 1, 0), (0, 9, 3, 2)])
+def test_slice_lengths_are_clamped(start, end, step, length):
+    original = model(
+        [helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"])],
+        [value("x", TensorProto.FLOAT, [4])],
+        ["y"],
+        [tensor(n, np.array([v])) for n, v in (("starts", start), ("ends", end), ("axes", 0), ("steps", step))],
+    )
+    graph = ir.import_model(original)
+    shapes.infer_shapes(graph)
+    sliced = graph.nodes[0].outputs[0]
+    assert sliced.shape is None or sliced.shape == [length]
+    assert runtime_shapes(original, {"x": floats(4)})["y"] == (length,)
+
+
+@pytest.mark.parametrize(
+    ("op", "height", "widths", "kernel", "stride"), [("Conv", 1, (3, 5), [2, 1], 2), ("MaxPool", 4, (5, 8), [3, 2], 3)]
+)
+def test_strided_same_padding_beside_a_dynamic_width(op, height, widths, kernel, stride):
+    attrs = {"auto_pad": "SAME_UPPER", "strides": [stride, stride]}
+    if op == "Conv":
+        inputs, initializers = ["x", "w"], [tensor("w", np.ones((1, 1, *kernel), np.float32))]
+    else:
+        inputs, initializers, attrs["kernel_shape"] = ["x"], [], kernel
+    original = model(
+        [helper.make_node(op, inputs, ["y"], **attrs), helper.make_node("Relu", ["y"], ["z"])],
+        [value("x", TensorProto.FLOAT, [1, 1, height, "W"])],
+        ["z"],
+        initializers,
+    )
+    claimed = assert_shapes_hold(original, *({"x": floats(1, 1, height, width)} for width in widths))
+    assert claimed["y"][2] == -(-height // stride)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where both engines depart from the specification: no shape, for the value and what is computed from it
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs"),
+    [
+        ("MaxPool", {"kernel_shape": [1, 1], "strides": [2, 1]}),
+        ("AveragePool", {"kernel_shape": [2, 1], "strides": [2, 1], "pads": [0, 0, 1, 0]}),
+        ("AveragePool", {"kernel_shape": [1, 1], "strides": [2, 1], "auto_pad": "VALID"}),
+    ],
+)
+def test_a_ceil_mode_pool_whose_last_window_is_dropped_has_no_shape(op, attrs):
+    original = model(
+        [helper.make_node(op, ["x"], ["y"], ceil_mode=1, **attrs), helper.make_node("Relu", ["y"], ["z"])],
+        [value("x", TensorProto.FLOAT, [1, 1, 2, 1])],
+        ["z"],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(1, 1, 2, 1)})
+    assert claimed["y"] is None and claimed["z"] is None
+
+
+def test_a_conv_transpose_with_same_padding_and_output_padding_has_no_shape():
+    original = model(
+        [
+            helper.make_node(
+                "ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], auto_pad="SAME_UPPER", output_padding=[1, 1]
+            ),
+            helper.make_node("Relu", ["y"], ["z"]),
+        ],
+        [value("x", TensorProto.FLOAT, [1, 1, 5, 3])],
+        ["z"],
+        [tensor("w", np.ones((1, 1, 2, 2), np.float32))],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(1, 1, 5, 3)})
+    assert claimed["y"] is None and claimed["z"] is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bookkeeping
+
+
+def test_a_shape_from_before_that_is_no_more_trusted_is_cleared():
+    original, feeds = with_runtime_parameter("Squeeze", {}, [1, 6, 1], {"axes": [2]}, "axes")
+    graph = ir.import_model(original)
+    squeezed = graph.nodes[0].outputs[0]
+    squeezed.shape = [6]  # what an engine that guessed the axes would have written
+    shapes.infer_shapes(graph)
+    assert squeezed.shape is None
+    assert runtime_shapes(original, feeds)["y"] == (1, 6)
+
+
+def test_graph_inputs_and_outputs_keep_their_declared_types():
+    original = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [value("x", TensorProto.FLOAT, [2, "N"])],
+        [value("y", TensorProto.FLOAT, ["M", None])],
+        opset=OPSET,
+    )
+    graph = ir.import_model(original)
+    shapes.infer_shapes(graph)
+    assert graph.inputs[0].shape == [2, "N"] and graph.outputs[0].shape == ["M", None]
+
+
+def test_an_unchanged_graph_is_not_inferred_again():
+    original = parse("""
+    g (float[B, 8] x) => (float[B, 8] y) {
+      y = Relu(x)
+    }""")
+    light = shapes._light_model(ir.import_model(original), None)
+    again = onnx.ModelProto()
+    again.CopyFrom(light)
+    assert shapes.inferred_types(light) is shapes.inferred_types(again)
+
+
+def test_the_symbolic_engine_loads_without_onnxruntime_tools_package():
+    """``onnxruntime/tools/__init__.py`` imports torch wherever torch is installed: it must not run."""
+    code = (
+        "import sys; from onnxopt import shapes; assert shapes._symbolic_shape_inference_class() is not None; "
+        "print('onnxruntime.tools' in sys.modules, 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.split() == ["False", "False"]
