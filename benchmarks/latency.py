@@ -599,6 +599,7 @@ def measure_model(model: dict, sources: dict, scenarios: list[Scenario], feeds: 
                 children.pop("reference").close()
             timed = [n for n in live if VARIANT_BY_NAME[n].timed]
             samples = {(n, s.name): [] for n in timed for s in scenarios}
+            turns = {(n, s.name): [] for n in timed for s in scenarios}  # each round's median, for paired ratios
             loads = {(n, s.name): [] for n in timed for s in scenarios}
             failed = set()  # (variant, scenario) whose measurement raised: not retried in later rounds
             for round_index in range(args.rounds):
@@ -618,6 +619,7 @@ def measure_model(model: dict, sources: dict, scenarios: list[Scenario], feeds: 
                             failed.add((name, scenario.name))
                             continue
                         samples[(name, scenario.name)] += reply["times_ms"]
+                        turns[(name, scenario.name)].append(statistics.median(reply["times_ms"]))
                         loads[(name, scenario.name)].append((reply["other_busy_cores"], reply["load_average"]))
             for (name, scenario_name), times in samples.items():
                 if not times:
@@ -626,6 +628,7 @@ def measure_model(model: dict, sources: dict, scenarios: list[Scenario], feeds: 
                 entry["other_busy_cores"] = statistics.mean(o for o, _ in loads[(name, scenario_name)])
                 entry["load_average"] = statistics.mean(a for _, a in loads[(name, scenario_name)])
                 entry["samples_ms"] = [round(t, 4) for t in times]
+                entry["round_medians_ms"] = [round(t, 4) for t in turns[(name, scenario_name)]]
                 variants[name]["latency"].setdefault(str(threads), {})[scenario_name] = entry
     finally:
         for child in children.values():
@@ -733,8 +736,17 @@ def latency_of(record: dict, variant: str, threads: str, scenario: str, statisti
     return entry[statistic] if entry else None
 
 
+def paired_ratio(record: dict, ours: str, theirs: str, threads: str, scenario: str) -> float | None:
+    """The median over rounds of ours / theirs within the round: adjacent turns see about the same load."""
+    ours_rounds = latency_of(record, ours, threads, scenario, "round_medians_ms")
+    theirs_rounds = latency_of(record, theirs, threads, scenario, "round_medians_ms")
+    if not ours_rounds or not theirs_rounds:
+        return None
+    return statistics.median(a / b for a, b in zip(ours_rounds, theirs_rounds))
+
+
 def rows_of(records: list[dict]) -> list[dict]:
-    """One row per (model, scenario, threads): the latencies and the ratios, of medians and of minimums."""
+    """One row per (model, scenario, threads): the latencies; ratios of medians, of minimums, and paired."""
     rows = []
     for record in records:
         for scenario in record["scenarios"]:
@@ -746,6 +758,9 @@ def rows_of(records: list[dict]) -> list[dict]:
                     row["ms" + suffix] = ms
                     row["ratios" + suffix] = {title: ms[ours] / ms[theirs] for title, ours, theirs in RATIOS
                                               if ms[ours] and ms[theirs]}
+                paired = {title: paired_ratio(record, ours, theirs, threads, scenario["name"])
+                          for title, ours, theirs in RATIOS}
+                row["ratios_paired"] = {title: value for title, value in paired.items() if value is not None}
                 rows.append(row)
     return rows
 
@@ -765,6 +780,7 @@ def ratio_medians(rows: list[dict], key: str) -> dict:
 def summarize(records: list[dict]) -> dict:
     rows = rows_of(records)
     medians, min_medians = ratio_medians(rows, "ratios"), ratio_medians(rows, "ratios_min")
+    paired_medians = ratio_medians(rows, "ratios_paired")
     targets = []
     for title, limit, scope in [(RATIOS[2][0], TARGET_TRANSFORMERS_RATIO, "transformer"),
                                 (RATIOS[0][0], TARGET_RATIO, "every"), (RATIOS[1][0], TARGET_RATIO, "every")]:
@@ -785,7 +801,8 @@ def summarize(records: list[dict]) -> dict:
              for per_threads in v["latency"].values() for e in per_threads.values()]
     failures = [{"model": record["model"], "variant": name, "error": error}
                 for record in records for name, v in record["variants"].items() for error in v["errors"]]
-    return {"rows": rows, "median_ratios": medians, "median_min_ratios": min_medians, "targets": targets, "numerics": numeric,
+    return {"rows": rows, "median_ratios": medians, "median_min_ratios": min_medians,
+            "median_paired_ratios": paired_medians, "targets": targets, "numerics": numeric,
             "numerics_beyond_tolerance": worse, "failures": failures,
             "other_busy_cores": {"median": statistics.median(loads) if loads else None,
                                  "max": max(loads) if loads else None}}
@@ -832,8 +849,8 @@ def _header(payload: dict) -> list[str]:
         f"{settings['past']} cached positions; static exports keep their exported shapes (sequence 16, past 4)."), "",
         (f"**Load**: while measuring, the rest of the machine kept a median of {_fmt(busy['median'])} cores busy "
         f"(max {_fmt(busy['max'])}) of {env['cores']}. Latencies are comparable only within one run, and with 2 "
-        "threads on a shared 2-core machine they mostly measure the contention; the ratios of minimums are less "
-        "sensitive to it than those of medians."), ""]
+        "threads on a shared 2-core machine they mostly measure the contention. Ratios *within rounds* compare "
+        "turns taken one after the other, so load that changes over the run cancels out of them."), ""]
 
 
 def _targets(summary: dict) -> list[str]:
@@ -925,45 +942,53 @@ def write_markdown(path: Path, payload: dict) -> None:
     lines = _header(payload) + _targets(summary)
     lines += _ratio_table("## Ratios of median latency (< 1: onnxopt's output is faster)", summary["rows"], "ratios",
                           summary["median_ratios"])
-    lines += _ratio_table("## Ratios of the fastest run (less sensitive to other work on the machine)",
-                          summary["rows"], "ratios_min", summary["median_min_ratios"])
+    lines += _ratio_table("## Ratios within each round (median over rounds; least sensitive to changing load)",
+                          summary["rows"], "ratios_paired", summary["median_paired_ratios"])
+    lines += _ratio_table("## Ratios of the fastest run", summary["rows"], "ratios_min", summary["median_min_ratios"])
     lines += _latency_table(records) + _numerics_table(records) + _graph_table(records) + _notes(summary, records)
     path.write_text("\n".join(lines) + "\n")
 
 
 def write_plot(path: Path, summary: dict) -> None:
+    """Heat maps of the ratios: of medians on top, within rounds below; a column of panels per thread count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     rows = summary["rows"]
-    threads = sorted({r["threads"] for r in rows}, key=int)
     if not rows:
         return
+    threads = sorted({r["threads"] for r in rows}, key=int)
     titles = [t for t, _, _ in RATIOS]
-    labels = sorted({(r["model"], r["scenario"]) for r in rows}, key=[(r["model"], r["scenario"]) for r in rows].index)
-    fig, axes = plt.subplots(1, len(threads), figsize=(4 + 3.2 * len(threads), 2.0 + 0.35 * len(labels)),
-                             sharey=True, squeeze=False)
-    for ax, t in zip(axes[0], threads):
-        grid = np.full((len(labels), len(titles)), np.nan)
-        for r in rows:
-            if r["threads"] == t:
-                for j, title in enumerate(titles):
-                    grid[labels.index((r["model"], r["scenario"])), j] = r["ratios"].get(title, np.nan)
-        image = ax.imshow(np.where(np.isfinite(grid), grid, 1.0), cmap="RdYlGn_r", norm=LogNorm(vmin=0.5, vmax=2.0),
-                          aspect="auto")
-        for i in range(len(labels)):
-            for j in range(len(titles)):
-                ax.text(j, i, f"{grid[i, j]:.2f}" if np.isfinite(grid[i, j]) else "", ha="center", va="center",
-                        fontsize=7)
-        ax.set_xticks(range(len(titles)), [t.replace(" / ", " /\n") for t in titles], fontsize=7)
-        ax.set_yticks(range(len(labels)), [f"{m} · {s}" for m, s in labels], fontsize=7)
-        ax.set_title(f"{t} thread{'s' if t != '1' else ''}", fontsize=9)
-        fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.suptitle("median latency ratio, onnxopt's output / other (< 1, green: onnxopt faster)", fontsize=10)
+    labels = list(dict.fromkeys((r["model"], r["scenario"]) for r in rows))
+    statistics_shown = [("ratios", "median latency"), ("ratios_paired", "within rounds")]
+    fig, axes = plt.subplots(len(statistics_shown), len(threads), squeeze=False, sharey=True,
+                             figsize=(3 + 3.6 * len(threads), 2 * (1.6 + 0.3 * len(labels))))
+    ticks = [0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0]
+    for row_axes, (key, statistic) in zip(axes, statistics_shown):
+        for ax, t in zip(row_axes, threads):
+            grid = np.full((len(labels), len(titles)), np.nan)
+            for r in rows:
+                if r["threads"] == t:
+                    for j, title in enumerate(titles):
+                        grid[labels.index((r["model"], r["scenario"])), j] = r[key].get(title, np.nan)
+            image = ax.imshow(np.where(np.isfinite(grid), grid, 1.0), cmap="RdYlGn_r",
+                              norm=LogNorm(vmin=0.5, vmax=2.0), aspect="auto")
+            for (i, j), value in np.ndenumerate(grid):
+                ax.text(j, i, f"{value:.2f}" if np.isfinite(value) else "–", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(titles)), [t.split(" / ")[1].replace(" ", "\n", 1) for t in titles], fontsize=7)
+            ax.set_yticks(range(len(labels)), [f"{m} · {s}" for m, s in labels], fontsize=7)
+            ax.set_title(f"{statistic}, {t} thread{'s' if t != '1' else ''}: onnxopt / ...", fontsize=9)
+            bar = fig.colorbar(image, ax=ax, fraction=0.04)
+            bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
+            bar.ax.yaxis.set_minor_locator(NullLocator())
+            bar.ax.set_yticklabels([f"{v:g}" for v in ticks], fontsize=7)
+    fig.suptitle("latency of onnxopt's output / latency of the other variant (< 1, green: onnxopt faster)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -979,6 +1004,8 @@ def print_summary(summary: dict, console) -> None:
         table.add_row(row["model"], row["scenario"], row["threads"], *(_fmt(row["ratios"].get(t)) for t, _, _ in RATIOS))
     for threads, medians in summary["median_ratios"].items():
         table.add_row(f"median ({threads})", "", "", *(_fmt(medians[t]["median"]) for t, _, _ in RATIOS))
+    for threads, medians in summary["median_paired_ratios"].items():
+        table.add_row(f"within rounds ({threads})", "", "", *(_fmt(medians[t]["median"]) for t, _, _ in RATIOS))
     console.print(table)
     for failure in summary["failures"]:
         console.print(f"[red]{failure['model']} / {failure['variant']}[/]: {failure['error'][:300]}")
