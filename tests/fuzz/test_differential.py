@@ -2,7 +2,9 @@
 
 For each generated model (see ``graphs.py``), each pass alone and each preset must run without error,
 give a model that passes ``onnx.checker`` (full check), and compute in onnxruntime (graph optimizations
-disabled) the same outputs as the original on the same inputs, within a tolerance by dtype.
+disabled) the same outputs as the original on the same inputs, within a tolerance by dtype. And every
+shape ``onnxopt.shapes.infer_shapes`` gives a value of the model must be the shape onnxruntime computes
+(``check_shape_inference``): passes act on those shapes, so a wrong one is a bug before any pass trips on it.
 
 CI runs a fixed, derandomized set of examples. For long runs::
 
@@ -33,6 +35,7 @@ from graphs import FuzzCase, onnx_cases
 from hypothesis import HealthCheck, assume, given, seed, settings
 
 import onnxopt
+from onnxopt import ir, shapes
 from onnxopt.passes import BUILTIN_PASSES, PRESETS
 
 EXAMPLES = int(os.environ.get("ONNXOPT_FUZZ_EXAMPLES", "60"))
@@ -117,7 +120,7 @@ def difference(name: str, want: np.ndarray, got: np.ndarray) -> str | None:
 @dataclass
 class Failure:
     pipeline: str
-    kind: str  # "crash", "invalid", "rejected" (onnxruntime refuses the result) or "mismatch"
+    kind: str  # "crash", "invalid", "rejected" (onnxruntime refuses the result), "mismatch" or "unsound" (a shape)
     detail: str
     error: BaseException | None = None
 
@@ -169,6 +172,66 @@ def check_pipeline(case: FuzzCase, label: str, spec: str, expected: list[list[np
     return None
 
 
+SHAPE_INFERENCE = "infer_shapes"  # the label of the shape-inference check among the pipelines
+
+
+def claimed_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """What ``infer_shapes`` says of the values the main graph's nodes compute (graph outputs aside: they keep
+    their declared types), and of the graph inputs as declared; only values with a shape."""
+    graph = ir.import_model(model)
+    shapes.infer_shapes(graph)
+    outputs = {t.name for t in graph.outputs}
+    claimed = {t.name: t.shape for t in graph.inputs if t.shape is not None}
+    for node in graph.nodes:
+        claimed.update((t.name, t.shape) for t in node.outputs if t.shape is not None and t.name not in outputs)
+    return claimed
+
+
+def violated_claim(claimed: dict[str, list], computed: dict[str, np.ndarray]) -> str | None:
+    """Where a shape claim is not what was computed: a rank, a static size, or a symbol with two sizes."""
+    sizes: dict[str, tuple[int, str]] = {}
+    for name, shape in claimed.items():
+        if not isinstance(computed.get(name), np.ndarray):
+            continue
+        actual = computed[name].shape
+        if len(shape) != len(actual):
+            return f"{name}: inferred {shape}, computed {list(actual)}"
+        for claim, size in zip(shape, actual):
+            if isinstance(claim, int) and claim != size:
+                return f"{name}: inferred {shape}, computed {list(actual)}"
+            if isinstance(claim, str):
+                seen, where = sizes.setdefault(claim, (size, name))
+                if seen != size:
+                    return f"symbol {claim} is {seen} in {where} but {size} in {name} (inferred {shape})"
+    return None
+
+
+def check_shape_inference(case: FuzzCase) -> Failure | None:
+    """Every shape ``infer_shapes`` claims holds for what onnxruntime computes on the case's inputs.
+
+    Passes act on these claims (``fold`` folds ``Shape`` of a static dimension): a wrong one is a
+    miscompile waiting for a graph that exploits it, so it is a finding by itself.
+    """
+    try:
+        claimed = claimed_shapes(case.model)
+    except Exception as error:  # noqa: BLE001 - every exception is a finding
+        return Failure(SHAPE_INFERENCE, "crash", f"{type(error).__name__}: {error}", error)
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(case.model)
+    declared = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in claimed if name not in declared)
+    names = [o.name for o in exposed.graph.output]
+    try:
+        results = run_all(exposed, case.feeds)
+    except Exception:  # noqa: BLE001 - a model onnxruntime will not run with more outputs cannot be checked
+        return None
+    for index, (feeds, values) in enumerate(zip(case.feeds, results)):
+        problem = violated_claim(claimed, {**feeds, **dict(zip(names, values))})
+        if problem:
+            return Failure(SHAPE_INFERENCE, "unsound", f"inputs #{index}: {problem}")
+    return None
+
+
 def known_bug(case: FuzzCase, failure: Failure) -> KnownBug | None:
     return next((bug for bug in KNOWN_BUGS if bug.matches(case, failure)), None)
 
@@ -180,12 +243,9 @@ def check_case(case: FuzzCase) -> list[Failure]:
         expected = run_all(case.model, case.feeds)
     except Exception:  # noqa: BLE001 - graphs onnxruntime rejects are not interesting
         assume(False)
-    failures = []
-    for label, spec in PIPELINES.items():
-        failure = check_pipeline(case, label, spec, expected)
-        if failure is not None and known_bug(case, failure) is None:
-            failures.append(failure)
-    return failures
+    found = [check_shape_inference(case)]
+    found += [check_pipeline(case, label, spec, expected) for label, spec in PIPELINES.items()]
+    return [failure for failure in found if failure is not None and known_bug(case, failure) is None]
 
 
 def save_failure(case: FuzzCase, failure: Failure) -> None:
