@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,29 @@ from onnxopt.verify import reference_run, run_model, verify_models
 __all__ = ["OptimizationResult", "optimize", "optimize_model"]
 
 
-@dataclass
 class OptimizationResult:
-    model: onnx.ModelProto
-    report: Report
+    """The optimized model and the run's report.
+
+    Large weights reach the model on first access to ``model``; ``save`` writes them from the original
+    straight to the file instead, so that a huge model is never held twice.
+    """
+
+    def __init__(self, model: onnx.ModelProto, report: Report,
+                 weights: dict[str, onnx.TensorProto] | None = None) -> None:
+        self._model = model
+        self.report = report
+        self._weights = weights or {}
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._weights:
+            ir.fill_weights(self._model, self._weights)
+            self._weights = {}
+        return self._model
+
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+        """Writes the model atomically (see ``ir.save_model``); returns the files written."""
+        return ir.save_model(self._model, path, external_data, self._weights)
 
 
 def _parse_target(target: str | Target) -> Target:
@@ -85,10 +103,12 @@ def optimize_model(
         else:
             reference = reference_run(original, ctx.input_shapes)
     manager = PassManager(pipeline, max_iterations=max_iterations, verify_each=mode == "each", instruments=instruments)
-    optimized, report = manager.run(original, ctx, reference)
+    weights: dict[str, onnx.TensorProto] = {}
+    optimized, report = manager.run(original, ctx, reference, weights)
+    result = OptimizationResult(optimized, report, weights)
     _check_output(original, optimized)
     if mode != "off":
-        report.verification = verify_models(original, optimized, inputs=reference[0], expected=reference[1])
+        report.verification = verify_models(original, result.model, inputs=reference[0], expected=reference[1])
         if not report.verification.ok:
             error = VerificationError(
                 f"the optimized model computes different outputs: {report.verification.summary()}",
@@ -96,7 +116,7 @@ def optimize_model(
             )
             error.report = report
             raise error
-    return OptimizationResult(optimized, report)
+    return result
 
 
 def _run_reference(original: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
@@ -113,7 +133,7 @@ def _run_reference(original: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> 
 def _check_output(original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
     """Runs onnx.checker on the result: the full check when the original passes it."""
     optimized = ir.model_skeleton(optimized)
-    if ir.model_weight_bytes(optimized) > ir.PROTOBUF_LIMIT_BYTES // 2:
+    if not ir.checkable(optimized):
         return
     try:
         onnx.checker.check_model(optimized, full_check=True)

@@ -244,8 +244,7 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
         if status is not None:
             status.stop()
     result.report.input_path, result.report.output_path = str(model), str(output)
-    written = ir.save_model(result.model, output,
-                            external_data=loaded.external_data if external_data is None else external_data)
+    written = result.save(output, external_data=loaded.external_data if external_data is None else external_data)
     if not quiet:
         _print_report(result.report)
         out.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -42,9 +42,11 @@ __all__ = [
     "all_graphs",
     "all_nodes",
     "check_output_path",
+    "checkable",
     "constant_array",
     "constant_value",
     "export_model",
+    "fill_weights",
     "graph_stats",
     "import_model",
     "infer_shapes",
@@ -248,16 +250,31 @@ def check_model(model: onnx.ModelProto, full: bool = False) -> None:
     bytes, works past protobuf's 2 GiB limit and needs no external data files.
     """
     skeleton = model_skeleton(model)
-    if model_weight_bytes(skeleton) >= PROTOBUF_LIMIT_BYTES // 2 or any(
-        t.data_location == TensorProto.EXTERNAL for t in _iter_model_tensors(skeleton)
-    ):
+    if not checkable(skeleton):
         # Weights in node attributes inside subgraphs; read_model has checked their sizes and files.
-        log.info("onnx.checker skipped: the model keeps large or external tensors inside subgraph nodes")
+        log.info("onnx.checker skipped: the model keeps large or external tensors inside subgraphs")
         return
     try:
         onnx.checker.check_model(skeleton, full_check=full)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         raise ModelLoadError(f"invalid ONNX model: {_one_line(error)}") from None
+
+
+def checkable(skeleton: onnx.ModelProto) -> bool:
+    """Whether onnx.checker can take the skeleton: no weights left inside subgraphs that are external,
+    stubs without data, or over 1 GiB in all."""
+    if model_weight_bytes(skeleton) >= PROTOBUF_LIMIT_BYTES // 2:
+        return False
+    return not any(
+        t.data_location == TensorProto.EXTERNAL or (not _has_data(t) and (_declared_nbytes(t) or 0) > 0)
+        for t in _iter_model_tensors(skeleton)
+    )
+
+
+def _has_data(tensor: TensorProto) -> bool:
+    return any(tensor.HasField("raw_data") if field == "raw_data" else len(getattr(tensor, field)) > 0
+               for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                             "string_data"))
 
 
 def model_skeleton(model: onnx.ModelProto, threshold: int = STUB_THRESHOLD_BYTES) -> onnx.ModelProto:
@@ -371,14 +388,16 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
 class _DataWriter:
     """Appends tensor bytes to an external data file, 4 KiB aligned, and stubs tensors that point there."""
 
-    def __init__(self, data_file, location: str) -> None:
+    def __init__(self, data_file, location: str, weights: dict[str, TensorProto]) -> None:
         self.file = data_file
         self.location = location
+        self.weights = weights
         self.offset = 0
         self.count = 0
 
     def stub(self, tensor: TensorProto) -> TensorProto:
-        """A copy of ``tensor`` without data, its bytes written to the file."""
+        """A copy of ``tensor`` without data, its bytes (or its source's, for a stub) written to the file."""
+        tensor = _weight_source(tensor, self.weights) or tensor
         raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
         padding = (-self.offset) % 4096
         self.file.write(b"\0" * padding)
@@ -441,7 +460,8 @@ def _copy_graph(graph: onnx.GraphProto, target: onnx.GraphProto, writer: _DataWr
                 _copy_graph(sub, new.graphs.add(), writer)
 
 
-def _with_external_data(model: onnx.ModelProto, data_path: Path) -> tuple[onnx.ModelProto, int]:
+def _with_external_data(model: onnx.ModelProto, data_path: Path,
+                        weights: dict[str, TensorProto]) -> tuple[onnx.ModelProto, int]:
     """A copy of the model whose large tensors live in ``data_path``; the number of tensors moved.
 
     The model given is not touched, and its weights are never held twice: each one is written to the
@@ -450,7 +470,7 @@ def _with_external_data(model: onnx.ModelProto, data_path: Path) -> tuple[onnx.M
     light = onnx.ModelProto()
     _copy_shell(model, light)
     with open(data_path, "wb") as data_file:
-        writer = _DataWriter(data_file, data_path.name)
+        writer = _DataWriter(data_file, data_path.name, weights)
         _copy_graph(model.graph, light.graph, writer)
     return light, writer.count
 
@@ -465,20 +485,29 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
         raise UserError(f"{what} folder {directory} does not exist")
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+               weights: dict[str, TensorProto] | None = None) -> list[Path]:
     """Writes a model atomically; returns the files written.
 
     Files are written into a temporary folder beside ``path`` and renamed into place only when complete,
     so an interrupted or failed save never leaves a partial file. Weights go to ``<name>.data`` when
     ``external_data`` is true, or when it is ``None`` and the model would exceed protobuf's 2 GiB limit.
-    The given ``ModelProto`` is left as it was.
+    ``weights`` holds the data of stubs ``export_model`` left in the model. The given ``ModelProto`` is
+    left as it was.
     """
     path = Path(path)
     # Checked before anything is written: os.replace onto a folder would fail after the data file moved.
     check_output_path(path)
     directory = path.resolve().parent
+    weights = weights or {}
     if external_data is None:
-        external_data = model_weight_bytes(model) > PROTOBUF_LIMIT_BYTES // 2
+        stubbed = sum(_declared_nbytes(w) or 0 for w in weights.values())
+        external_data = model_weight_bytes(model) + stubbed > PROTOBUF_LIMIT_BYTES // 2
+    if weights and not external_data:
+        filled = onnx.ModelProto()
+        filled.CopyFrom(model)
+        fill_weights(filled, weights)
+        model = filled
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory))
     written: list[Path] = []
     try:
@@ -487,7 +516,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         moved = 0
         to_write = model
         if external_data:
-            to_write, moved = _with_external_data(model, data_file)
+            to_write, moved = _with_external_data(model, data_file, weights)
         with open(staged_model, "wb") as model_file:
             model_file.write(to_write.SerializeToString())
         if data_file.exists() and not moved:
@@ -726,28 +755,30 @@ def _weights_stubbed(graph: gs.Graph) -> Iterator[dict[str, TensorProto]]:
             tensor._values = lazy
 
 
-def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+def export_model(graph: gs.Graph, template: onnx.ModelProto,
+                 weights: dict[str, TensorProto] | None = None) -> onnx.ModelProto:
     """Builds a ModelProto from the graph, keeping the template's model-level fields.
 
     IR version, producer, domain, model version, doc string, metadata and the version of each imported
     opset come from ``template``; opset imports for domains no node uses any more are dropped (the
-    default domain is always kept).
+    default domain is always kept). Given a ``weights`` dict, large weights stay stubs (name, type and
+    shape, no data) and the dict receives their source tensors: ``fill_weights`` puts them in, and
+    ``save_model`` writes them straight to the file, so huge models are never held twice.
     """
     purge_detached(graph)
     owners = _subgraph_constants(graph)
     _detach_constant_protos(graph)
-    with _weights_stubbed(graph) as weights:
+    with _weights_stubbed(graph) as sources:
         exported = gs.export_onnx(graph, do_type_check=False)
     _hoist_captured_constants(exported.graph, owners)
     model = onnx.ModelProto()
     _copy_shell(template, model)
     model.graph.CopyFrom(exported.graph)
     exported.ClearField("graph")
-    for tensor in _iter_graph_tensors(model.graph):
-        source = weights.get(tensor.name)
-        if source is not None and not tensor.raw_data and tensor.data_location != TensorProto.EXTERNAL \
-                and list(tensor.dims) == list(source.dims) and tensor.data_type == source.data_type:
-            tensor.CopyFrom(source)
+    if weights is None:
+        fill_weights(model, sources)
+    else:
+        weights.update(sources)
     del model.functions[:]
     model.functions.extend(exported.functions)
     needed = used_domains(graph) | {""}
@@ -767,6 +798,25 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     if model.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
     return model
+
+
+def _weight_source(tensor: TensorProto, weights: dict[str, TensorProto]) -> TensorProto | None:
+    """The tensor ``weights`` holds for a stub left by ``export_model``, if ``tensor`` is one."""
+    source = weights.get(tensor.name)
+    if (source is None or tensor.raw_data or tensor.data_location == TensorProto.EXTERNAL
+            or list(tensor.dims) != list(source.dims) or tensor.data_type != source.data_type):
+        return None
+    return source
+
+
+def fill_weights(model: onnx.ModelProto, weights: dict[str, TensorProto]) -> None:
+    """Copies the weights ``export_model`` left as stubs into the model."""
+    if not weights:
+        return
+    for tensor in _iter_graph_tensors(model.graph):
+        source = _weight_source(tensor, weights)
+        if source is not None:
+            tensor.CopyFrom(source)
 
 
 def _keep_declared_io_types(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:

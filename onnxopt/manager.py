@@ -165,10 +165,12 @@ class PassManager:
                 callback(*args)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None,
-            reference: tuple[dict, dict] | None = None) -> tuple[onnx.ModelProto, Report]:
+            reference: tuple[dict, dict] | None = None,
+            weights: dict[str, onnx.TensorProto] | None = None) -> tuple[onnx.ModelProto, Report]:
         """Optimizes ``model`` (left unchanged) and returns the new model with the run's report.
 
         ``reference`` is (inputs, expected outputs) for ``verify_each``; it is computed when not given.
+        Given a ``weights`` dict, large weights of the result stay stubs (see ``ir.export_model``).
         """
         ctx = ctx or PassContext()
         ctx.original = model
@@ -206,15 +208,16 @@ class PassManager:
                 break
         if not self.fixed_point:
             report.converged = True
-        optimized = self._export(graph, model, ctx)
+        optimized = self._export(graph, model, ctx, weights)
         ir.restore_attribute_tensor_names(model)
         report.after = _stats_dict(ir.graph_stats(graph))
         report.seconds = time.perf_counter() - started
         return optimized, report
 
     @staticmethod
-    def _export(graph, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        exported = ir.export_model(graph, model)
+    def _export(graph, model: onnx.ModelProto, ctx: PassContext,
+                weights: dict[str, onnx.TensorProto] | None = None) -> onnx.ModelProto:
+        exported = ir.export_model(graph, model, weights)
         declare_input_shapes(exported, ctx.input_shapes)
         return exported
 
