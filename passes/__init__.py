@@ -10,12 +10,13 @@ without ``--passes``, repeated until nothing changes:
 * ``O3``: for now the same as ``O2``; target-specific fusions will join it.
 """
 
+from onnxopt.passes.attention import Attention
 from onnxopt.passes.cse import CommonSubexpressionElimination
 from onnxopt.passes.dce import DeadCodeElimination
 from onnxopt.passes.fold import ConstantFolding
 from onnxopt.passes.fuse import Fuse
 
-BUILTIN_PASSES = [ConstantFolding, CommonSubexpressionElimination, Fuse, DeadCodeElimination]
+BUILTIN_PASSES = [ConstantFolding, CommonSubexpressionElimination, Fuse, Attention, DeadCodeElimination]
 
 PRESETS: dict[str, list[str]] = {
     "O0": [],
@@ -30,6 +31,7 @@ __all__ = [
     "BUILTIN_PASSES",
     "DEFAULT_PIPELINE",
     "PRESETS",
+    "Attention",
     "CommonSubexpressionElimination",
     "ConstantFolding",
     "DeadCodeElimination",

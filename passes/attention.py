@@ -1,0 +1,388 @@
+"""``attention``: scaled dot-product attention recovered into one attention operator.
+
+Exporters write multi-head attention out as a dozen operators. With ``q``, ``k``, ``v`` of shape
+``[B, S, H*D]`` (``[B, T, H*D]`` for ``k`` and ``v``)::
+
+    Q = Transpose(Reshape(q, [B, S, H, D]), [0, 2, 1, 3])             # heads first: [B, H, S, D]
+    K' = Transpose(Reshape(k, [B, T, H, D]), [0, 2, 3, 1])            # [B, H, D, T]
+    V = Transpose(Reshape(v, [B, T, H, Dv]), [0, 2, 1, 3])            # [B, H, T, Dv]
+    P = Softmax(MatMul(Q, K') * scale + mask, axis=-1)                # [B, H, S, T]
+    y = Reshape(Transpose(MatMul(P, V), [0, 2, 1, 3]), [B, S, H*Dv])  # heads merged back
+
+The scale may be a ``Mul`` or a ``Div`` of the scores, a ``Mul`` of ``q`` before the split (Whisper), or
+``Mul``s of ``Q`` and ``K'`` (the dynamo exporter's ``sqrt(scale)`` on each); the mask is any additive
+float tensor; a ``Cast`` of the probabilities to their own type may follow the Softmax. ``K'`` and ``V``
+may also be any ``[B, H, T, D]`` values with ``K' = Transpose(K, [0, 1, 3, 2])`` — a key/value cache
+concatenated with the new keys (GPT-2 with past). Rules (stats keys in brackets):
+
+* ``sdpa_to_attention``: for the generic, OpenVINO and TensorRT targets on models of opset 23 or later,
+  the standard ``Attention``: with ``q_num_heads``/``kv_num_heads`` on the 3-D ``q``, ``k``, ``v`` when
+  the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K``, ``V``;
+* ``sdpa_to_multi_head_attention``: for onnxruntime, ``com.microsoft.MultiHeadAttention`` on the 3-D
+  ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` as its BNSH key and value), any model opset.
+
+Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
+positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
+would be ``1/sqrt(D)``), so only rounding differs. The splits must be provably the head split: a
+constant target ``[B|0, S|0, H, D]`` (one of ``H``, ``D`` may be ``-1``) on a value whose last dimension
+``H*D`` is known, and ``K``/``V`` must have the query's ``H`` heads (MultiHeadAttention has no grouped
+heads). The merge keeps its own target, so the result has exactly the original's shape; only when the
+target is ``[B|0, S|0, -1|H*Dv]`` is it dropped. Both operators want a mask whose last two dimensions
+are ``S`` and ``T``: a mask not known to have them is first expanded to ``[B, 1, S, T]`` with the
+dimensions read at run time (which is what the ``Add`` broadcast to). Only float32 (and, for the standard
+operator, float16) attention is rewritten; the Softmax must run over the last axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxopt import ir
+from onnxopt.pass_infra import PassContext, Target
+from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
+
+ORT_DOMAIN = "com.microsoft"
+
+HEADS_FIRST = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
+KEYS_TRANSPOSED = [0, 2, 3, 1]  # [B, T, H, D] -> [B, H, D, T]
+LAST_TWO_SWAPPED = [0, 1, 3, 2]  # [B, H, T, D] -> [B, H, D, T]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Patterns, public so that other passes match the same forms
+
+
+def scaled_pattern(op, value, factor, tag: str):
+    """``value``, or ``value * factor`` (the ``Mul`` tagged ``tag``)."""
+    return op.either(op.Mul(value, factor, _tag=tag), value)
+
+
+def query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale):
+    """``Q`` of shape ``[B, H, S, D]`` split from ``q``; a scale may sit on ``q`` or on ``Q``."""
+    split = op.Reshape(scaled_pattern(op, q, q_scale, "q_scale"), q_shape, _tag="q_split")
+    return scaled_pattern(op, op.Transpose(split, perm=HEADS_FIRST, _tag="q_heads"), q_heads_scale, "q_heads_scale")
+
+
+def key_transposed_pattern(op, k, k_shape, key, k_scale):
+    """``Kᵀ`` of shape ``[B, H, D, T]``: split from a 3-D ``k``, or the transposed 4-D ``key``; maybe scaled."""
+    transposed = op.either(op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=KEYS_TRANSPOSED, _tag="k_heads"),
+                           op.Transpose(key, perm=LAST_TWO_SWAPPED, _tag="k_heads"))
+    return scaled_pattern(op, transposed, k_scale, "k_scale")
+
+
+def value_heads_pattern(op, v, v_shape, value):
+    """``V`` of shape ``[B, H, T, Dv]``: split from a 3-D ``v``, or any 4-D ``value``."""
+    return op.either(op.Transpose(op.Reshape(v, v_shape, _tag="v_split"), perm=HEADS_FIRST, _tag="v_heads"), value)
+
+
+def attention_core_pattern(op, query, key_transposed, value, scale, divisor, mask):
+    """``Softmax(Q·Kᵀ * scale + mask)·V`` (scale as ``Mul``, ``Div`` or none, mask optional)."""
+    scores = op.MatMul(query, key_transposed, _tag="scores")
+    scaled = op.either(op.Mul(scores, scale, _tag="scores_scale"), op.Div(scores, divisor, _tag="scores_divisor"),
+                       scores)
+    probabilities = op.Softmax(op.either(op.Add(scaled, mask, _tag="mask_add"), scaled))
+    return op.MatMul(op.either(op.Cast(probabilities), probabilities), value, _tag="attended")
+
+
+def sdpa_pattern(op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
+                 divisor, mask, out_shape):
+    """The whole of multi-head attention, from the head splits to the merge (see the module docstring)."""
+    attended = attention_core_pattern(op, query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale),
+                                      key_transposed_pattern(op, k, k_shape, key, k_scale),
+                                      value_heads_pattern(op, v, v_shape, value), scale, divisor, mask)
+    return op.Reshape(op.Transpose(attended, perm=HEADS_FIRST, _tag="merge_heads"), out_shape, _tag="merge")
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a match means
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A Reshape of ``[B, S, H*D]`` into ``[B, S, H, D]``."""
+
+    heads: int
+    head_size: int
+
+
+@dataclass(frozen=True)
+class Sdpa:
+    """A matched attention: head count and sizes, the combined scale, and the operands in 3-D or 4-D form."""
+
+    heads: int
+    head_size: int
+    value_head_size: int
+    scale: float
+    query: gs.Tensor  # [B, S, H*D]
+    query_heads: gs.Tensor  # [B, H, S, D], unscaled
+    key: gs.Tensor  # [B, T, H*D] when keys_3d, else [B, H, T, D]
+    value: gs.Tensor  # [B, T, H*Dv] when keys_3d, else [B, H, T, Dv]
+    keys_3d: bool
+    mask: gs.Tensor | None
+
+
+def head_split(m: Match, tag: str, source: str) -> HeadSplit | str:
+    """How the Reshape tagged ``tag`` splits ``m[source]`` into heads, or why it is not a head split."""
+    node = m.node(tag)
+    shape = m.shape(source)
+    target = ir.constant_value(node.inputs[1])
+    if target is None:
+        return f"the target of '{node.name}' is not constant"
+    if shape is None or len(shape) != 3 or not isinstance(shape[2], int) or shape[2] <= 0:
+        return f"'{m[source].name}' is not known to be [B, S, hidden] with a known hidden size"
+    target = [int(t) for t in target.reshape(-1)]
+    if len(target) != 4:
+        return f"'{node.name}' does not reshape to 4 dimensions"
+    if int(node.attrs.get("allowzero", 0)) and 0 in target:
+        return f"'{node.name}' has allowzero with a zero in its target"
+    kept = [target[axis] == 0 or (isinstance(shape[axis], int) and target[axis] == shape[axis]) for axis in (0, 1)]
+    hidden, (heads, size) = shape[2], target[2:]
+    if heads > 0 and size > 0:
+        # With the heads fully given, a -1 in place of B or S can only be that dimension again.
+        if not all(keep or value == -1 for keep, value in zip(kept, target[:2])) or target[:2] == [-1, -1]:
+            return f"'{node.name}' may not keep the first two dimensions of its input"
+    elif not all(kept):
+        return f"'{node.name}' may not keep the first two dimensions of its input"
+    elif heads == -1 and size > 0 and hidden % size == 0:
+        heads = hidden // size
+    elif size == -1 and heads > 0 and hidden % heads == 0:
+        size = hidden // heads
+    if heads <= 0 or size <= 0 or heads * size != hidden:
+        return f"'{node.name}' does not split {hidden} into heads"
+    return HeadSplit(heads, size)
+
+
+def _scale_factor(m: Match, name: str, operand_rank: int) -> float | str:
+    """The value of a scalar scale bound to ``name`` (1 when absent), or why it is no scalar constant."""
+    if m[name] is None:
+        return 1.0
+    value = m.value(name)
+    if value is None or value.size != 1 or value.dtype.kind != "f" or value.ndim > operand_rank:
+        return f"'{m[name].name}' is not a scalar float constant"
+    return float(value.reshape(-1)[0])
+
+
+def combined_scale(m: Match) -> float | str:
+    """The product of every scale factor of the match, or why one of them cannot be folded."""
+    total = 1.0
+    for name, rank in (("q_scale", 3), ("q_heads_scale", 4), ("k_scale", 4), ("scale", 4)):
+        factor = _scale_factor(m, name, rank)
+        if isinstance(factor, str):
+            return factor
+        total *= factor
+    if m["divisor"] is not None:
+        divisor = _scale_factor(m, "divisor", 4)
+        if isinstance(divisor, str):
+            return divisor
+        total = total / divisor if divisor else math.inf
+    if not math.isfinite(total) or total <= 0:
+        return f"the scale {total} is not a positive finite number"
+    return total
+
+
+def _heads_dims(m: Match, name: str, heads: int) -> int | str:
+    """The head size of a 4-D ``[B, H, T, D]`` value with ``heads`` heads, or why it is not one."""
+    shape = m.shape(name)
+    if shape is None or len(shape) != 4:
+        return f"'{m[name].name}' is not known to be 4-D"
+    if shape[1] != heads or not isinstance(shape[3], int) or shape[3] <= 0:
+        return f"'{m[name].name}' of shape {shape} does not have {heads} heads of a known size"
+    return shape[3]
+
+
+def _softmax_over_last_axis(m: Match) -> bool:
+    axis = m.attr("Softmax", "axis", -1 if (m.opset() or 13) >= 13 else 1)
+    return axis in (-1, 3)
+
+
+def _cast_keeps_type(m: Match, dtype: np.dtype) -> bool:
+    if not m.has_node("Cast"):
+        return True
+    to = m.attr("Cast", "to")
+    return to is not None and onnx.helper.tensor_dtype_to_np_dtype(to) == dtype
+
+
+def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchResult:
+    """What a match of ``sdpa_pattern`` computes, or why it cannot be one attention operator."""
+    dtype = m.dtype("q")
+    if dtype not in dtypes:
+        return m.fail(f"'{m['q'].name}' is {dtype}, not one of {', '.join(str(d) for d in dtypes)}")
+    if not _softmax_over_last_axis(m):
+        return m.fail("the Softmax is not over the last axis")
+    if not _cast_keeps_type(m, dtype):
+        return m.fail("the Cast after the Softmax changes the type")
+    scale = combined_scale(m)
+    if isinstance(scale, str):
+        return m.fail(scale)
+    mask = m["mask"]
+    if mask is not None:
+        mask_shape = m.shape("mask")
+        if m.dtype("mask") != dtype or mask_shape is None or len(mask_shape) > 4:
+            return m.fail("the mask is not a float tensor of known rank up to 4 and the query's type")
+    split = head_split(m, "q_split", "q")
+    if isinstance(split, str):
+        return m.fail(split)
+    keys_3d = m["k"] is not None
+    if keys_3d:
+        key_split = head_split(m, "k_split", "k")
+        if isinstance(key_split, str):
+            return m.fail(key_split)
+        if m["v"] is None:
+            return m.fail("the values are not split from a 3-D value like the keys")
+        value_split = head_split(m, "v_split", "v")
+        if isinstance(value_split, str):
+            return m.fail(value_split)
+        if key_split != split or value_split.heads != split.heads:
+            return m.fail(f"keys ({key_split}) or values ({value_split}) have other heads than the query ({split})")
+        value_size = value_split.head_size
+    else:
+        key_size, value_size = _heads_dims(m, "key", split.heads), _heads_dims(m, "value", split.heads)
+        for found in (key_size, value_size):
+            if isinstance(found, str):
+                return m.fail(found)
+        if key_size != split.head_size:
+            return m.fail(f"keys have head size {key_size}, the query {split.head_size}")
+    return Sdpa(split.heads, split.head_size, value_size, scale, m["q"], m.node("q_heads").outputs[0],
+                m["k"] if keys_3d else m["key"], m["v"] if keys_3d else m["value"], keys_3d, mask)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the replacement
+
+
+def _same_dim(a, b) -> bool:
+    """Whether two inferred dimensions are provably equal (the same number or the same symbol)."""
+    return a is not None and a == b and not (isinstance(a, int) and a < 0)
+
+
+def _dim(op, tensor: gs.Tensor, axis: int, opset: int) -> gs.Tensor:
+    """Dimension ``axis`` of ``tensor`` at run time, as a 1-element int64 tensor."""
+    if opset >= 15:
+        return op.Shape(tensor, start=axis, end=axis + 1)
+    return op.Gather(op.Shape(tensor), op.const(np.array([axis], np.int64), "axis"), axis=0)
+
+
+def mask_for(op, m: Match, sdpa: Sdpa) -> gs.Tensor | None:
+    """The mask with its last two dimensions ``S`` and ``T``: as it is when known to have them, else expanded.
+
+    ``B`` and ``S`` are the query's dimensions 0 and 1; ``T`` is the keys' sequence dimension. The Add
+    broadcast the mask to ``[B, H, S, T]``; expanding it to ``[B, 1, S, T]`` broadcasts it the same way
+    but for the heads, which both operators broadcast themselves.
+    """
+    if sdpa.mask is None:
+        return None
+    mask_shape = m.shape("mask")
+    query_shape, key_shape = sdpa.query.shape or [None] * 3, sdpa.key.shape or [None] * 4
+    sequence, total = query_shape[1], key_shape[1] if sdpa.keys_3d else key_shape[2]
+    if len(mask_shape) == 4 and _same_dim(mask_shape[2], sequence) and _same_dim(mask_shape[3], total) \
+            and (mask_shape[0] == 1 or _same_dim(mask_shape[0], query_shape[0])) and mask_shape[1] in (1, sdpa.heads):
+        return sdpa.mask
+    opset = m.opset() or 0
+    target = op.Concat(_dim(op, sdpa.query, 0, opset), op.const(np.array([1], np.int64), "one"),
+                       _dim(op, sdpa.query, 1, opset), _dim(op, sdpa.key, 1 if sdpa.keys_3d else 2, opset), axis=0)
+    return op.Expand(sdpa.mask, target)
+
+
+def merged(op, m: Match, sdpa: Sdpa, output: gs.Tensor) -> gs.Tensor:
+    """``output`` (``[B, S, H*Dv]``) reshaped the way the matched merge reshaped ``[B, S, H, Dv]``.
+
+    Reshape keeps the order of elements, so reshaping either to the same target gives the same tensor,
+    except where the target copies a dimension (a ``0``) past the first two, which the two differ in:
+    then the 4-D shape is restored first.
+    """
+    node = m.node("merge")
+    constant = ir.constant_value(node.inputs[1])
+    target = None if constant is None else [int(t) for t in constant.reshape(-1)]
+    allow_zero = int(node.attrs.get("allowzero", 0))
+    query_shape = sdpa.query.shape or [None] * 3
+    if target is not None and not allow_zero and len(target) == 3 and target[2] in (-1, sdpa.heads * sdpa.value_head_size) \
+            and all(t == 0 or (isinstance(d, int) and t == d) for t, d in zip(target[:2], query_shape)):
+        return output
+    if target is None or (not allow_zero and 0 in target[2:]):
+        heads_shape = np.array([0, 0, sdpa.heads, sdpa.value_head_size], np.int64)
+        output = op.Reshape(output, op.const(heads_shape, "heads_shape"))
+    return op.Reshape(output, m["out_shape"], **m.attrs("merge"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rules
+
+
+class _SdpaRule(RewriteRule):
+    """The attention match shared by the rules; subclasses build the replacement."""
+
+    dtypes: ClassVar[tuple[np.dtype, ...]] = (np.dtype(np.float32),)
+
+    def pattern(self, op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
+                divisor, mask, out_shape):
+        return sdpa_pattern(op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale,
+                            scale, divisor, mask, out_shape)
+
+    def check(self, m: Match) -> MatchResult:
+        found = describe_attention(m, self.dtypes)
+        return found if isinstance(found, MatchResult) else m.ok()
+
+
+class SdpaToAttention(_SdpaRule):
+    """Replaces multi-head scaled dot-product attention with the standard Attention operator (opset 23)."""
+
+    name = "sdpa_to_attention"
+    min_opset = 23
+    targets = frozenset({Target.GENERIC, Target.OPENVINO, Target.TENSORRT})
+    dtypes = (np.dtype(np.float32), np.dtype(np.float16))
+
+    def rewrite(self, op, m: Match):
+        sdpa = describe_attention(m, self.dtypes)
+        mask = mask_for(op, m, sdpa)
+        if sdpa.keys_3d:
+            output = op.Attention(sdpa.query, sdpa.key, sdpa.value, mask, q_num_heads=sdpa.heads,
+                                  kv_num_heads=sdpa.heads, scale=sdpa.scale, _name=m.node("attended").name)
+            return merged(op, m, sdpa, output)
+        # Attention wants Q, K and V of one rank: with a 4-D key/value cache, the 4-D heads of the query.
+        heads = op.Attention(sdpa.query_heads, sdpa.key, sdpa.value, mask, scale=sdpa.scale,
+                             _name=m.node("attended").name)
+        return op.Reshape(op.Transpose(heads, perm=HEADS_FIRST), m["out_shape"], **m.attrs("merge"))
+
+
+class SdpaToMultiHeadAttention(_SdpaRule):
+    """Replaces multi-head scaled dot-product attention with onnxruntime's MultiHeadAttention."""
+
+    name = "sdpa_to_multi_head_attention"
+    domain = ORT_DOMAIN
+    targets = frozenset({Target.ORT})
+
+    def rewrite(self, op, m: Match):
+        sdpa = describe_attention(m, self.dtypes)
+        output = op.MultiHeadAttention(sdpa.query, sdpa.key, sdpa.value, None, None, mask_for(op, m, sdpa),
+                                       num_heads=sdpa.heads, scale=sdpa.scale, _domain=ORT_DOMAIN,
+                                       _name=m.node("attended").name)
+        return merged(op, m, sdpa, output)
+
+
+def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
+    """Makes the model import ``domain`` (unused imports are dropped when the model is written)."""
+    if ir.opset_version(graph, domain) is None:
+        graph.import_domains = [*(graph.import_domains or []), onnx.helper.make_opsetid(domain, version)]
+
+
+RULES = (SdpaToAttention(), SdpaToMultiHeadAttention())
+
+
+@dataclass(frozen=True)
+class Attention(RewritePass):
+    """Recovers multi-head attention: the standard Attention (opset 23), or MultiHeadAttention for onnxruntime."""
+
+    name: ClassVar[str] = "attention"
+    rules: ClassVar[tuple] = RULES
+    needs_shapes: ClassVar[bool] = True
+
+    def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.target == Target.ORT:
+            import_domain(graph, ORT_DOMAIN)
+        super().prepare(graph, ctx)

@@ -1,0 +1,284 @@
+"""Tests of the ``attention`` pass: multi-head attention as exporters write it, recovered into one operator.
+
+The graphs are written the way TorchScript exports transformers' SDPA attention (BERT, ViT, GPT-2 with a
+key/value cache, Whisper's pre-scaled query) and the way the dynamo exporter scales both Q and K. Every
+rewrite is checked in onnxruntime with graph optimizations off (MultiHeadAttention, and the standard
+Attention of opset 23), and the standard operator also in onnx's reference evaluator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+from helpers import op_counts, random_feeds, run, tensor, value
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+from onnxopt.passes.attention import Attention
+
+from onnxopt import ir
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import PassContext, Target
+from onnxopt.pattern import explain
+
+ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One attention block: shapes, where the scale sits, the mask, and how heads are split and merged."""
+
+    batch: int | str = 2
+    seq: int | str = 5
+    kv_seq: int | str = 5
+    heads: int = 3
+    head_size: int = 4
+    kv_heads: int | None = None  # fewer key/value heads: grouped-query attention
+    scale: float = 0.5
+    scale_at: str = "scores_mul"  # scores_mul, scores_div, scores_input (a graph input), query, both_heads, none
+    mask: tuple | None = None  # the mask's shape, an input of the graph
+    cache: bool = False  # keys and values as 4-D [B, H, T, D] inputs (a key/value cache)
+    opset: int = 17
+    dtype: type = np.float32
+    softmax_axis: int = -1
+    cast_after_softmax: bool = False
+    split_target: tuple | None = None  # the query's head split target, default [0, 0, -1, D]
+    merge_target: tuple | None = None  # default [0, 0, -1]
+    merge_from_shape: bool = False  # the merge target computed from the query's shape at run time
+
+
+def attention_model(spec: Spec) -> onnx.ModelProto:
+    """``y = merge(Softmax(split(q)·split(k)ᵀ * scale + mask)·split(v))`` with q, k, v graph inputs."""
+    elem = ELEM[spec.dtype]
+    kv_heads = spec.kv_heads or spec.heads
+    hidden, kv_hidden = spec.heads * spec.head_size, kv_heads * spec.head_size
+    nodes, inits, count = [], [], [0]
+
+    def const(array, dtype=None) -> str:
+        count[0] += 1
+        name = f"c{count[0]}"
+        inits.append(tensor(name, np.asarray(array, dtype or spec.dtype)))
+        return name
+
+    def node(op: str, *inputs: str, **attrs) -> str:
+        count[0] += 1
+        out = f"{op.lower()}{count[0]}"
+        nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+    def scaled(x: str, factor: float) -> str:
+        return node("Mul", x, const(factor))
+
+    inputs = [value("q", elem, [spec.batch, spec.seq, hidden])]
+    q = scaled("q", spec.scale) if spec.scale_at == "query" else "q"
+    split = list(spec.split_target or (0, 0, -1, spec.head_size))
+    query = node("Transpose", node("Reshape", q, const(split, np.int64)), perm=[0, 2, 1, 3])
+    if spec.cache:
+        inputs += [value("k", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size]),
+                   value("v", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size])]
+        key_t, values = node("Transpose", "k", perm=[0, 1, 3, 2]), "v"
+    else:
+        inputs += [value("k", elem, [spec.batch, spec.kv_seq, kv_hidden]),
+                   value("v", elem, [spec.batch, spec.kv_seq, kv_hidden])]
+        kv_split = const([0, 0, -1, spec.head_size], np.int64)
+        key_t = node("Transpose", node("Reshape", "k", kv_split), perm=[0, 2, 3, 1])
+        values = node("Transpose", node("Reshape", "v", kv_split), perm=[0, 2, 1, 3])
+    if spec.scale_at == "both_heads":
+        root = float(np.sqrt(spec.scale))
+        query, key_t = scaled(query, root), scaled(key_t, root)
+    scores = node("MatMul", query, key_t)
+    if spec.scale_at == "scores_mul":
+        scores = scaled(scores, spec.scale)
+    elif spec.scale_at == "scores_div":
+        scores = node("Div", scores, const(1 / spec.scale))
+    elif spec.scale_at == "scores_input":
+        inputs.append(value("scale", elem, []))
+        scores = node("Mul", scores, "scale")
+    if spec.mask is not None:
+        inputs.append(value("mask", elem, list(spec.mask)))
+        scores = node("Add", scores, "mask")
+    probabilities = node("Softmax", scores, axis=spec.softmax_axis)
+    if spec.cast_after_softmax:
+        probabilities = node("Cast", probabilities, to=elem)
+    merged = node("Transpose", node("MatMul", probabilities, values), perm=[0, 2, 1, 3])
+    if spec.merge_from_shape:
+        shape = node("Shape", "q")
+        first_two = node("Slice", shape, const([0], np.int64), const([2], np.int64))
+        target = node("Concat", first_two, const([-1], np.int64), axis=0)
+    else:
+        target = const(list(spec.merge_target or (0, 0, -1)), np.int64)
+    nodes.append(helper.make_node("Reshape", [merged, target], ["y"]))
+    rank = 3 if spec.merge_from_shape else len(spec.merge_target or (0, 0, -1))
+    graph = helper.make_graph(nodes, "attention", inputs, [value("y", elem, [None] * rank)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)])
+    model.ir_version = 10 if spec.opset >= 23 else 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def attention(model: onnx.ModelProto, target: Target) -> tuple[onnx.ModelProto, dict]:
+    """Runs the pass once; checks the pass contracts and onnx.checker on the result."""
+    graph = ir.import_model(model)
+    signature = IOSignature.of(graph)
+    result = Attention()(graph, PassContext(original=model, target=target))
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized)
+    return optimized, result.stats
+
+
+def feeds_for(model: onnx.ModelProto, spec: Spec, seed: int = 0) -> dict[str, np.ndarray]:
+    feeds = random_feeds(model, seed, dynamic_dim=3)
+    if "mask" in feeds:
+        # A padding-like mask: large negative values on some keys, small noise elsewhere.
+        rng = np.random.default_rng(seed + 1)
+        mask = rng.uniform(-1, 1, feeds["mask"].shape)
+        mask[..., :1] = -1e4
+        feeds["mask"] = mask.astype(spec.dtype)
+    return feeds
+
+
+def assert_close(want: list[np.ndarray], got: list[np.ndarray], rtol: float) -> None:
+    for expected, actual in zip(want, got):
+        assert expected.shape == actual.shape and expected.dtype == actual.dtype
+        scale = max(float(np.abs(expected).max()), 1.0)
+        np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def check_fires(spec: Spec, target: Target, fused_op: str) -> onnx.ModelProto:
+    model = attention_model(spec)
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 1, stats
+    counts = op_counts(optimized)
+    assert counts.get(fused_op) == 1 and "Softmax" not in counts and "MatMul" not in counts, counts
+    feeds = feeds_for(model, spec)
+    rtol = 1e-4 if spec.dtype == np.float32 else 1e-2
+    assert_close(run(model, feeds), run(optimized, feeds), rtol)
+    return optimized
+
+
+ORT_CASES = {
+    "bert": Spec(mask=(2, 1, 5, 5)),
+    "bert_padding_mask": Spec(mask=(2, 1, 1, 5)),  # expanded to [B, 1, S, T] first
+    "bert_2d_mask": Spec(mask=(5, 5)),
+    "vit_cast": Spec(cast_after_softmax=True),
+    "divided": Spec(scale_at="scores_div", scale=0.25),
+    "whisper_scaled_query": Spec(scale_at="query", split_target=(2, 5, 3, 4), merge_target=(2, 5, -1)),
+    "dynamo_sqrt_scales": Spec(scale_at="both_heads", scale=0.3),
+    "no_scale": Spec(scale_at="none"),
+    "cross_attention": Spec(seq=4, kv_seq=6, mask=(1, 1, 4, 6)),
+    "gpt2_cache": Spec(cache=True, kv_seq=7, mask=(2, 1, 5, 7)),
+    "gpt2_2d_merge": Spec(batch=1, merge_target=(5, 12), mask=(1, 1, 5, 5)),
+    "heads_minus_one": Spec(split_target=(0, 0, 3, -1)),
+    "sequence_minus_one": Spec(split_target=(2, -1, 3, 4)),
+    "dynamic": Spec(batch="B", seq="S", kv_seq="S", mask=("B", 1, "S", "S")),
+    "dynamic_merge": Spec(batch="B", seq="S", kv_seq="S", merge_from_shape=True),
+    "merge_keeps_heads": Spec(merge_target=(0, 0, 0, -1)),  # a merge that does not merge: restored first
+    "opset_12_softmax": Spec(opset=12, softmax_axis=3),
+}
+
+
+@pytest.mark.parametrize("case", ORT_CASES, ids=list(ORT_CASES))
+def test_multi_head_attention_for_onnxruntime(case):
+    optimized = check_fires(ORT_CASES[case], Target.ORT, "MultiHeadAttention")
+    assert {o.domain for o in optimized.opset_import} >= {"com.microsoft"}
+
+
+STANDARD_CASES = {
+    "bert": Spec(opset=23, mask=(2, 1, 5, 5)),
+    "padding_mask": Spec(opset=23, mask=(2, 1, 1, 5)),
+    "gpt2_cache": Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7)),
+    "dynamo": Spec(opset=23, scale_at="both_heads", scale=0.3, mask=(5, 5)),
+    "float16": Spec(opset=23, dtype=np.float16, mask=(2, 1, 5, 5)),
+    "dynamic_merge": Spec(opset=23, batch="B", seq="S", kv_seq="S", merge_from_shape=True),
+}
+
+
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.OPENVINO])
+@pytest.mark.parametrize("case", STANDARD_CASES, ids=list(STANDARD_CASES))
+def test_standard_attention_at_opset_23(case, target):
+    spec = STANDARD_CASES[case]
+    optimized = check_fires(spec, target, "Attention")
+    model = attention_model(spec)
+    feeds = feeds_for(model, spec)
+    rtol = 1e-4 if spec.dtype == np.float32 else 1e-2
+    reference = ReferenceEvaluator(optimized).run(None, feeds)
+    assert_close(run(model, feeds), reference, rtol)
+
+
+NOT_FUSED = {
+    "softmax_not_last_axis": (Spec(softmax_axis=2), "Softmax is not over the last axis"),
+    "grouped_query": (Spec(cache=True, kv_heads=1), "heads"),
+    "negative_scale": (Spec(scale=-0.5), "not a positive"),
+    # [2, 5, 12] -> [1, 10, 3, 4]: every batch's queries against every batch's keys, no attention per batch.
+    "split_mixes_batches": (Spec(split_target=(1, 10, -1, 4)), "keep the first two dimensions"),
+    "float64": (Spec(dtype=np.float64), "float64"),
+    "scale_fed_at_run_time": (Spec(scale_at="scores_input"), "not a scalar float constant"),
+}
+
+
+@pytest.mark.parametrize("case", NOT_FUSED, ids=list(NOT_FUSED))
+def test_not_fused(case):
+    spec, reason = NOT_FUSED[case]
+    model = attention_model(spec)
+    optimized, stats = attention(model, Target.ORT)
+    assert not any(stats.values()), stats
+    assert op_counts(optimized) == op_counts(model)
+    explanation = explain(model, Attention, PassContext(target=Target.ORT))
+    assert any(reason in attempt.reason for attempt in explanation.misses()), explanation.format()
+    feeds = feeds_for(model, spec)
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-6)
+
+
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.TENSORRT])
+def test_standard_attention_needs_opset_23(target):
+    model = attention_model(Spec(mask=(2, 1, 5, 5)))
+    optimized, stats = attention(model, target)
+    assert not any(stats.values())
+    assert op_counts(optimized) == op_counts(model)
+
+
+def test_intermediate_read_elsewhere_is_not_fused():
+    model = attention_model(Spec())
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    model.graph.output.append(value(softmax.output[0], TensorProto.FLOAT, [None] * 4))
+    optimized, stats = attention(model, Target.ORT)
+    assert not any(stats.values())
+    assert op_counts(optimized) == op_counts(model)
+
+
+def test_golden_bert_block():
+    """Before: TorchScript's BERT self-attention; after: one MultiHeadAttention reading q, k, v and the mask."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        bert (float[1, 4, 8] q, float[1, 4, 8] k, float[1, 4, 8] v, float[1, 1, 4, 4] mask) => (float[1, 4, 8] y) {
+            split = Constant <value = int64[4] {1, 4, -1, 4}> ()
+            scale = Constant <value = float {0.5}> ()
+            merge = Constant <value = int64[3] {1, 4, -1}> ()
+            q4 = Reshape(q, split)
+            qh = Transpose <perm = [0, 2, 1, 3]> (q4)
+            k4 = Reshape(k, split)
+            kt = Transpose <perm = [0, 2, 3, 1]> (k4)
+            v4 = Reshape(v, split)
+            vh = Transpose <perm = [0, 2, 1, 3]> (v4)
+            scores = MatMul(qh, kt)
+            scaled = Mul(scores, scale)
+            masked = Add(scaled, mask)
+            p = Softmax <axis = -1> (masked)
+            heads = MatMul(p, vh)
+            merged = Transpose <perm = [0, 2, 1, 3]> (heads)
+            y = Reshape(merged, merge)
+        }
+    """)
+    optimized, stats = attention(model, Target.ORT)
+    assert stats == {"sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1}
+    (fused,) = [n for n in optimized.graph.node if n.op_type != "Constant"]
+    assert (fused.op_type, fused.domain, list(fused.input)) == ("MultiHeadAttention", "com.microsoft",
+                                                               ["q", "k", "v", "", "", "mask"])
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.attribute}
+    assert attrs == {"num_heads": 2, "scale": 0.5}
+    assert list(fused.output) == ["y"]
+    feeds = feeds_for(model, Spec())
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-4)
