@@ -395,3 +395,37 @@ def test_load_model_validates():
 def test_public_names():
     for name in onnxopt.__all__:
         assert hasattr(onnxopt, name), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights held once
+
+
+def _weighty_model() -> onnx.ModelProto:
+    """y = relu(x @ w + 0) with a 256x256 weight, large enough to stay a stub until it is needed."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "zero"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    inits = [tensor("w", rng.standard_normal((256, 256)).astype(np.float32)), tensor("zero", np.float32(0))]
+    return make_model(nodes, [value("x", shape=[2, 256])], [value("y", shape=[2, 256])], inits)
+
+
+@pytest.mark.parametrize("external_data", [True, False])
+def test_save_writes_weights_straight_from_the_original(tmp_path, external_data):
+    original = _weighty_model()
+    result = onnxopt.optimize_model(original, verify=False)
+    path = tmp_path / "out.onnx"
+    written = result.save(path, external_data=external_data)
+    assert (tmp_path / "out.onnx.data" in written) == external_data
+    saved = onnx.load(path)
+    onnx.checker.check_model(saved, full_check=True)
+    assert_same_outputs(original, saved)
+    assert_same_outputs(original, result.model)
+
+
+def test_save_after_model_access_writes_the_same_weights(tmp_path):
+    original = _weighty_model()
+    result = onnxopt.optimize_model(original, verify=False)
+    assert_same_outputs(original, result.model)
+    result.save(tmp_path / "out.onnx", external_data=True)
+    assert_same_outputs(original, onnx.load(tmp_path / "out.onnx"))
