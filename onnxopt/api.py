@@ -81,6 +81,7 @@ def optimize_model(
     max_iterations: int = 10,
     plugins: Iterable[str | os.PathLike] = (),
     instruments: Sequence[object] = (),
+    upgrade_opset: int | None = None,
 ) -> OptimizationResult:
     """Optimizes a model and returns it with the run's report.
 
@@ -88,6 +89,9 @@ def optimize_model(
     the default pipeline. With ``verify`` (the default) the result is compared with the original in
     onnxruntime and ``VerificationError`` is raised if any output differs beyond tolerance;
     ``verify="each"`` checks after every pass and names the pass that changed the outputs.
+    ``upgrade_opset`` first converts the model to that default-domain opset with onnx's version
+    converter (so that fusions into newer operators may apply); verification compares with the model
+    as given.
     """
     from onnxopt.passes import DEFAULT_PIPELINE
 
@@ -103,8 +107,9 @@ def optimize_model(
         else:
             reference = reference_run(original, ctx.input_shapes)
     manager = PassManager(pipeline, max_iterations=max_iterations, verify_each=mode == "each", instruments=instruments)
+    working = original if upgrade_opset is None else ir.upgrade_opset(original, upgrade_opset)
     weights: dict[str, onnx.TensorProto] = {}
-    optimized, report = manager.run(original, ctx, reference, weights)
+    optimized, report = manager.run(working, ctx, reference, weights)
     result = OptimizationResult(optimized, report, weights)
     _check_output(original, optimized)
     if mode != "off":

@@ -198,11 +198,14 @@ def main() -> None:
               help="Repeat the pipeline at most this many times.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in MODEL.data (default: as the input did, or when over 2 GiB).")
+@click.option("--upgrade-opset", type=click.IntRange(1), metavar="N",
+              help="First convert the model to default-domain opset N with onnx's version converter, so that "
+                   "fusions into newer operators (Gelu, Attention, ...) can apply.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
 @friendly_errors
 def run_command(model, passes, level, output, target, verify_mode, no_verify, input_shapes, inputs_path, report_path,
-                plugins, max_iterations, external_data, quiet, debug):
+                plugins, max_iterations, external_data, upgrade_opset, quiet, debug):
     """Optimize MODEL and write the result.
 
     \b
@@ -231,12 +234,13 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
     try:
         result = optimize_model(
             loaded.model, passes, target, False if no_verify else verify_mode, input_shapes=shapes, inputs=inputs,
-            max_iterations=max_iterations, plugins=plugins, instruments=instruments,
+            max_iterations=max_iterations, plugins=plugins, instruments=instruments, upgrade_opset=upgrade_opset,
         )
     except VerificationError as error:
         if status is not None:
             status.update("outputs differ: finding the pass and rewrites responsible")
-        error.bisect = bisect(loaded.model, passes if passes is not None else DEFAULT_PIPELINE, target=target,
+        start = loaded.model if upgrade_opset is None else ir.upgrade_opset(loaded.model, upgrade_opset)
+        error.bisect = bisect(start, passes if passes is not None else DEFAULT_PIPELINE, target=target,
                        input_shapes=shapes, inputs=inputs, max_iterations=max_iterations, plugins=plugins,
                        output_dir=_bisect_folder(output))
         raise

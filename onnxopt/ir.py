@@ -65,6 +65,7 @@ __all__ = [
     "save_model",
     "tensor_nbytes",
     "toposort",
+    "upgrade_opset",
 ]
 
 Graph = gs.Graph
@@ -378,6 +379,39 @@ def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"cannot load external data of {source}: {_first_line(error)}") from None
     return LoadedModel(model, None if base_dir is None else Path(source), external)
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """The model converted to ``version`` of the default opset by onnx's version converter.
+
+    The converter runs on the skeleton (large weights as typed graph inputs), so it neither copies nor
+    serializes weights; the weights are put back by name afterwards. A model already at ``version`` is
+    returned as it is; a lower version, or one the installed onnx does not know, is refused.
+    """
+    current = next((op.version for op in model.opset_import if op.domain in ("", "ai.onnx")), None)
+    known = onnx.defs.onnx_opset_version()
+    if current is None:
+        raise UserError("the model imports no default-domain opset to upgrade")
+    if version > known:
+        raise UserError(f"cannot upgrade to opset {version}: the installed onnx knows opsets up to {known}")
+    if version < current:
+        raise UserError(f"the model already uses opset {current}; --upgrade-opset only goes up (asked for {version})")
+    if version == current:
+        return model
+    skeleton = model_skeleton(model)
+    weights = {t.name: t for t in model.graph.initializer}
+    held_back = weights.keys() - {t.name for t in skeleton.graph.initializer}
+    moved = held_back - {vi.name for vi in model.graph.input}
+    try:
+        converted = onnx.version_converter.convert_version(skeleton, version)
+    except Exception as error:  # noqa: BLE001 - the converter raises RuntimeError and friends without types
+        raise UserError(f"onnx's version converter cannot take the model from opset {current} to {version}: "
+                        f"{_first_line(error)}") from None
+    still_inputs = [vi for vi in converted.graph.input if vi.name not in moved]
+    del converted.graph.input[:]
+    converted.graph.input.extend(still_inputs)
+    converted.graph.initializer.extend(weights[name] for name in sorted(held_back))
+    return converted
 
 
 def model_weight_bytes(model: onnx.ModelProto) -> int:

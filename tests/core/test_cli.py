@@ -346,3 +346,32 @@ def test_run_leaves_no_stray_files_in_the_working_directory(tmp_path):
     assert result.code == 0, result.stderr
     assert list(cwd.iterdir()) == []
     assert sorted(p.name for p in models.iterdir()) == ["opaque.onnx", "opaque.opt.onnx"]
+
+
+def _split_model_opset11(path: Path) -> Path:
+    """Split with a ``split`` attribute (opset 11), which opset 13 moves to an input."""
+    from helpers import make_model, value
+    from onnx import helper
+
+    model = make_model([helper.make_node("Split", ["x"], ["a", "b"], axis=0, split=[1, 3]),
+                        helper.make_node("Relu", ["b"], ["r"])],
+                       [value("x", shape=[4, 2])], [value("a", shape=[1, 2]), value("r", shape=[3, 2])], opset=11)
+    onnx.save(model, path)
+    return path
+
+
+def test_upgrade_opset_converts_then_optimizes(tmp_path):
+    model = _split_model_opset11(tmp_path / "m.onnx")
+    result = run_cli("run", model, "--upgrade-opset", "18", "-o", tmp_path / "out.onnx", "-q")
+    assert result.code == 0, result.stderr
+    optimized = onnx.load(tmp_path / "out.onnx")
+    assert {op.domain: op.version for op in optimized.opset_import}[""] == 18
+    assert_same_outputs(onnx.load(model), optimized)
+
+
+@pytest.mark.parametrize(("version", "message"), [("10", "only goes up"), ("99", "knows opsets up to")])
+def test_upgrade_opset_refuses_going_down_or_past_onnx(tmp_path, version, message):
+    model = _split_model_opset11(tmp_path / "m.onnx")
+    result = run_cli("run", model, "--upgrade-opset", version, "-o", tmp_path / "out.onnx")
+    assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
