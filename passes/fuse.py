@@ -26,6 +26,24 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
   exactly representable in the wider type (e.g. float16 -> float32, int8 -> float16, int32 -> float64,
   bool -> any number), so the round trip gives back each value.
 
+The fusion library in ``passes/fusions`` adds, each module's docstring saying when its rules are exact:
+
+* ``normalization``: LayerNormalization (opset 17) and RMSNormalization (opset 23) from their decomposed
+  forms, gamma and beta folded in [``layer_norm``, ``layer_norm_affine``, ``rms_norm``, ``norm_scale``,
+  ``layer_norm_bias``];
+* ``activations``: Gelu (opset 20, erf and tanh forms), HardSigmoid, HardSwish (opset 14) and Mish (opset
+  18) from element-wise chains [``gelu_erf``, ``gelu_tanh``, ``hard_sigmoid``, ``hard_swish``, ``mish``];
+* ``reshapes``: Reshape/Flatten/Squeeze/Unsqueeze pairs as one Reshape, shape no-ops removed
+  [``reshape_chain``, ``noop_reshape``, ``noop_concat``, ``noop_variadic``, ``noop_split``, ``noop_tile``,
+  ``noop_identity``];
+* ``transposes``: Transpose folded into Gemm/MatMul, moved through element-wise operators where it then
+  cancels [``transpose_gemm``, ``transpose_matmul``, ``transpose_elementwise``, ``elementwise_transposes``].
+
+A rule whose operator the model's opset lacks does not run. For ``--target tensorrt`` (whose parser
+could not be checked here) only LayerNormalization and HardSigmoid among the fused operators are
+emitted; the others stay decomposed, a form TensorRT fuses itself. OpenVINO 2026.4 and onnxruntime 1.32
+were checked to compile and run every fused operator emitted (float32 and float16).
+
 A fusion only fires when the intermediate value has no other reader and is not a graph output (Transpose
 pairs excepted: a shared first Transpose stays, and the second reads its input directly).
 """
@@ -557,7 +575,7 @@ RULES = (PadConvToConv(), ConvBatchNormToConv(), MatMulAddToGemm(), TransposeTra
 
 @dataclass(frozen=True)
 class Fuse(RewritePass):
-    """Fuses BatchNormalization, Pad, Mul and Add into Conv, MatMul+Add into Gemm; removes no-ops."""
+    """Fuses Conv/Gemm, norm and activation chains, collapses Reshape/Transpose chains; removes no-ops."""
 
     name: ClassVar[str] = "fuse"
     rules: ClassVar[tuple] = RULES
