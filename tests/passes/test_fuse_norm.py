@@ -300,3 +300,18 @@ def test_rms_norm_is_not_emitted_for_tensorrt():
 
 def test_layer_norm_at_opset_23_is_not_taken_for_rms_norm_of_the_centered_value():
     check(layer_norm_model(opset=23), {"LayerNormalization": 1}, {"rms_norm": 0})
+
+
+def test_beta_from_a_graph_input_is_not_folded():
+    b = Builder(17)
+    mean = b.reduce_mean("x", (-1,))
+    centered = b.node("Sub", "x", mean)
+    variance = b.reduce_mean(b.square(centered, "pow"), (-1,))
+    y = b.node("Add", b.node("Div", centered, b.node("Sqrt", b.node("Add", variance, b.const(1e-5)))), "beta")
+    model = b.model(y, (2, 3, 8), extra_inputs=[value("beta", TensorProto.FLOAT, [8])])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32), "beta": rng.standard_normal(8).astype(np.float32)}
+    optimized, result = fuse(model)
+    assert result.stats["layer_norm"] == 1 and result.stats["layer_norm_bias"] == 0
+    assert op_counts(optimized) == {"LayerNormalization": 1, "Add": 1}
+    assert_same_outputs(model, optimized, feeds)

@@ -183,3 +183,30 @@ def test_targets_limit_where_a_rule_runs(target, fires):
     if not fires:
         assert any(a.outcome == "not applicable" and "target" in a.reason for a in explanation.attempts)
     assert_same_outputs(model, optimized)
+
+
+class HalfWithinUlps(RewriteRule):
+    """Replaces x * 0.5 (within 2 units in the last place of the constant's type) with x / 2."""
+
+    def pattern(self, op, x):
+        return op.Mul(x, op.const(0.5, ulps=2))
+
+    def rewrite(self, op, m):
+        return op.Div(m["x"], op.const(np.array(2.0, m.dtype("x")), "two"))
+
+
+@pytest.mark.parametrize("dtype,half,fires", [(np.float32, 0.50000006, True), (np.float32, 0.5001, False),
+                                              (np.float16, 0.5005, True), (np.float16, 0.502, False)])
+def test_const_ulps_follow_the_constants_type(dtype, half, fires):
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    nodes = [onnx.helper.make_node("Mul", ["x", "h"], ["z"])]
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", elem, [4])],
+                               [onnx.helper.make_tensor_value_info("z", elem, [4])],
+                               [onnx.numpy_helper.from_array(np.array(half, dtype), "h")]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    optimized, counts = apply(model, HalfWithinUlps())
+    assert counts["half_within_ulps"] == int(fires)
+    x = np.linspace(-2, 2, 4).astype(dtype)
+    if fires:  # the constant is 0.5 up to its type's rounding: the outputs agree to that precision
+        assert_same_outputs(model, optimized, {"x": x}, rtol=2e-3 if dtype == np.float16 else 1e-6, atol=0)

@@ -269,3 +269,13 @@ def test_through_tracks_symbolic_dimensions():
     assert through(flatten, [b, 4, 8]) == [b, 32]
     assert reshape_target([b, 32]) == [0, 32]
     assert reshape_target([s, b]) is None
+
+
+def test_two_input_sum_stays():
+    model = parse("""
+        g (float[3, 4] x) => (float[3, 4] y) {
+            a = Sum(x, x)
+            y = Relu(a)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["noop_variadic"] == 0 and op_counts(optimized) == op_counts(model)

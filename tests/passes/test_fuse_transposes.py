@@ -232,3 +232,14 @@ def test_broadcast_constant_of_lower_rank_is_transposed_padded():
     optimized, result = fuse(model)
     assert transposes(optimized) == 0
     assert_same_outputs(model, optimized, random_feeds(model))
+
+
+def test_gemm_operand_transpose_read_elsewhere_stays():
+    model = parse("""
+        g (float[5, 4] a, float[5, 3] b) => (float[4, 3] y, float[4, 5] at) {
+            at = Transpose <perm = [1, 0]> (a)
+            y = Gemm(at, b)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["transpose_gemm"] == 0 and op_counts(optimized) == op_counts(model)
+    assert_same_outputs(model, optimized)
