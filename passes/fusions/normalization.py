@@ -30,8 +30,16 @@ import onnx_graphsurgeon as gs
 from onnxopt import ir
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
-from .common import ALL_TARGETS, NOT_TENSORRT, constants_keep_rank, fusable_float, known_dims, rank, scalar, \
-    trailing_axis
+from .common import (
+    ALL_TARGETS,
+    NOT_TENSORRT,
+    constants_keep_rank,
+    fusable_float,
+    known_dims,
+    rank,
+    scalar,
+    trailing_axis,
+)
 
 
 def reciprocal_pattern(op, value):

@@ -226,7 +226,7 @@ def test_float16_gelu():
     b = Builder(20, np.float16)
     cdf2 = b.node("Add", b.node("Erf", b.node("Div", "x", b.const(math.sqrt(2)))), b.const(1.0))
     model = b.model(b.node("Mul", b.node("Mul", "x", cdf2), b.const(0.5)), SHAPE)
-    optimized, result = fuse(model)
+    optimized, _result = fuse(model)
     assert op_counts(optimized) == {"Gelu": 1}
     assert_same_outputs(model, optimized, feeds(np.float16), rtol=1e-2, atol=1e-2)
 

@@ -12,11 +12,11 @@ import onnx
 import pytest
 from helpers import assert_same_outputs, make_model, op_counts, tensor, value
 from onnx import TensorProto, helper
+from onnxopt.passes.fuse import Fuse
 
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext, Target
-from onnxopt.passes.fuse import Fuse
 
 ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 
@@ -286,14 +286,14 @@ def test_rms_norm_without_weight():
 @pytest.mark.parametrize("case", [dict(opset=22), dict(axes=(1,))], ids=["opset22", "middle-axis"])
 def test_rms_norm_does_not_fire(case):
     model = rms_norm_model(**case)
-    optimized, result = fuse(model)
+    optimized, _result = fuse(model)
     assert "RMSNormalization" not in op_counts(optimized)
     assert_same_outputs(model, optimized)
 
 
 def test_rms_norm_is_not_emitted_for_tensorrt():
     model = rms_norm_model()
-    optimized, result = fuse(model, Target.TENSORRT)
+    optimized, _result = fuse(model, Target.TENSORRT)
     assert "RMSNormalization" not in op_counts(optimized)
     assert_same_outputs(model, optimized)
 

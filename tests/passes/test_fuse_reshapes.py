@@ -7,9 +7,8 @@ import onnx
 import onnx.parser
 import pytest
 from helpers import assert_same_outputs, op_counts
-from test_fuse_norm import fuse
-
 from onnxopt.passes.fusions.reshapes import InputDim, reshape_target, through
+from test_fuse_norm import fuse
 
 
 def parse(text: str, opset: int = 17) -> onnx.ModelProto:

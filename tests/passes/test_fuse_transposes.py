@@ -60,7 +60,7 @@ def test_gemm_with_transA_already_set_flips_back():
             at = Transpose <perm = [1, 0]> (a)
             y = Gemm <transA = 1> (at, b)
         }""")
-    optimized, result = fuse(model)
+    optimized, _result = fuse(model)
     assert computing_ops(optimized) == {"Gemm": 1} and attrs_of(optimized, "Gemm")["transA"] == 0
     assert_same_outputs(model, optimized)
 
@@ -86,7 +86,7 @@ def test_2d_matmul_of_transposed_inputs_becomes_gemm():
             bt = Transpose <perm = [1, 0]> (b)
             y = MatMul(at, bt)
         }""")
-    optimized, result = fuse(model)
+    optimized, _result = fuse(model)
     assert computing_ops(optimized) == {"Gemm": 1}
     assert attrs_of(optimized, "Gemm") == {"transA": 1, "transB": 1}
     assert_same_outputs(model, optimized)
@@ -108,7 +108,7 @@ def test_matmul_gemm_needs_opset_11():
             at = Transpose <perm = [1, 0]> (a)
             y = MatMul(at, b)
         }""", opset=10)
-    optimized, result = fuse(model)
+    _optimized, result = fuse(model)
     assert result.stats["transpose_matmul"] == 0
 
 
@@ -118,7 +118,7 @@ def test_integer_matmul_is_not_made_a_gemm():
             at = Transpose <perm = [1, 0]> (a)
             y = MatMul(at, b)
         }""")
-    optimized, result = fuse(model)
+    _optimized, result = fuse(model)
     assert result.stats["transpose_matmul"] == 0
 
 
@@ -165,7 +165,7 @@ def test_clip_bounds_stay_scalars():
             c = Clip(t, lo, hi)
             y = Transpose <perm = [1, 0, 2]> (c)
         }""")
-    optimized, result = fuse(model)
+    optimized, _result = fuse(model)
     assert computing_ops(optimized) == {"Clip": 1}
     assert_same_outputs(model, optimized)
 
@@ -229,7 +229,7 @@ def test_broadcast_constant_of_lower_rank_is_transposed_padded():
             m = Mul(t, c)
             y = Transpose <perm = [2, 1, 0]> (m)
         }""")
-    optimized, result = fuse(model)
+    optimized, _result = fuse(model)
     assert transposes(optimized) == 0
     assert_same_outputs(model, optimized, random_feeds(model))
 
