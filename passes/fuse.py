@@ -56,10 +56,10 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnxopt.passes.fusions import activations, normalization, reshapes, transposes
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext
+from onnxopt.passes.fusions import activations, normalization, reshapes, transposes
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
