@@ -185,12 +185,21 @@ class PassManager:
             reference = reference_run(model, ctx.input_shapes)
         ran: list[str] = []
         report.converged = False
+        changes = 0
+        # A pass that changed nothing need not run again until another pass changes the graph.
+        unchanged_since: dict[int, int] = {}
         for iteration in range(1, self.max_iterations + 1):
             changed = False
-            for pass_ in self.passes:
+            for index, pass_ in enumerate(self.passes):
+                if unchanged_since.get(index) == changes:
+                    continue
                 record = self._run_pass(pass_, graph, ctx, iteration, ran, signature)
                 report.records.append(record)
                 changed |= record.modified
+                if record.modified:
+                    changes += 1
+                else:
+                    unchanged_since[index] = changes
                 if self.verify_each and record.modified and not isinstance(reference[1], str):
                     try:
                         self._verify_step(graph, model, ctx, pass_, reference)
