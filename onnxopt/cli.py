@@ -24,6 +24,7 @@ from onnxopt.errors import OnnxoptError, UserError, VerificationError
 from onnxopt.manager import PassRecord, Report
 from onnxopt.pass_infra import Pass, Target
 from onnxopt.bisect import BisectResult, bisect
+from onnxopt.census import TARGETS, fusion_census, is_fused, runtime_graph
 from onnxopt.passes import DEFAULT_PIPELINE, PRESETS
 from onnxopt.registry import default_registry
 from onnxopt.verify import load_inputs, parse_input_shapes
@@ -198,6 +199,9 @@ def main() -> None:
               help="Repeat the pipeline at most this many times.")
 @click.option("--external-data/--no-external-data", default=None,
               help="Store weights in MODEL.data (default: as the input did, or when over 2 GiB).")
+@click.option("--census/--no-census", default=None,
+              help="Count the fused operators the target engine makes of the original and of the output, and "
+                   "flag fusions the output lost (default: on for --target ort and openvino).")
 @click.option("--upgrade-opset", type=click.IntRange(1), metavar="N",
               help="First convert the model to default-domain opset N with onnx's version converter, so that "
                    "fusions into newer operators (Gelu, Attention, ...) can apply.")
@@ -205,7 +209,7 @@ def main() -> None:
 @click.option("--debug", is_flag=True, help="Show tracebacks for internal errors.")
 @friendly_errors
 def run_command(model, passes, level, output, target, verify_mode, no_verify, input_shapes, inputs_path, report_path,
-                plugins, max_iterations, external_data, upgrade_opset, quiet, debug):
+                plugins, max_iterations, external_data, census, upgrade_opset, quiet, debug):
     """Optimize MODEL and write the result.
 
     \b
@@ -217,6 +221,10 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
         if passes is not None:
             raise UserError("give either --passes or -O, not both")
         passes = PRESETS[f"O{level}"]
+    if census is None:
+        census = target in TARGETS
+    elif census and target not in TARGETS:
+        raise UserError(f"--census needs --target {' or '.join(TARGETS)}")
     loaded = ir.read_model(model)
     shapes = parse_input_shapes(input_shapes)
     inputs = load_inputs(inputs_path) if inputs_path else None
@@ -249,9 +257,25 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
             status.stop()
     result.report.input_path, result.report.output_path = str(model), str(output)
     written = result.save(output, external_data=loaded.external_data if external_data is None else external_data)
+    taken = None
+    if census:
+        if status is not None:
+            status.update(f"fusion census: letting {target} optimize the original and the output")
+            status.start()
+        try:
+            taken = fusion_census(model, output, target)
+        finally:
+            if status is not None:
+                status.stop()
+        result.report.census = taken.to_dict()
     if not quiet:
         _print_report(result.report)
+        if taken is not None:
+            out.print(taken)
         out.print(f"wrote {', '.join(str(p) for p in written)}")
+    if taken is not None and taken.regressions:
+        err.print(f"[yellow]warning:[/] {escape(target)} fuses fewer of these after onnxopt: "
+                  f"{escape(', '.join(row.label for row in taken.regressions))}", markup=True)
     _write_report(report_path, result.report)
 
 
@@ -359,13 +383,16 @@ def _dims(type_proto: onnx.TypeProto) -> str:
 @main.command("inspect")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--target", type=click.Choice(TARGETS), default=None,
+              help="Also count the fused operators this engine makes of MODEL when it loads it.")
 @friendly_errors
-def inspect_command(model, as_json):
+def inspect_command(model, as_json, target):
     """Summarize MODEL: operators, inputs and outputs, opsets and size.
 
     \b
     Example:
       onnxopt inspect model.onnx
+      onnxopt inspect model.onnx --target ort
     """
     loaded = ir.read_model(model)
     proto = loaded.model
@@ -388,6 +415,13 @@ def inspect_command(model, as_json):
         "outputs": {vi.name: _dims(vi.type) for vi in proto.graph.output},
         "operators": dict(histogram.most_common()),
     }
+    if target is not None:
+        engine = runtime_graph(model, target)
+        if not engine.ok:
+            raise UserError(f"{target} cannot load {model}: {engine.error}")
+        fused = collections.Counter({(f"{d}::{op}" if d not in ("", "ai.onnx") else op): n
+                                     for (d, op), n in engine.counts.items() if is_fused(d, op, target)})
+        summary["engine"] = {"target": target, "nodes": engine.nodes, "fused": dict(fused.most_common())}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -410,6 +444,15 @@ def inspect_command(model, as_json):
     for op, count in histogram.most_common():
         ops.add_row(op, str(count))
     out.print(ops)
+    if target is not None:
+        engine = summary["engine"]
+        fused_table = Table(title=f"fused operators in {target}'s optimized graph ({engine['nodes']} nodes)",
+                            title_justify="left")
+        fused_table.add_column("fused operator")
+        fused_table.add_column("count", justify="right")
+        for op, count in engine["fused"].items():
+            fused_table.add_row(op, str(count))
+        out.print(fused_table if engine["fused"] else f"{target} fuses nothing in this model")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Report:
     verification: Comparison | None = None
     input_path: str | None = None
     output_path: str | None = None
+    census: dict | None = None  # onnxopt.census.Census.to_dict() where the run took one
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -377,3 +377,29 @@ def test_upgrade_opset_refuses_going_down_or_past_onnx(tmp_path, version, messag
     result = run_cli("run", model, "--upgrade-opset", version, "-o", tmp_path / "out.onnx")
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_run_for_ort_takes_a_fusion_census_into_the_report(tmp_path):
+    model = copy_tiny_cnn(tmp_path)
+    report_path = tmp_path / "report.json"
+    result = run_cli("run", model, "--target", "ort", "-o", tmp_path / "out.onnx", "--report", report_path)
+    assert result.code == 0, result.stderr
+    assert "fused operators after onnxruntime" in result.stdout
+    census = json.loads(report_path.read_text())["census"]
+    assert census["target"] == "ort" and census["regressions"] == []
+    rows = {row["op_type"]: row for row in census["rows"]}
+    assert rows["Gemm"]["original"] == rows["Gemm"]["ours"] == 1
+
+
+def test_census_needs_an_engine_target(tmp_path):
+    model = copy_tiny_cnn(tmp_path)
+    result = run_cli("run", model, "--census", "-o", tmp_path / "out.onnx")
+    assert result.code == 2 and "--census needs --target" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_inspect_for_ort_counts_fused_operators(tmp_path):
+    result = run_cli("inspect", TINY_CNN, "--target", "ort", "--json")
+    assert result.code == 0, result.stderr
+    engine = json.loads(result.stdout)["engine"]
+    assert engine["target"] == "ort" and engine["fused"]["Gemm"] == 1
