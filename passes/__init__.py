@@ -15,8 +15,9 @@ from onnxopt.passes.cse import CommonSubexpressionElimination
 from onnxopt.passes.dce import DeadCodeElimination
 from onnxopt.passes.fold import ConstantFolding
 from onnxopt.passes.fuse import Fuse
+from onnxopt.passes.ort_fusions import OrtFuse
 
-BUILTIN_PASSES = [ConstantFolding, CommonSubexpressionElimination, Fuse, Attention, DeadCodeElimination]
+BUILTIN_PASSES = [ConstantFolding, CommonSubexpressionElimination, Fuse, Attention, OrtFuse, DeadCodeElimination]
 
 PRESETS: dict[str, list[str]] = {
     "O0": [],
@@ -36,4 +37,5 @@ __all__ = [
     "ConstantFolding",
     "DeadCodeElimination",
     "Fuse",
+    "OrtFuse",
 ]

@@ -1,0 +1,315 @@
+"""``ort_fuse``: onnxruntime's contrib operators (``com.microsoft``) for what its CPU kernels fuse.
+
+Only for ``--target ort``; on other targets the pass changes nothing. Rules (stats keys in brackets):
+
+* ``skip_layer_norm``: ``LayerNormalization(a + b, gamma, beta)`` over the last axis ->
+  ``SkipLayerNormalization(a, b, gamma, beta)``, for ``a`` of shape ``[B, S, H]`` or ``[S, H]`` and ``b`` of
+  ``a``'s shape, ``[1, S, H]`` or ``[S, H]``. When ``a + b`` is read elsewhere too (the residual stream of
+  a pre-norm transformer: ViT, GPT-2, Whisper), the operator also returns the sum, and
+  [``add_to_skip_sum``] the other readers take it from there, so the Add goes.
+* ``bias_gelu``: ``Gelu(x + b)`` -> ``BiasGelu(x, b)``, Gelu as the opset-20 operator or written out
+  with ``erf`` (``x * 0.5 * (1 + erf(x / sqrt(2)))``, exporters' form before opset 20), ``b`` a constant
+  vector along the last axis; ``gelu``: the written-out form without a bias -> ``com.microsoft.Gelu``.
+* ``fast_gelu_bias`` and ``fast_gelu``: the tanh approximation (``Gelu(approximate="tanh")`` or written
+  out) of ``x + b`` or ``x`` -> ``FastGelu(x[, b])``.
+* ``packed_attention``: ``MultiHeadAttention`` (from the ``attention`` pass) whose query, key and value
+  are projections ``x @ Wq + bq``, ``x @ Wk + bk``, ``x @ Wv + bv`` of one ``x`` with constant weights ->
+  ``com.microsoft.Attention(x, [Wq | Wk | Wv], [bq | bk | bv])``, one GEMM for the three (a missing bias
+  is zeros).
+
+Exactness: each contrib operator is defined as the composition it replaces and onnxruntime's kernels
+compute it in float32 (only float32 is rewritten), so results agree to rounding; ``SkipLayerNormalization``
+normalizes over the last axis only, so the LayerNormalization must have ``axis = -1`` and 1-D ``gamma``,
+``beta`` of the hidden size; ``FastGelu``'s constants are those of the tanh approximation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import ir
+from onnxopt.pass_infra import PassContext, Target
+from onnxopt.passes.attention import ORT_DOMAIN, import_domain
+from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
+from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
+
+FLOAT32 = np.dtype(np.float32)
+ORT_ONLY = frozenset({Target.ORT})
+
+
+def _float32(m: Match, name: str) -> str | None:
+    dtype = m.dtype(name)
+    return None if dtype == FLOAT32 else f"'{m[name].name}' is {dtype}, not float32"
+
+
+class _OrtRule(RewriteRule):
+    """A rule emitting ``com.microsoft`` operators, for onnxruntime only."""
+
+    domain = ORT_DOMAIN
+    targets = ORT_ONLY
+
+
+# ---------------------------------------------------------------------------------------------------
+# SkipLayerNormalization
+
+
+def _is_last_axis(m: Match, label: str, data_rank: int) -> bool:
+    axis = int(m.attr(label, "axis", -1))
+    return axis in (-1, data_rank - 1)
+
+
+def skip_operands(m: Match) -> tuple[gs.Tensor, gs.Tensor] | str:
+    """``(input, skip)`` of the matched ``a + b`` as SkipLayerNormalization takes them, or why they do not fit."""
+    a_shape, b_shape = m.shape("a"), m.shape("b")
+    if a_shape is None or b_shape is None:
+        return "the shapes of the Add's operands are unknown"
+    for first, second, first_shape, second_shape in (("a", "b", a_shape, b_shape), ("b", "a", b_shape, a_shape)):
+        if len(first_shape) not in (2, 3) or not all(isinstance(d, (int, str)) for d in first_shape):
+            continue
+        allowed = [first_shape, first_shape[-2:]] + ([[1, *first_shape[1:]]] if len(first_shape) == 3 else [])
+        if list(second_shape) in [list(s) for s in allowed]:
+            return m[first], m[second]
+    return f"operands of shapes {a_shape} and {b_shape} are not a [B, S, H] or [S, H] input and its skip"
+
+
+class LayerNormToSkipLayerNorm(_OrtRule):
+    """Replaces LayerNormalization(a + b) over the last axis with SkipLayerNormalization(a, b)."""
+
+    name = "skip_layer_norm"
+    # The sum may have other readers (a residual stream): it then comes out of the fused node too.
+    allow_shared_intermediates = True
+
+    def pattern(self, op, a, b, gamma, beta):
+        return op.LayerNormalization(op.Add(a, b), gamma, op.optional(beta))
+
+    def check(self, m: Match) -> MatchResult:
+        reason = _float32(m, "a") or _float32(m, "gamma")
+        if reason:
+            return m.fail(reason)
+        operands = skip_operands(m)
+        if isinstance(operands, str):
+            return m.fail(operands)
+        hidden = operands[0].shape[-1]
+        if not _is_last_axis(m, "LayerNormalization", len(operands[0].shape)):
+            return m.fail("the LayerNormalization is not over the last axis")
+        for name in ("gamma", "beta"):
+            shape = m.shape(name)
+            if m[name] is not None and (shape is None or list(shape) != [hidden]):
+                return m.fail(f"{name} of shape {shape} is not one value per hidden unit ({hidden})")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        data, skip = skip_operands(m)
+        epsilon = float(m.attr("LayerNormalization", "epsilon", 1e-5))
+        total = m.node("Add").outputs[0]
+        shared = len(total.outputs) > 1 or ir.is_graph_output(m.graph, total)
+        outputs = op.SkipLayerNormalization(data, skip, m["gamma"], m["beta"], epsilon=epsilon, _domain=ORT_DOMAIN,
+                                            _outputs=4 if shared else 1, _name=m.node("LayerNormalization").name)
+        return outputs[0] if shared else outputs
+
+
+class AddToSkipSum(_OrtRule):
+    """Replaces a + b by the sum a SkipLayerNormalization of the same operands already returns."""
+
+    name = "add_to_skip_sum"
+
+    def pattern(self, op, a, b):
+        return op.Add(a, b)
+
+    def check(self, m: Match) -> MatchResult:
+        return m.ok() if _skip_sum(m) is not None else m.fail("no SkipLayerNormalization returns this sum")
+
+    def rewrite(self, op, m: Match):
+        return _skip_sum(m)
+
+
+def _skip_sum(m: Match) -> gs.Tensor | None:
+    """The ``input_skip_bias_sum`` output of a SkipLayerNormalization (without bias) of the Add's operands."""
+    operands = {id(m["a"]), id(m["b"])}
+    for reader in m["a"].outputs:
+        if reader.op != "SkipLayerNormalization" or reader.domain != ORT_DOMAIN or len(reader.outputs) < 4:
+            continue
+        if {id(t) for t in reader.inputs[:2]} == operands and len(reader.inputs) < 5 and reader.outputs[3].name:
+            return reader.outputs[3]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gelu
+
+
+def _not_approximate(value) -> bool:
+    return value in (None, "none", b"none")
+
+
+def _tanh_approximation(value) -> bool:
+    return value in ("tanh", b"tanh")
+
+
+def check_bias(m: Match) -> MatchResult:
+    """The bias ``b`` must be a constant vector along ``h``'s last axis (so that ``h + b`` keeps ``h``'s shape)."""
+    reason = _float32(m, "h")
+    if reason:
+        return m.fail(reason)
+    bias, shape = m.value("b"), m.shape("h")
+    if bias is None or bias.ndim != 1 or bias.dtype != FLOAT32:
+        return m.fail("the bias is not a constant float32 vector")
+    if not shape or shape[-1] != bias.shape[0]:
+        return m.fail(f"the bias of {bias.shape[0]} values does not run along the last axis of {shape}")
+    return m.ok()
+
+
+def check_float32_activation(m: Match) -> MatchResult:
+    reason = _float32(m, "x")
+    return m.fail(reason) if reason else check_activation(m)
+
+
+class GeluToBiasGelu(_OrtRule):
+    """Replaces Gelu(h + b), as the operator or written out with erf, with BiasGelu(h, b)."""
+
+    name = "bias_gelu"
+
+    def pattern(self, op, h, b):
+        biased = op.Add(h, b)
+        return op.either(op.Gelu(biased, approximate=_not_approximate), gelu_erf_pattern(op, biased))
+
+    def check(self, m: Match) -> MatchResult:
+        return check_bias(m)
+
+    def rewrite(self, op, m: Match):
+        return op.BiasGelu(m["h"], m["b"], _domain=ORT_DOMAIN)
+
+
+class ErfGeluToGelu(_OrtRule):
+    """Replaces x * 0.5 * (1 + erf(x / sqrt(2))) with com.microsoft.Gelu(x) (models before opset 20)."""
+
+    name = "gelu"
+
+    def pattern(self, op, x):
+        return gelu_erf_pattern(op, x)
+
+    def check(self, m: Match) -> MatchResult:
+        return check_float32_activation(m)
+
+    def rewrite(self, op, m: Match):
+        return op.Gelu(m["x"], _domain=ORT_DOMAIN)
+
+
+class TanhGeluToFastGeluWithBias(_OrtRule):
+    """Replaces the tanh approximation of Gelu(h + b) with FastGelu(h, b)."""
+
+    name = "fast_gelu_bias"
+
+    def pattern(self, op, h, b):
+        biased = op.Add(h, b)
+        return op.either(op.Gelu(biased, approximate=_tanh_approximation), gelu_tanh_pattern(op, biased))
+
+    def check(self, m: Match) -> MatchResult:
+        return check_bias(m)
+
+    def rewrite(self, op, m: Match):
+        return op.FastGelu(m["h"], m["b"], _domain=ORT_DOMAIN)
+
+
+class TanhGeluToFastGelu(_OrtRule):
+    """Replaces the tanh approximation of Gelu(x) with FastGelu(x)."""
+
+    name = "fast_gelu"
+
+    def pattern(self, op, x):
+        return op.either(op.Gelu(x, approximate=_tanh_approximation), gelu_tanh_pattern(op, x))
+
+    def check(self, m: Match) -> MatchResult:
+        return check_float32_activation(m)
+
+    def rewrite(self, op, m: Match):
+        return op.FastGelu(m["x"], _domain=ORT_DOMAIN)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention with its input projections
+
+
+def projection_pattern(op, x, weight, bias, tag: str):
+    """``x @ weight + bias`` or ``x @ weight`` (the MatMul tagged ``tag``)."""
+    product = op.MatMul(x, weight, _tag=tag)
+    return op.either(op.Add(product, bias, _tag=f"{tag}_bias"), product)
+
+
+def _projection(m: Match, weight: str, bias: str, hidden: int) -> tuple[np.ndarray, np.ndarray] | str:
+    """The weight and bias (zeros when absent) of one projection, or why they cannot be packed."""
+    w = m.value(weight)
+    if w is None or w.ndim != 2 or w.dtype != FLOAT32 or w.shape[0] != hidden:
+        return f"'{m[weight].name}' is not a constant float32 matrix of {hidden} rows"
+    if m[bias] is None:
+        return np.asarray(w), np.zeros(w.shape[1], np.float32)
+    b = m.value(bias)
+    if b is None or b.dtype != FLOAT32 or b.shape != (w.shape[1],):
+        return f"'{m[bias].name}' is not a constant float32 vector of {w.shape[1]} values"
+    return np.asarray(w), np.asarray(b)
+
+
+def packed_projections(m: Match) -> tuple[np.ndarray, np.ndarray, list[int]] | str:
+    """``[Wq | Wk | Wv]``, ``[bq | bk | bv]`` and the three widths, or why the projections do not pack."""
+    shape = m.shape("x")
+    if shape is None or len(shape) != 3 or not isinstance(shape[2], int):
+        return "the projected input is not known to be [B, S, hidden]"
+    parts = [_projection(m, f"w{p}", f"b{p}", shape[2]) for p in "qkv"]
+    for part in parts:
+        if isinstance(part, str):
+            return part
+    weights, biases = zip(*parts)
+    widths = [w.shape[1] for w in weights]
+    return np.concatenate(weights, axis=1), np.concatenate(biases), widths
+
+
+class MultiHeadAttentionToAttention(_OrtRule):
+    """Replaces MultiHeadAttention of three projections of one x with Attention(x, packed weights and biases)."""
+
+    name = "packed_attention"
+
+    def pattern(self, op, x, wq, bq, wk, bk, wv, bv, attention_bias):
+        return op.MultiHeadAttention(projection_pattern(op, x, wq, bq, "q"), projection_pattern(op, x, wk, bk, "k"),
+                                     projection_pattern(op, x, wv, bv, "v"), None, None,
+                                     op.optional(attention_bias), _domain=ORT_DOMAIN)
+
+    def check(self, m: Match) -> MatchResult:
+        packed = packed_projections(m)
+        if isinstance(packed, str):
+            return m.fail(packed)
+        _, _, widths = packed
+        heads = int(m.attr("MultiHeadAttention", "num_heads", 0))
+        if widths[0] != widths[1] or heads <= 0 or any(width % heads for width in widths):
+            return m.fail(f"projection widths {widths} are not query and key of one size, split into {heads} heads")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        weights, biases, widths = packed_projections(m)
+        attrs = {key: value for key, value in m.attrs("MultiHeadAttention").items()
+                 if key in ("num_heads", "scale", "mask_filter_value", "unidirectional")}
+        if widths[2] != widths[0]:
+            attrs["qkv_hidden_sizes"] = widths
+        return op.Attention(m["x"], op.const(weights, "qkv_weight"), op.const(biases, "qkv_bias"), None, None,
+                            m["attention_bias"], _domain=ORT_DOMAIN, _name=m.node("MultiHeadAttention").name, **attrs)
+
+
+RULES = (LayerNormToSkipLayerNorm(), AddToSkipSum(), GeluToBiasGelu(), ErfGeluToGelu(), TanhGeluToFastGeluWithBias(),
+         TanhGeluToFastGelu(), MultiHeadAttentionToAttention())
+
+
+@dataclass(frozen=True)
+class OrtFuse(RewritePass):
+    """Fuses into onnxruntime's contrib operators: SkipLayerNormalization, BiasGelu, FastGelu, packed Attention."""
+
+    name: ClassVar[str] = "ort_fuse"
+    rules: ClassVar[tuple] = RULES
+    needs_shapes: ClassVar[bool] = True
+
+    def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
+        if ctx.target == Target.ORT:
+            import_domain(graph, ORT_DOMAIN)
+        super().prepare(graph, ctx)
