@@ -17,10 +17,14 @@ A node's symbolic result is trusted unless one of its inputs is not, it is one o
 (``_symbolic_guess``), or it contradicts onnx's: a rank or a static dimension that differs, a static
 dimension where onnx has a named symbol, or a symbol onnx proves to be two different numbers. A trusted
 value takes onnx's static dimensions and the symbolic engine's for the rest (its symbols included); an
-untrusted one takes onnx's result alone. Both engines depart from the specification for pools with
-``ceil_mode`` (the specification drops a last window that would start in the end padding) and for
-ConvTranspose with SAME padding and ``output_padding``: there the specification's size is computed here,
-and a value that disagrees with it, with everything computed from it, is left without a shape.
+untrusted one takes onnx's result alone.
+
+Both engines depart from the specification for pools with ``ceil_mode`` (the specification drops a last
+window that would start in the end padding) and for ConvTranspose with SAME padding and
+``output_padding``: there the size is computed here, and a value that disagrees with it, with everything
+computed from it, is left without a shape. So is every value of a pool or ConvTranspose whose size
+onnxruntime computes otherwise than the specification (a dilated pool with SAME padding, say): a shape
+that holds for one runtime and not for another is no shape to fold.
 """
 
 from __future__ import annotations
@@ -262,7 +266,7 @@ class _Walk:
             # Every computed value gets a type, if only "unknown": one it held from an earlier run may use
             # symbols that now mean something else.
             self.types[name] = self._merge(name, trusted=not reason) or TensorType(0, None)
-        departure = _departure_from_specification(node, self)
+        departure = _window_departure(node, self)
         if departure:
             log.debug("shape inference: %s '%s': no shape (%s)", node.op_type, node.name, departure)
             self._leave_unknown(outputs)
@@ -432,89 +436,121 @@ def _static_from_dynamic(result: TensorType | None, data: Shape) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Where both engines depart from the specification
+# Where the engines, onnxruntime and the specification part ways
 
 
-def _departure_from_specification(node: onnx.NodeProto, walk: _Walk) -> str | None:
-    """Why the result decided for ``node`` contradicts the specification, for the operators both engines
-    get wrong; ``None`` when it agrees (or says nothing that could be wrong)."""
+@dataclass(frozen=True)
+class _Window:
+    """The sliding-window attributes of a pool or ConvTranspose, one entry per spatial axis."""
+
+    kernel: list[int | None]
+    strides: list[int]
+    dilations: list[int]
+    begins: list[int]
+    ends: list[int]
+    auto_pad: str
+    output_padding: list[int]
+
+    @staticmethod
+    def of(attributes: dict, rank: int, weight: Shape = None) -> _Window:
+        kernel = attributes.get("kernel_shape") or (list(weight[2:]) if weight is not None else [None] * rank)
+        pads = list(attributes.get("pads", [0] * (2 * rank)))
+        return _Window(
+            kernel=[k if isinstance(k, int) else None for k in kernel],
+            strides=list(attributes.get("strides", [1] * rank)),
+            dilations=list(attributes.get("dilations", [1] * rank)),
+            begins=pads[:rank],
+            ends=pads[rank:],
+            auto_pad=attributes.get("auto_pad", "NOTSET"),
+            output_padding=list(attributes.get("output_padding", [0] * rank)),
+        )
+
+    def extent(self, axis: int) -> int | None:
+        kernel = self.kernel[axis]
+        return None if kernel is None else (kernel - 1) * self.dilations[axis] + 1
+
+
+def _window_departure(node: onnx.NodeProto, walk: _Walk) -> str | None:
+    """Why the shape decided for a pool's or ConvTranspose's output cannot be trusted; ``None`` if it can.
+
+    Neither engine drops the last window of a ``ceil_mode`` pool when it would start in the end padding,
+    and both add ``output_padding`` to a ConvTranspose with SAME padding, where the specification and
+    onnxruntime agree on other sizes: those are checked. Where onnxruntime itself departs from the
+    specification (``_implementations_disagree``), no size can be trusted.
+    """
     if not _is_standard(node) or node.op_type not in ("ConvTranspose", *_POOLS) or not node.output:
         return None
-    attributes = _attributes(node)
-    if node.op_type in _POOLS and not attributes.get("ceil_mode"):
-        return None
     data, result = walk.shape(node.input[0]), walk.shape(node.output[0])
-    if data is None or result is None or len(data) != len(result) or len(data) < 3:
+    if data is None or len(data) < 3:
         return None
+    weight = walk.shape(node.input[1]) if node.op_type == "ConvTranspose" and len(node.input) > 1 else None
+    attributes = _attributes(node)
+    window = _Window.of(attributes, len(data) - 2, weight)
+    disagreement = _implementations_disagree(node.op_type, attributes, window)
+    if disagreement or result is None or len(result) != len(data):
+        return disagreement
     if node.op_type == "ConvTranspose":
-        weight = walk.shape(node.input[1]) if len(node.input) > 1 else None
-        expected = _conv_transpose_sizes(data[2:], attributes, weight)
+        expected = _conv_transpose_sizes(data[2:], window, attributes.get("output_shape"))
+    elif attributes.get("ceil_mode"):
+        expected = _ceil_pool_sizes(data[2:], window)
     else:
-        expected = _ceil_pool_sizes(data[2:], attributes)
+        return None
     for want, got in zip(expected, result[2:]):
         if want is not None and isinstance(got, int) and got != want:
-            return f"{node.output[0]}: {list(result)}, but the specification gives {want} where it says {got}"
+            return f"{node.output[0]}: {list(result)}, but the size is {want} where it says {got}"
     return None
 
 
-def _pads(attributes: dict, rank: int) -> tuple[list[int], list[int]]:
-    pads = list(attributes.get("pads", [0] * (2 * rank)))
-    return pads[:rank], pads[rank:]
+def _implementations_disagree(op: str, attributes: dict, window: _Window) -> str | None:
+    """Why onnxruntime's output size departs from the specification's for some input sizes, if it does."""
+    same = window.auto_pad in _SAME_PADDING
+    if op in _POOLS and same and any(d > 1 for d in window.dilations):
+        return "onnxruntime pads a dilated pool for SAME as if its window were not dilated"
+    if op in _POOLS and attributes.get("ceil_mode") and window.auto_pad == "VALID":
+        return "with ceil_mode and VALID padding onnxruntime counts windows as without padding, not as specified"
+    if op == "ConvTranspose" and same and "output_shape" not in attributes:
+        for axis, stride in enumerate(window.strides):
+            extent = window.extent(axis)
+            if extent is None or window.output_padding[axis] + extent < stride:
+                return "onnxruntime does not pad a ConvTranspose with SAME padding out to input size times stride"
+    return None
 
 
-def _ceil_pool_sizes(sizes: tuple[Dim, ...], attributes: dict) -> list[int | None]:
+def _ceil_pool_sizes(sizes: tuple[Dim, ...], window: _Window) -> list[int | None]:
     """Output sizes of a pool with ``ceil_mode=1`` (None where the input size is not static).
 
     Windows are counted rounding up, but a last window that would start in the end padding is dropped
-    (onnxruntime and the reference implementation agree); with ``auto_pad`` the specification's formulas
-    apply, whatever ``ceil_mode`` says.
+    (the specification, onnxruntime and the reference implementation agree); with SAME padding there
+    are ceil(size / stride).
     """
-    rank = len(sizes)
-    kernel = attributes.get("kernel_shape", [1] * rank)
-    strides = attributes.get("strides", [1] * rank)
-    dilations = attributes.get("dilations", [1] * rank)
-    begins, ends = _pads(attributes, rank)
-    auto_pad = attributes.get("auto_pad", "NOTSET")
     result: list[int | None] = []
     for axis, size in enumerate(sizes):
+        stride = window.strides[axis]
         if not isinstance(size, int):
             result.append(None)
-            continue
-        extent = (kernel[axis] - 1) * dilations[axis] + 1
-        if auto_pad == "VALID":
-            result.append(math.ceil((size - extent + 1) / strides[axis]))
-        elif auto_pad in _SAME_PADDING:
-            result.append(math.ceil(size / strides[axis]))
+        elif window.auto_pad in _SAME_PADDING:
+            result.append(math.ceil(size / stride))
         else:
-            count = math.ceil((size + begins[axis] + ends[axis] - extent) / strides[axis]) + 1
-            if (count - 1) * strides[axis] >= size + begins[axis]:
-                count -= 1
-            result.append(count)
+            begin = window.begins[axis]
+            count = math.ceil((size + begin + window.ends[axis] - window.extent(axis)) / stride) + 1
+            result.append(count - 1 if (count - 1) * stride >= size + begin else count)
     return result
 
 
-def _conv_transpose_sizes(sizes: tuple[Dim, ...], attributes: dict, weight: Shape) -> list[int | None]:
-    """Output sizes of a ConvTranspose (None where unknown): with SAME padding the input size times the
-    stride, ``output_padding`` only moving the padding; otherwise the usual formula."""
-    rank = len(sizes)
-    if "output_shape" in attributes:
-        declared = list(attributes["output_shape"])[-rank:]
-        return [d if isinstance(d, int) else None for d in declared]
-    kernel = attributes.get("kernel_shape") or (list(weight[2:]) if weight is not None else [None] * rank)
-    strides = attributes.get("strides", [1] * rank)
-    dilations = attributes.get("dilations", [1] * rank)
-    output_padding = attributes.get("output_padding", [0] * rank)
-    auto_pad = attributes.get("auto_pad", "NOTSET")
-    begins, ends = _pads(attributes, rank) if auto_pad == "NOTSET" else ([0] * rank, [0] * rank)
+def _conv_transpose_sizes(sizes: tuple[Dim, ...], window: _Window, output_shape: list | None) -> list[int | None]:
+    """Output sizes of a ConvTranspose (None where unknown): ``output_shape`` if given; with SAME padding
+    the input size times the stride, ``output_padding`` only moving the padding; otherwise
+    ``stride * (size - 1) + output_padding + extent - pads``."""
+    if output_shape is not None:
+        return list(output_shape)[-len(sizes) :]
     result: list[int | None] = []
     for axis, size in enumerate(sizes):
-        if not isinstance(size, int):
+        stride, extent = window.strides[axis], window.extent(axis)
+        if not isinstance(size, int) or extent is None:
             result.append(None)
-        elif auto_pad in _SAME_PADDING:
-            result.append(size * strides[axis])
-        elif not isinstance(kernel[axis], int):
-            result.append(None)
+        elif window.auto_pad in _SAME_PADDING:
+            result.append(size * stride)
         else:
-            extent = (kernel[axis] - 1) * dilations[axis] + 1
-            result.append(strides[axis] * (size - 1) + output_padding[axis] + extent - begins[axis] - ends[axis])
+            pads = window.begins[axis] + window.ends[axis] if window.auto_pad == "NOTSET" else 0
+            result.append(stride * (size - 1) + window.output_padding[axis] + extent - pads)
     return result
