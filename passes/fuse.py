@@ -2,17 +2,6 @@
 
 Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
 
-* Conv + BatchNormalization -> Conv [``conv_batchnorm``]. In inference mode BatchNormalization computes
-  ``y = (x - mean) * s + bias`` with ``s = scale / sqrt(var + epsilon)`` per channel, so for
-  ``x = Conv(input, W, b)`` it equals ``Conv(input, W * s, (b - mean) * s + bias)`` with ``s`` scaling
-  each output channel of ``W``. Computed in float64, then cast to the weight's dtype.
-* Conv * s -> Conv [``conv_mul``] and Conv + s -> Conv [``conv_add``], for a finite constant ``s``
-  with one value per output channel (1 on every other axis, not raising the rank): ``Conv(x, W, b) * s
-  = Conv(x, W * s, b * s)`` (not when another node reads ``W``: that would store a second weight) and ``Conv(x, W, b) + s = Conv(x, W, b + s)``, since the Conv is linear in
-  ``W`` and ``b`` per output channel.
-* MatMul + Add -> Gemm [``matmul_add_to_gemm``], when ``A`` is known to be 2-D, ``B`` is a constant 2-D
-  matrix and the added constant broadcasts to the ``[M, N]`` result one way (Gemm's ``C`` rule);
-  float32/float64 only, and opset 7 or later (older Add and Gemm broadcast by other rules).
 * Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel
   [``transpose_transpose``]; a Transpose with the identity permutation is removed [``transpose_identity``].
 * Pad + Conv -> Conv [``pad_conv``], when the Pad adds zeros (constant mode, value 0) on spatial axes
@@ -28,6 +17,11 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
 
 The fusion library in ``passes/fusions`` adds, each module's docstring saying when its rules are exact:
 
+* ``affine``: constants that scale or shift the output channels of a linear operator folded into its
+  weight and bias: BatchNormalization and per-channel Mul/Add after Conv and ConvTranspose
+  [``conv_batchnorm``, ``conv_mul``, ``conv_add``, ``conv_transpose_batchnorm``, ``conv_transpose_mul``,
+  ``conv_transpose_add``], per-column Mul/Add after Gemm [``gemm_mul``, ``gemm_add``], per-column Mul after
+  a MatMul by a constant matrix [``matmul_mul``], MatMul + Add -> Gemm for 2-D inputs [``matmul_add_to_gemm``];
 * ``normalization``: LayerNormalization (opset 17) and RMSNormalization (opset 23) from their decomposed
   forms, gamma and beta folded in [``layer_norm``, ``layer_norm_affine``, ``rms_norm``, ``norm_scale``,
   ``layer_norm_bias``];
@@ -59,29 +53,12 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext
-from onnxopt.passes.fusions import activations, normalization, reshapes, transposes
+from onnxopt.passes.fusions import activations, affine, normalization, reshapes, transposes
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
 def _standard(node: gs.Node, op: str) -> bool:
     return node.op == op and node.domain in ("", None, "ai.onnx")
-
-
-def fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, offset: np.ndarray,
-                   mean: np.ndarray, var: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
-    """Conv weight and bias that include an inference-mode BatchNormalization applied after the Conv."""
-    factor = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon)
-    new_weight = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
-    base = bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])
-    new_bias = (base - mean.astype(np.float64)) * factor + offset.astype(np.float64)
-    return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
-
-
-def _broadcasts_to(shape: tuple, rows, cols: int) -> bool:
-    if len(shape) > 2:
-        return False
-    target = (rows, cols)[2 - len(shape):]
-    return all(d == 1 or (isinstance(t, int) and d == t) for d, t in zip(shape, target))
 
 
 def _infer_subgraph_shapes(graph: gs.Graph) -> None:
@@ -169,8 +146,6 @@ def _perm(node: gs.Node) -> list[int] | None:
     return list(reversed(range(len(shape)))) if shape is not None else None
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # Rules
 
@@ -209,78 +184,6 @@ class PadConvToConv(RewriteRule):
         ends = [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)]
         attrs["pads"] = begins + ends
         return op.Conv(m["x"], m["w"], m["b"], _name=m.node("Conv").name, **attrs)
-
-
-class ConvBatchNormToConv(RewriteRule):
-    """Replaces BatchNormalization(Conv(x, w, b)) in inference mode with Conv(x, w', b')."""
-
-    name = "conv_batchnorm"
-
-    def pattern(self, op, x, w, b, scale, offset, mean, var):
-        return op.BatchNormalization(op.Conv(x, w, op.optional(b)), scale, offset, mean, var)
-
-    def check(self, m: Match) -> MatchResult:
-        if m.attr("BatchNormalization", "training_mode", 0) or m.attr("BatchNormalization", "spatial", 1) != 1:
-            return m.fail("BatchNormalization is in training mode or not spatial")
-        # Before opset 7, is_test=0 (the default) asks for batch statistics, i.e. training mode.
-        if (m.opset() or 0) < 7 and not m.attr("BatchNormalization", "is_test", 0):
-            return m.fail("BatchNormalization before opset 7 without is_test uses batch statistics")
-        weight = m.value("w")
-        if weight is None:
-            return m.fail("Conv weight is not constant")
-        if m["b"] is not None and m.value("b") is None:
-            return m.fail("Conv bias is not constant")
-        params = [m.value(n) for n in ("scale", "offset", "mean", "var")]
-        if any(p is None for p in params):
-            return m.fail("BatchNormalization parameters are not constant")
-        channels = weight.shape[0]
-        if weight.dtype.kind != "f":
-            return m.fail(f"Conv weight is {weight.dtype}, not floating point")
-        bias = m.value("b")
-        if any(p.shape != (channels,) for p in params) or (bias is not None and bias.shape != (channels,)):
-            return m.fail("parameters are not one value per output channel")
-        return m.ok()
-
-    def rewrite(self, op, m: Match):
-        conv = m.node("Conv")
-        params = [m.value(n) for n in ("scale", "offset", "mean", "var")]
-        epsilon = float(m.attr("BatchNormalization", "epsilon", 1e-5))
-        weight, bias = fold_batchnorm(m.value("w"), m.value("b"), *params, epsilon)
-        return op.Conv(m["x"], op.const(weight, f"{m['w'].name}_bn"), op.const(bias, f"{conv.name or 'conv'}_bn_bias"),
-                       _name=conv.name, **m.attrs("Conv"))
-
-
-class MatMulAddToGemm(RewriteRule):
-    """Replaces Add(MatMul(a, B), C) with Gemm(a, B, C) for a 2-D ``a`` and constant 2-D ``B``."""
-
-    name = "matmul_add_to_gemm"
-    # Before opset 7, Add broadcasts the legacy way (broadcast=1 with an axis, e.g. a bias per row)
-    # and Gemm's C only broadcasts with broadcast=1: numpy broadcasting rules do not apply.
-    min_opset = 7
-
-    def pattern(self, op, a, b, c):
-        return op.Add(op.MatMul(a, b), c)
-
-    def check(self, m: Match) -> MatchResult:
-        b_value, c_value = m.value("b"), m.value("c")
-        if b_value is None or b_value.ndim != 2:
-            return m.fail("B is not a constant matrix")
-        if c_value is None:
-            return m.fail("the addend is not constant")
-        a_shape = m.shape("a")
-        if a_shape is None or len(a_shape) != 2:
-            return m.fail("A is not known to be 2-D")
-        if b_value.dtype.name not in ("float32", "float64"):
-            return m.fail(f"Gemm here only for float32/float64, not {b_value.dtype}")
-        a_dtype = m.dtype("a")
-        if c_value.dtype != b_value.dtype or (a_dtype is not None and a_dtype != b_value.dtype):
-            return m.fail("operand dtypes differ")
-        if not _broadcasts_to(c_value.shape, a_shape[0], b_value.shape[1]):
-            return m.fail(f"the addend of shape {list(c_value.shape)} does not broadcast to [M, N] one way")
-        return m.ok()
-
-    def rewrite(self, op, m: Match):
-        return op.Gemm(m["a"], m["b"], m["c"], _name=m.node("MatMul").name or m.node("Add").name)
 
 
 class TransposeTransposeToTranspose(RewriteRule):
@@ -325,89 +228,6 @@ class TransposeIdentityToNothing(RewriteRule):
 
     def rewrite(self, op, m: Match):
         return m["x"]
-
-
-def _per_channel(scale: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """``scale`` as one value per channel if it broadcasts against a ``[N, C, ...]`` Conv output that way.
-
-    The constant must not raise the rank (that would change the output's shape) and must be 1 on every
-    axis but the channel axis, where it is 1 or ``C``.
-    """
-    if scale.ndim > rank:
-        return None
-    aligned = (1,) * (rank - scale.ndim) + scale.shape
-    if any(size != 1 for axis, size in enumerate(aligned) if axis != 1) or aligned[1] not in (1, channels):
-        return None
-    return np.broadcast_to(scale.reshape(-1) if scale.size else scale, (channels,))
-
-
-class _ConvAffineToConv(RewriteRule):
-    """Shared check of Conv followed by a per-channel constant Mul or Add."""
-
-    def check(self, m: Match) -> MatchResult:
-        weight, constant = m.value("w"), m.value("s")
-        if weight is None:
-            return m.fail("Conv weight is not constant")
-        if constant is None:
-            return m.fail("the other operand is not constant")
-        if m["b"] is not None and m.value("b") is None:
-            return m.fail("Conv bias is not constant")
-        if weight.dtype.kind != "f" or constant.dtype != weight.dtype:
-            return m.fail(f"operands are {weight.dtype} and {constant.dtype}, not one floating-point type")
-        if _per_channel(constant, weight.ndim, weight.shape[0]) is None:
-            return m.fail(f"the constant of shape {list(constant.shape)} is not one value per output channel")
-        if not np.all(np.isfinite(constant)):
-            return m.fail("the constant is not finite")
-        return m.ok()
-
-    def folded(self, m: Match) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
-
-    def rewrite(self, op, m: Match):
-        conv = m.node("Conv")
-        weight, bias = self.folded(m)
-        inputs = [m["x"], op.const(weight, f"{m['w'].name}_{self.name}") if weight is not None else m["w"],
-                  op.const(bias, f"{conv.name or 'conv'}_{self.name}_bias")]
-        return op.Conv(*inputs, _name=conv.name, **m.attrs("Conv"))
-
-
-class ConvMulToConv(_ConvAffineToConv):
-    """Replaces Conv(x, w, b) * s, with ``s`` a constant per output channel, by Conv(x, w * s, b * s)."""
-
-    name = "conv_mul"
-
-    def pattern(self, op, x, w, b, s):
-        return op.Mul(op.Conv(x, w, op.optional(b)), s)
-
-    def check(self, m: Match) -> MatchResult:
-        # Another reader keeps the old weight alive: folding would store a second, scaled copy.
-        if len(m["w"].outputs) > 1:
-            return m.fail("the Conv weight is shared with other nodes")
-        return super().check(m)
-
-    def folded(self, m: Match):
-        weight = m.value("w")
-        factor = _per_channel(m.value("s"), weight.ndim, weight.shape[0]).astype(np.float64)
-        new_weight = weight.astype(np.float64) * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
-        bias = m.value("b")
-        new_bias = (bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])) * factor
-        return new_weight.astype(weight.dtype), new_bias.astype(weight.dtype)
-
-
-class ConvAddToConv(_ConvAffineToConv):
-    """Replaces Conv(x, w, b) + s, with ``s`` a constant per output channel, by Conv(x, w, b + s)."""
-
-    name = "conv_add"
-
-    def pattern(self, op, x, w, b, s):
-        return op.Add(op.Conv(x, w, op.optional(b)), s)
-
-    def folded(self, m: Match):
-        weight = m.value("w")
-        shift = _per_channel(m.value("s"), weight.ndim, weight.shape[0]).astype(np.float64)
-        bias = m.value("b")
-        new_bias = (bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])) + shift
-        return None, new_bias.astype(weight.dtype)
 
 
 # -- no-ops at inference
@@ -568,9 +388,9 @@ class NoopCastPair(RewriteRule):
         return m["x"]
 
 
-RULES = (PadConvToConv(), ConvBatchNormToConv(), MatMulAddToGemm(), TransposeTransposeToTranspose(),
-         TransposeIdentityToNothing(), ConvMulToConv(), ConvAddToConv(), NoopDropout(), NoopExpand(), NoopSlice(),
-         NoopPad(), NoopCastPair()) + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES
+RULES = ((PadConvToConv(),) + affine.RULES + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(),
+         NoopDropout(), NoopExpand(), NoopSlice(), NoopPad(), NoopCastPair())
+         + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 Each module holds one family of rules and the pattern builders they are written with, public so that
 other passes can match the same forms (``layer_norm_pattern``, ``gelu_erf_pattern``, ...):
 
+* ``affine``: per-channel constants and BatchNormalization folded into Conv/ConvTranspose/Gemm/MatMul weights;
 * ``normalization``: LayerNormalization and RMSNormalization from their decomposed forms;
 * ``activations``: Gelu (erf and tanh forms), HardSigmoid, HardSwish and Mish from element-wise chains;
 * ``reshapes``: chains of Reshape/Flatten/Squeeze/Unsqueeze as one Reshape, and shape no-ops removed;

@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext
-from onnxopt.passes.fuse import Fuse, fold_batchnorm
+from onnxopt.passes.fuse import Fuse
+from onnxopt.passes.fusions.affine import fold_batchnorm
 
 
 def fuse(model: onnx.ModelProto):
