@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -145,7 +146,7 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, TensorType] | None:
 @dataclass(frozen=True)
 class SymbolicResult:
     types: dict[str, TensorType]
-    known_values: frozenset[str]  # values whose content the engine computed (constants, shape arithmetic)
+    values: dict[str, object]  # the contents the engine computed (constants, shape arithmetic), by name
 
 
 @cache
@@ -182,10 +183,12 @@ def _symbolic_inference(model: onnx.ModelProto) -> SymbolicResult | None:
     try:
         engine = engine_class(2**31 - 1, False, False, 0)
         engine._preprocess(model)
-        while engine.run_:
-            engine._infer_impl()
-        known = frozenset(engine.sympy_data_) | frozenset(engine.initializers_)
-        return SymbolicResult(_types(engine.out_mp_.graph.value_info), known)
+        # Slice bounds near the int64 limits overflow in its numpy arithmetic: such results are wrong,
+        # and onnx's inference, which contradicts them, takes over.
+        with np.errstate(over="ignore"):
+            while engine.run_:
+                engine._infer_impl()
+        return SymbolicResult(_types(engine.out_mp_.graph.value_info), dict(engine.sympy_data_))
     except Exception as error:  # noqa: BLE001 - inference is best effort by contract
         log.debug("symbolic shape inference failed: %s", error)
         return None
@@ -226,7 +229,7 @@ def _reconcile(
     docstring for the rules)."""
     if reference is None:
         return None
-    walk = _Walk(graph, symbolic or SymbolicResult({}, frozenset()), reference)
+    walk = _Walk(graph, symbolic or SymbolicResult({}, {}), reference)
     for node in graph.node:
         walk.visit(node)
     return {name: walk.types[name] for name in walk.computed if name in walk.types}
@@ -239,6 +242,8 @@ class _Walk:
         self.symbolic, self.reference = symbolic, reference
         self.types: dict[str, TensorType] = {}  # graph inputs, weights and what is decided so far
         self.computed: list[str] = []
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant" and _is_standard(n)}
         for vi in graph.input:
             if vi.type.HasField("tensor_type"):
                 self.types[vi.name] = _tensor_type(vi.type.tensor_type)
@@ -266,7 +271,7 @@ class _Walk:
             # Every computed value gets a type, if only "unknown": one it held from an earlier run may use
             # symbols that now mean something else.
             self.types[name] = self._merge(name, trusted=not reason) or TensorType(0, None)
-        departure = _window_departure(node, self)
+        departure = _runtime_departure(node, self)
         if departure:
             log.debug("shape inference: %s '%s': no shape (%s)", node.op_type, node.name, departure)
             self._leave_unknown(outputs)
@@ -275,7 +280,21 @@ class _Walk:
         return self.types[name].shape if name in self.types else None
 
     def known_value(self, name: str) -> bool:
-        return name in self.symbolic.known_values
+        """Whether the value's content is known before running (a constant, or shape arithmetic)."""
+        return name in self.initializers or name in self.symbolic.values
+
+    def integers(self, name: str) -> list[int] | None:
+        """The elements of a small integer value known before running; None if not known."""
+        if name in self.initializers:
+            array = onnx.numpy_helper.to_array(self.initializers[name])
+        elif name in self.constant_nodes:
+            array = _constant_node_value(self.constant_nodes[name])
+        else:
+            array = self.symbolic.values.get(name)
+        try:
+            return None if array is None else [int(v) for v in np.asarray(array).reshape(-1)]
+        except (TypeError, ValueError):  # symbols
+            return None
 
     def _leave_unknown(self, outputs: list[str]) -> None:
         self.unknown.update(outputs)
@@ -331,6 +350,13 @@ def _reads(node: onnx.NodeProto) -> Iterator[str]:
         for sub in [attribute.g] if attribute.HasField("g") else attribute.graphs:
             for inner in sub.node:
                 yield from _reads(inner)
+
+
+def _constant_node_value(node: onnx.NodeProto):
+    value = onnx.helper.get_attribute_value(node.attribute[0]) if node.attribute else None
+    if isinstance(value, onnx.SparseTensorProto):
+        return None
+    return onnx.numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else value
 
 
 def _is_standard(node: onnx.NodeProto) -> bool:
@@ -470,6 +496,37 @@ class _Window:
         return None if kernel is None else (kernel - 1) * self.dilations[axis] + 1
 
 
+def _runtime_departure(node: onnx.NodeProto, walk: _Walk) -> str | None:
+    """Why no shape decided for ``node``'s outputs can be trusted, where both engines get an operator wrong
+    or onnxruntime computes otherwise than the specification; ``None`` if the shape can be trusted."""
+    if not _is_standard(node) or not node.output:
+        return None
+    if node.op_type == "Slice":
+        return _slice_departure(node, walk)
+    if node.op_type in ("ConvTranspose", *_POOLS):
+        return _window_departure(node, walk)
+    return None
+
+
+_INT_MAXIMA = {np.iinfo(np.int32).max, np.iinfo(np.int64).max}
+
+
+def _slice_departure(node: onnx.NodeProto, walk: _Walk) -> str | None:
+    """onnxruntime reads an end of INT32_MAX or INT64_MAX with a negative step as "through the first
+    element", where the specification clamps it to the last element."""
+    if len(node.input) < 3:
+        return None  # before opset 10: no steps
+    steps = walk.integers(node.input[4]) if len(node.input) > 4 and node.input[4] else [1]
+    if steps is not None and all(step > 0 for step in steps):
+        return None
+    ends = walk.integers(node.input[2])
+    if steps is None or ends is None:
+        return "a Slice with a step that may be negative, and ends that may be INT_MAX"
+    if any(end in _INT_MAXIMA and step < 0 for end, step in zip(ends, steps)):
+        return "a Slice with a negative step to INT_MAX, which onnxruntime reads as through the first element"
+    return None
+
+
 def _window_departure(node: onnx.NodeProto, walk: _Walk) -> str | None:
     """Why the shape decided for a pool's or ConvTranspose's output cannot be trusted; ``None`` if it can.
 
@@ -478,8 +535,6 @@ def _window_departure(node: onnx.NodeProto, walk: _Walk) -> str | None:
     onnxruntime agree on other sizes: those are checked. Where onnxruntime itself departs from the
     specification (``_implementations_disagree``), no size can be trusted.
     """
-    if not _is_standard(node) or node.op_type not in ("ConvTranspose", *_POOLS) or not node.output:
-        return None
     data, result = walk.shape(node.input[0]), walk.shape(node.output[0])
     if data is None or len(data) < 3:
         return None

@@ -441,3 +441,35 @@ def test_conv_transpose_shapes_hold_and_sizes_match_onnxruntime(window, dynamic)
     described = shapes._Window.of(attrs, 2, (1, 1, 1, window["kernel"]))
     if not shapes._implementations_disagree("ConvTranspose", attrs, described):
         assert shapes._conv_transpose_sizes((2, window["size"]), described, None)[1] == width
+
+
+BOUNDS = [np.iinfo(np.int64).min, -9, -4, -3, -1, 0, 1, 2, 3, 9, np.iinfo(np.int64).max]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    size=st.integers(0, 5),
+    start=st.sampled_from(BOUNDS),
+    end=st.sampled_from(BOUNDS),
+    step=st.sampled_from([-3, -2, -1, 1, 2, 3]),
+    dynamic=st.booleans(),
+    runtime=st.sampled_from([None, "starts", "ends", "axes", "steps"]),
+)
+def test_slice_shapes_hold(size, start, end, step, dynamic, runtime):
+    """``Slice`` of ``x[2, size]`` along its last axis, the size static or dynamic, a parameter maybe fed."""
+    parameters = {"starts": [start], "ends": [end], "axes": [-1], "steps": [step]}
+    inputs = [value("x", TensorProto.FLOAT, [2, "N" if dynamic else size])]
+    initializers, feeds = [], {"x": floats(2, size)}
+    for name, data in parameters.items():
+        if name == runtime:
+            inputs.append(value(name, TensorProto.INT64, [1]))
+            feeds[name] = np.array(data, np.int64)
+        else:
+            initializers.append(tensor(name, np.array(data, np.int64)))
+    original = model(
+        [helper.make_node("Slice", ["x", *parameters], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+        inputs,
+        ["z"],
+        initializers,
+    )
+    assert_shapes_hold(original, feeds)

@@ -356,3 +356,31 @@ def test_squeeze_without_axes_of_a_dynamic_dimension_is_not_guessed():
         [value("z", TensorProto.FLOAT, [])],
     )
     assert_equivalent(original, "fold", {"x": np.array([-1.5], np.float32)})
+
+
+@pytest.mark.parametrize("end", [np.iinfo(np.int64).max, np.iinfo(np.int32).max])
+def test_slice_with_a_negative_step_to_int_max_has_the_length_onnxruntime_computes(end):
+    """``Slice(x[3], starts=[-1], ends=[end], steps=[-1])``: onnxruntime reads an end of INT32_MAX or
+    INT64_MAX with a negative step as "through the first element" (3 elements), where the specification
+    clamps it to the last element (none), and so do both shape inference engines.
+
+    Found by the property test of ``tests/core/test_shapes.py``: ``fold`` folded ``Shape(y)`` to ``[0]``.
+    """
+    original = model(
+        [
+            helper.make_node("Slice", ["x", "starts", "ends", "axes", "steps"], ["y"]),
+            helper.make_node("Shape", ["y"], ["n"]),
+        ],
+        [value("x", TensorProto.FLOAT, [3])],
+        [value("n", TensorProto.INT64, [1])],
+        [
+            tensor("starts", np.array([-1], np.int64)),
+            tensor("ends", np.array([end], np.int64)),
+            tensor("axes", np.array([0], np.int64)),
+            tensor("steps", np.array([-1], np.int64)),
+        ],
+    )
+    feeds = {"x": np.arange(3, dtype=np.float32)}
+    expect(run(original, feeds)[0].tolist() == [3], "onnxruntime computes [3]")
+    assert_equivalent(original, "fold", feeds)
+    assert_equivalent(original, "fold,dce", feeds)
