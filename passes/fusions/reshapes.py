@@ -1,4 +1,5 @@
-"""Shape-only operators: chains collapsed into one Reshape, and operators that change nothing removed.
+"""Shape-only operators: chains collapsed into one Reshape, pairs around element-wise regions removed, and
+operators that change nothing removed.
 
 * ``reshape_chain``: two of Reshape, Flatten, Squeeze, Unsqueeze in a row -> one ``Reshape`` (or nothing
   when the pair gives back the input's shape). Longer chains collapse a pair at a time.
@@ -6,6 +7,11 @@
 * ``noop_concat``: Concat of one input, and Sum, Mean, Max, Min of one input [``noop_variadic``]; Split
   into a single output without explicit sizes [``noop_split``]; Tile by ones [``noop_tile``]; Identity
   [``noop_identity``] -> the input.
+* ``reshapes_around_elementwise``: ``Reshape(E(Reshape(a, S), c), shape of a)`` -> ``E(a, c')`` for a
+  region ``E`` of element-wise operators (any number, values read several times inside it), e.g. GPT-2's
+  written-out tanh Gelu between a ``[S, 4H] -> [1, S, 4H]`` Reshape and the Reshape back: the region is
+  computed in ``a``'s shape and both shape operators go (the entry stays when something outside the
+  region reads it too). Any of Reshape, Flatten, Squeeze, Unsqueeze counts as a Reshape here.
 
 When a chain is exact: the result's shape is worked out from the input's (from shape inference, known
 rank) symbolically, each dimension a known size, "dimension ``i`` of the input", or unknown. The new
@@ -14,12 +20,24 @@ and at most one other dimension as ``-1`` (what the element count leaves; export
 way). Anything else - two unknown dimensions, an empty dimension (``0`` would mean copy), axes or shapes
 that are not constants, Reshape's ``allowzero`` - is left alone. Squeeze without axes needs every
 dimension known. Element counts never change, so the ``-1`` is the same size the chain computes.
+
+When a region is exact: reshaping never reorders elements, so an element-wise region computes the same
+element at each row-major position in any shape, provided every operand from outside broadcasts the
+same way in both. The region's inputs must be the entry shape operators' outputs (shape ``S``, from
+inputs of the exit's static shape ``A``) and constants; every value inside has shape ``S`` and no reader
+outside the region. A constant varying only over a trailing block of ``S`` (a scalar, a per-channel
+vector), padded with leading 1s, repeats that block along the flattened tensor; reshaped to the suffix
+of ``A`` of the same size, it repeats the same block in ``A``'s shape. Other constants stop the rewrite,
+and so do shapes that are not static and regions of more than ``REGION_LIMIT`` nodes. The region is
+rebuilt node for node, so the node count falls by the exit and every entry read only inside. The old region's nodes are left unread for ``dce``: the pattern API removes only the nodes a pattern
+binds, and a region has no fixed form.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -27,7 +45,8 @@ import onnx_graphsurgeon as gs
 from onnxopt import ir
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
-from .common import ALL_TARGETS
+from .common import ALL_TARGETS, known_dims
+from .transposes import data_operands, is_elementwise
 
 SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 
@@ -319,5 +338,154 @@ class NoopIdentity(RewriteRule):
         return m["x"]
 
 
+REGION_LIMIT = 32  # element-wise nodes in one region: the check walks it at every candidate
+
+
+def _is_shape_op(node: gs.Node) -> bool:
+    return node.op in SHAPE_OPS and node.domain in ("", None, "ai.onnx") and len(node.outputs) == 1
+
+
+def _static(tensor: gs.Tensor) -> list[int] | None:
+    """The tensor's shape when every dimension is a known size above 0."""
+    dims = known_dims(tensor.shape)
+    return None if dims is None or 0 in dims else dims
+
+
+def constant_in_shape(value: np.ndarray, region_shape: list[int], source_shape: list[int]) -> np.ndarray | None:
+    """The constant that meets each element of a ``source_shape`` tensor as ``value`` meets it in ``region_shape``.
+
+    ``None`` unless ``value`` varies only over a trailing block of the region's axes and a suffix of the
+    source's axes holds exactly as many elements (see the module docstring).
+    """
+    if value.ndim > len(region_shape):
+        return None
+    padded = [1] * (len(region_shape) - value.ndim) + list(value.shape)
+    first = next((axis for axis, size in enumerate(padded) if size != 1), len(padded))
+    if padded[first:] != region_shape[first:]:
+        return None
+    block = math.prod(padded[first:])
+    for start in range(len(source_shape), -1, -1):
+        size = math.prod(source_shape[start:])
+        if size == block:
+            return value.reshape(source_shape[start:])
+        if size > block:
+            return None
+    return None
+
+
+def _same_broadcast(value: np.ndarray, adapted: np.ndarray, source_rank: int) -> bool:
+    """Whether ``value`` itself broadcasts over the source shape as ``adapted`` does (it can stay as it is)."""
+    def significant(shape):
+        return list(shape)[next((i for i, d in enumerate(shape) if d != 1), len(shape)):]
+    return value.ndim <= source_rank and significant(value.shape) == significant(adapted.shape)
+
+
+@dataclass
+class Region:
+    """Element-wise nodes computing one value from shape operators' outputs and constants."""
+
+    nodes: list[gs.Node] = field(default_factory=list)  # producers first
+    entries: list[gs.Node] = field(default_factory=list)  # the shape operators it reads
+
+
+def elementwise_region(value: gs.Tensor, source_shape: list[int], graph: gs.Graph) -> Region | str:
+    """The region computing ``value`` (of the region's shape) from entries of ``source_shape``, or why not."""
+    region_shape = _static(value)
+    if region_shape is None:
+        return f"'{value.name}' has no static shape"
+    region = Region()
+    seen: set[int] = set()
+
+    def visit(node: gs.Node) -> str | None:
+        seen.add(id(node))
+        if len(seen) > REGION_LIMIT:
+            return f"the element-wise region has more than {REGION_LIMIT} nodes"
+        if _static(node.outputs[0]) != region_shape:
+            return f"'{node.outputs[0].name}' does not have the region's shape {region_shape}"
+        for index in data_operands(node):
+            operand = node.inputs[index]
+            if ir.is_constant(operand):
+                constant = ir.constant_value(operand)
+                if constant is None or constant_in_shape(constant, region_shape, source_shape) is None:
+                    return f"constant '{operand.name}' does not broadcast the same way in shape {source_shape}"
+                continue
+            producer = operand.inputs[0] if len(operand.inputs) == 1 else None
+            if producer is None or not ir.is_local(graph, producer):
+                return f"'{operand.name}' comes from outside the graph's nodes"
+            if id(producer) in seen:
+                continue
+            if is_elementwise(producer):
+                reason = visit(producer)
+                if reason is not None:
+                    return reason
+            elif _is_shape_op(producer) and _static(producer.inputs[0]) == source_shape and _static(operand) == region_shape:
+                seen.add(id(producer))
+                region.entries.append(producer)
+            else:
+                return f"'{operand.name}' is computed by {producer.op}, not inside the region or a shape operator of {source_shape}"
+        region.nodes.append(node)
+        return None
+
+    producer = value.inputs[0] if len(value.inputs) == 1 else None
+    if producer is None or not ir.is_local(graph, producer) or not is_elementwise(producer):
+        return f"'{value.name}' is not computed by an element-wise operator"
+    reason = visit(producer)
+    if reason is not None:
+        return reason
+    if not region.entries:
+        return "the region reads no shape operator (it is constant)"
+    inside = {id(n) for n in region.nodes}
+    for node in region.nodes:
+        out = node.outputs[0]
+        if out is not value and (ir.is_graph_output(graph, out) or any(id(r) not in inside for r in out.outputs)):
+            return f"'{out.name}' inside the region is read outside it"
+    return region
+
+
+class ReshapesAroundElementwise(RewriteRule):
+    """Computes an element-wise region between shape operators in the shape it is reshaped back to."""
+
+    name = "reshapes_around_elementwise"
+    min_opset = 7  # numpy-style broadcasting
+    targets = ALL_TARGETS
+
+    def pattern(self, op, y):
+        return reshape_like_pattern(op, y, "outer")
+
+    def region(self, m: Match) -> Region | str:
+        source_shape = _static(m.root.outputs[0])
+        if source_shape is None:
+            return "the result has no static shape"
+        y = m["y"]
+        if ir.is_graph_output(m.graph, y) or len(y.outputs) != 1:
+            return f"'{y.name}' is read elsewhere too"
+        return elementwise_region(y, source_shape, m.graph)
+
+    def check(self, m: Match) -> MatchResult:
+        region = self.region(m)
+        return m.fail(region) if isinstance(region, str) else m.ok()
+
+    def rewrite(self, op, m: Match):
+        region = self.region(m)
+        source_shape = _static(m.root.outputs[0])
+        region_shape = _static(m["y"])
+        replaced: dict[int, gs.Tensor] = {id(entry.outputs[0]): entry.inputs[0] for entry in region.entries}
+
+        def operand(tensor: gs.Tensor) -> gs.Tensor:
+            if id(tensor) in replaced:
+                return replaced[id(tensor)]
+            value = ir.constant_value(tensor)
+            adapted = constant_in_shape(value, region_shape, source_shape)
+            if _same_broadcast(value, adapted, len(source_shape)):
+                return tensor
+            return op.const(np.ascontiguousarray(adapted), f"{tensor.name}_reshaped")
+
+        for node in region.nodes:
+            data = set(data_operands(node))
+            inputs = [operand(t) if i in data else t for i, t in enumerate(node.inputs)]
+            replaced[id(node.outputs[0])] = getattr(op, node.op)(*inputs, **dict(node.attrs))
+        return replaced[id(m["y"])]
+
+
 RULES = (ReshapeChainToReshape(), NoopReshape(), NoopConcat(), NoopVariadic(), NoopSplit(), NoopTile(),
-         NoopIdentity())
+         NoopIdentity(), ReshapesAroundElementwise())

@@ -1,4 +1,5 @@
-"""Tests of ``fuse``'s shape rules: Reshape/Flatten/Squeeze/Unsqueeze chains and shape no-ops."""
+"""Tests of ``fuse``'s shape rules: Reshape/Flatten/Squeeze/Unsqueeze chains, element-wise regions between a
+Reshape and its way back, and shape no-ops."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import onnx
 import onnx.parser
 import pytest
 from helpers import assert_same_outputs, op_counts
-from onnxopt.passes.fusions.reshapes import InputDim, reshape_target, through
+from onnxopt.passes.dce import DeadCodeElimination
+from onnxopt.passes.fusions.reshapes import (
+    InputDim,
+    constant_in_shape,
+    reshape_target,
+    through,
+)
 from test_fuse_norm import fuse
+
+from onnxopt import ir
+from onnxopt.pass_infra import PassContext
 
 
 def parse(text: str, opset: int = 17) -> onnx.ModelProto:
@@ -278,3 +288,154 @@ def test_two_input_sum_stays():
         }""")
     optimized, result = fuse(model)
     assert result.stats["noop_variadic"] == 0 and op_counts(optimized) == op_counts(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reshapes_around_elementwise
+
+GELU_TANH = """
+            cube = Pow(h, three)
+            scaled_cube = Mul(cubic, cube)
+            inner = Add(h, scaled_cube)
+            scaled = Mul(k, inner)
+            t = Tanh(scaled)
+            half_h = Mul(half, h)
+            one_t = Add(one, t)
+            y2 = Mul(half_h, one_t)"""
+GELU_CONSTANTS = """
+            three = Constant <value = float {3.0}> ()
+            cubic = Constant <value = float {0.044715}> ()
+            k = Constant <value = float {0.7978846}> ()
+            half = Constant <value = float {0.5}> ()
+            one = Constant <value = float {1.0}> ()"""
+
+
+def fuse_and_dce(model):
+    """fuse, then dce for the old region's nodes, which the rule leaves unread."""
+    optimized, result = fuse(model)
+    graph = ir.import_model(optimized)
+    DeadCodeElimination()(graph, PassContext(original=optimized))
+    return ir.export_model(graph, optimized), result
+
+
+def region_model(region: str, constants: str = GELU_CONSTANTS, shape="[6, 16]", middle="{1, 6, 16}",
+                 back="{6, 16}", extra_outputs="") -> onnx.ModelProto:
+    """``x`` reshaped to ``middle``, through ``region`` (from ``h`` to ``y2``), reshaped back to ``back``."""
+    return parse(f"""
+        g (float{shape} x) => (float{shape} y{extra_outputs}) {{
+            s1 = Constant <value = int64[{middle.count(',') + 1}] {middle}> ()
+            h = Reshape(x, s1){constants}{region}
+            s2 = Constant <value = int64[{back.count(',') + 1}] {back}> ()
+            y = Reshape(y2, s2)
+        }}""")
+
+
+def test_gelu_between_a_reshape_and_its_way_back_runs_in_the_first_shape():
+    # GPT-2's MLP: Gemm -> Reshape [1, S, 4H] -> tanh Gelu written out -> Reshape [S, 4H] -> Gemm.
+    model = region_model(GELU_TANH)
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshapes_around_elementwise"] == 1
+    assert computing_ops(optimized) == {"Pow": 1, "Add": 2, "Mul": 4, "Tanh": 1}
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_per_channel_constant_is_reshaped_to_the_first_shape():
+    # [4, 6] -> [2, 2, 6]: constants along the last axis of 6 meet the same elements in [4, 6].
+    model = region_model("""
+            scaled = Mul(h, scale)
+            y2 = Add(scaled, bias)""", constants="""
+            scale = Constant <value = float[6] {1, 2, 3, 4, 5, 6}> ()
+            bias = Constant <value = float[1, 1, 6] {1, 2, 3, 4, 5, 6}> ()""",
+                         shape="[4, 6]", middle="{2, 2, 6}", back="{4, 6}")
+    optimized, _ = fuse_and_dce(model)
+    assert computing_ops(optimized) == {"Mul": 1, "Add": 1}
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_two_entries_and_a_shared_entry():
+    # Add(Reshape(x), Reshape(z)) with the first Reshape also read outside: only it stays.
+    model = parse("""
+        g (float[4, 6] x, float[4, 6] z) => (float[4, 6] y, float[2, 12] h) {
+            s1 = Constant <value = int64[2] {2, 12}> ()
+            h = Reshape(x, s1)
+            hz = Reshape(z, s1)
+            sum = Add(h, hz)
+            y2 = Relu(sum)
+            s2 = Constant <value = int64[2] {4, 6}> ()
+            y = Reshape(y2, s2)
+        }""")
+    optimized, _ = fuse_and_dce(model)
+    assert computing_ops(optimized) == {"Add": 1, "Relu": 1, "Reshape": 1}
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_unsqueeze_and_squeeze_count_as_reshapes():
+    model = parse("""
+        g (float[5, 3] x) => (float[5, 3] y) {
+            axes = Constant <value = int64[1] {0}> ()
+            h = Unsqueeze(x, axes)
+            two = Constant <value = float {2.0}> ()
+            doubled = Mul(h, two)
+            y2 = Sigmoid(doubled)
+            y = Squeeze(y2, axes)
+        }""")
+    optimized, _ = fuse_and_dce(model)
+    assert computing_ops(optimized) == {"Mul": 1, "Sigmoid": 1}
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_constant_that_broadcasts_differently_stops_it():
+    # A [12] constant over [2, 12] repeats every 12 elements: no suffix of [4, 6] has 12 elements.
+    model = region_model("""
+            y2 = Add(h, bias)""", constants="""
+            bias = Constant <value = float[12] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()""",
+                         shape="[4, 6]", middle="{2, 12}", back="{4, 6}")
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshapes_around_elementwise"] == 0
+    assert computing_ops(optimized)["Reshape"] == 2
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_region_value_read_outside_stops_it():
+    model = region_model(GELU_TANH, extra_outputs=", float[1, 6, 16] t")
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshapes_around_elementwise"] == 0
+    assert computing_ops(optimized)["Reshape"] == 2
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_reshape_back_to_another_shape_stops_it():
+    model = parse("""
+        g (float[6, 16] x) => (float[3, 32] y) {
+            s1 = Constant <value = int64[3] {1, 6, 16}> ()
+            h = Reshape(x, s1)
+            y2 = Relu(h)
+            s2 = Constant <value = int64[2] {3, 32}> ()
+            y = Reshape(y2, s2)
+        }""")
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshapes_around_elementwise"] == 0
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_operand_computed_outside_the_region_stops_it():
+    model = parse("""
+        g (float[6, 16] x, float[1, 6, 16] z) => (float[6, 16] y) {
+            s1 = Constant <value = int64[3] {1, 6, 16}> ()
+            h = Reshape(x, s1)
+            y2 = Mul(h, z)
+            s2 = Constant <value = int64[2] {6, 16}> ()
+            y = Reshape(y2, s2)
+        }""")
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshapes_around_elementwise"] == 0
+    assert computing_ops(optimized)["Reshape"] == 2
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_constant_in_shape():
+    assert constant_in_shape(np.ones(6), [2, 2, 6], [4, 6]).shape == (6,)
+    assert constant_in_shape(np.ones((2, 6)), [2, 2, 6], [4, 6]) is None  # 12-periodic; [4, 6] has no 12 suffix
+    assert constant_in_shape(np.ones((2, 6)), [2, 2, 6], [2, 12]).shape == (12,)
+    assert constant_in_shape(np.float32(2), [1, 6, 16], [6, 16]).shape == ()
+    assert constant_in_shape(np.ones((6, 1)), [1, 6, 16], [6, 16]) is None  # not a trailing block: refused
