@@ -22,9 +22,9 @@ untrusted one takes onnx's result alone.
 Both engines depart from the specification for pools with ``ceil_mode`` (the specification drops a last
 window that would start in the end padding) and for ConvTranspose with SAME padding and
 ``output_padding``: there the size is computed here, and a value that disagrees with it, with everything
-computed from it, is left without a shape. So is every value of a pool or ConvTranspose whose size
-onnxruntime computes otherwise than the specification (a dilated pool with SAME padding, say): a shape
-that holds for one runtime and not for another is no shape to fold.
+computed from it, is left without a shape. So is every value of a pool, ConvTranspose or Slice whose size
+onnxruntime computes otherwise than the specification (a dilated pool with SAME padding, a Slice with a
+negative step to INT64_MAX): a shape that holds for one runtime and not for another is no shape to fold.
 """
 
 from __future__ import annotations
