@@ -20,9 +20,12 @@ whose node types are the CPU plugin's (FullyConnected, MVN, ScaledDotProductAtte
 there every type that is not the name of an ONNX operator counts as fused, but for graph ends,
 constants, layout or precision conversions and single operators under other names (Convolution, Eltwise).
 
-A row is a *regression* when a fused type occurs fewer times after onnxopt than without it. A drop
-can also mean that a larger fusion took the nodes in (FusedMatMul disappears into Attention): the table
-shows every fused type side by side so that a reader can tell which.
+A fused type that occurs fewer times after onnxopt than without it is a *regression*, unless a larger
+fusion that gained nodes can have taken them in (``ABSORBERS``): an attention operator takes in the
+FusedMatMul of ``Q·Kᵀ`` and, packed, the Gemms of its projections; SkipLayerNormalization a
+LayerNormalization; BiasGelu or FastGelu a Gelu and the Gemm that added the bias. Such a drop is marked
+*absorbed* when the gains can account for it (at most so many nodes per gained node). That is a count,
+not a proof, so the table shows every fused type side by side.
 
 Usage::
 
@@ -45,7 +48,7 @@ import onnx
 
 from onnxopt import ir
 
-__all__ = ["FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph", "fusion_census", "is_fused",
+__all__ = ["ABSORBERS", "FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph", "fusion_census", "is_fused",
            "runtime_graph"]
 
 TARGETS = ("ort", "openvino")
@@ -60,6 +63,18 @@ FUSED_STANDARD_OPS = frozenset({
     "Attention", "RotaryEmbedding",
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
 })
+
+_ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                  "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention")
+# A fused type -> the fused types one of its nodes can take in, with how many nodes of each.
+ABSORBERS: dict[str, dict[str, int]] = {
+    **{op: {"FusedMatMul": 2, "Gemm": 4, "FusedGemm": 4, "MultiHeadAttention": 1} for op in _ATTENTION_OPS},
+    "SkipLayerNormalization": {"LayerNormalization": 1},
+    "SkipSimplifiedLayerNormalization": {"SimplifiedLayerNormalization": 1, "RMSNormalization": 1},
+    "BiasGelu": {"Gelu": 1, "Gemm": 1, "FusedGemm": 1},
+    "FastGelu": {"Gelu": 1, "Gemm": 1, "FusedGemm": 1},
+    "GemmFastGelu": {"Gemm": 1, "FastGelu": 1, "Gelu": 1},
+}
 
 # Runtime-graph node types of OpenVINO's CPU plugin that are no fusion: graph ends, constants, layout
 # and precision conversions, and single ONNX operators under the plugin's own names.
@@ -93,6 +108,7 @@ class CensusRow:
     op_type: str
     original: int | None
     ours: int | None
+    absorbed_by: tuple[str, ...] = ()  # gained fused types that can account for a drop of this one
 
     @property
     def label(self) -> str:
@@ -105,12 +121,17 @@ class CensusRow:
         return self.ours - self.original
 
     @property
+    def absorbed(self) -> bool:
+        """Whether the drop of this type can be the work of larger fusions that gained nodes."""
+        return self.change is not None and self.change < 0 and bool(self.absorbed_by)
+
+    @property
     def regression(self) -> bool:
-        return self.change is not None and self.change < 0
+        return self.change is not None and self.change < 0 and not self.absorbed_by
 
     def to_dict(self) -> dict:
         return {"domain": self.domain, "op_type": self.op_type, "original": self.original, "ours": self.ours,
-                "change": self.change, "regression": self.regression}
+                "change": self.change, "regression": self.regression, "absorbed_by": list(self.absorbed_by)}
 
 
 @dataclass(frozen=True)
@@ -121,6 +142,11 @@ class Census:
     original: RuntimeGraph
     ours: RuntimeGraph
     rows: tuple[CensusRow, ...]
+
+    @classmethod
+    def compare(cls, original: RuntimeGraph, ours: RuntimeGraph, target: str = "ort") -> Census:
+        """The census of two engine graphs already counted (``runtime_graph``)."""
+        return cls(target, original, ours, _rows(original, ours, target))
 
     @property
     def regressions(self) -> list[CensusRow]:
@@ -156,9 +182,14 @@ class Census:
         table.add_column("change", justify="right")
         for row in self.rows:
             change = "" if row.change is None else f"{row.change:+d}" if row.change else "0"
-            style = "red" if row.regression else "green" if (row.change or 0) > 0 else None
-            table.add_row(row.label, _cell(row.original), _cell(row.ours),
-                          f"{change} (regression)" if row.regression else change, style=style)
+            if row.regression:
+                change, style = f"{change} (regression)", "red"
+            elif row.absorbed:
+                into = ", ".join(label.rsplit(".", 1)[-1] for label in row.absorbed_by)
+                change, style = f"{change} (into {into})", "dim"
+            else:
+                style = "green" if (row.change or 0) > 0 else None
+            table.add_row(row.label, _cell(row.original), _cell(row.ours), change, style=style)
         table.add_row("all fused nodes", _cell(self.fused_total("original")), _cell(self.fused_total("ours")),
                       _difference(self.fused_total("original"), self.fused_total("ours")), end_section=True)
         table.add_row("all nodes", _cell(self.original.nodes if self.original.ok else None),
@@ -195,9 +226,7 @@ def fusion_census(original: ModelSource, optimized: ModelSource, target: str = "
     """
     if target not in TARGETS:
         raise ValueError(f"unknown census target '{target}' (targets: {', '.join(TARGETS)})")
-    before = runtime_graph(original, target)
-    after = runtime_graph(optimized, target)
-    return Census(target, before, after, _rows(before, after, target))
+    return Census.compare(runtime_graph(original, target), runtime_graph(optimized, target), target)
 
 
 def runtime_graph(model: ModelSource, target: str = "ort") -> RuntimeGraph:
@@ -271,10 +300,25 @@ def _rows(before: RuntimeGraph, after: RuntimeGraph, target: str) -> tuple[Censu
     def count(graph: RuntimeGraph, key: tuple[str, str]) -> int | None:
         return graph.counts.get(key, 0) if graph.ok else None
 
-    rows = [CensusRow(domain, op_type, count(before, (domain, op_type)), count(after, (domain, op_type)))
-            for domain, op_type in keys]
+    rows = [CensusRow(*key, count(before, key), count(after, key)) for key in keys]
+    rows = [_with_absorbers(row, rows) for row in rows]
     # Standard operators first, then each domain's, alphabetically: the order a reader scans a table in.
     return tuple(sorted(rows, key=lambda row: (row.domain not in _STANDARD_DOMAINS, row.domain, row.op_type)))
+
+
+def _with_absorbers(row: CensusRow, rows: list[CensusRow]) -> CensusRow:
+    """The row, with the gained fused types that can take in its drop (all of them or none)."""
+    if row.change is None or row.change >= 0:
+        return row
+    capacity, absorbers = 0, []
+    for other in rows:
+        per_node = ABSORBERS.get(other.op_type, {}).get(row.op_type, 0)
+        if per_node and (other.change or 0) > 0:
+            capacity += per_node * other.change
+            absorbers.append(other.label)
+    if capacity < -row.change:
+        return row
+    return CensusRow(row.domain, row.op_type, row.original, row.ours, tuple(absorbers))
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:

@@ -13,7 +13,7 @@ from onnx import helper
 from rich.console import Console
 
 from onnxopt import ir
-from onnxopt.census import Census, fusion_census, is_fused, runtime_graph
+from onnxopt.census import Census, RuntimeGraph, fusion_census, is_fused, runtime_graph
 
 HIDDEN = 8
 
@@ -113,3 +113,17 @@ def test_openvino_runtime_graph():
     # The CPU plugin runs LayerNormalization as its MVN node (then scale and shift).
     assert rows["MVN"].original == rows["MVN"].ours == 1
     assert not is_fused("", "Reorder", "openvino") and is_fused("", "FullyConnected", "openvino")
+
+
+
+def test_a_drop_a_larger_fusion_accounts_for_is_absorbed_not_a_regression():
+    # A MultiHeadAttention that took in onnxruntime's FusedMatMul of Q·Kᵀ, as the attention pass does.
+    original = RuntimeGraph({("com.microsoft", "FusedMatMul"): 12, ("com.microsoft", "SkipLayerNormalization"): 25})
+    ours = RuntimeGraph({("com.microsoft", "MultiHeadAttention"): 12, ("com.microsoft", "SkipLayerNormalization"): 20})
+    rows = {row.op_type: row for row in Census.compare(original, ours).rows}
+    assert rows["FusedMatMul"].absorbed and not rows["FusedMatMul"].regression
+    assert rows["FusedMatMul"].absorbed_by == ("com.microsoft.MultiHeadAttention",)
+    assert rows["SkipLayerNormalization"].regression  # nothing that gained takes it in
+    # More than the gains can account for stays a regression.
+    more = Census.compare(RuntimeGraph({("com.microsoft", "FusedMatMul"): 30}), ours)
+    assert [row.op_type for row in more.regressions] == ["FusedMatMul"]

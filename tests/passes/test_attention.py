@@ -19,6 +19,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxopt.passes.attention import Attention
 
 from onnxopt import ir
+from onnxopt.census import fusion_census
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext, Target
 from onnxopt.pattern import explain
@@ -282,3 +283,12 @@ def test_golden_bert_block():
     assert list(fused.output) == ["y"]
     feeds = feeds_for(model, Spec())
     assert_close(run(model, feeds), run(optimized, feeds), 1e-4)
+
+
+def test_census_counts_the_attention_and_no_lost_fusion():
+    model = attention_model(Spec(mask=(2, 1, 5, 5)))
+    optimized, _ = attention(model, Target.ORT)
+    census = fusion_census(model, optimized)
+    rows = {row.label: row for row in census.rows}
+    assert rows["com.microsoft.MultiHeadAttention"].change == 1
+    assert census.regressions == [], census.to_dict()  # onnxruntime's FusedMatMul of Q·Kᵀ is taken in

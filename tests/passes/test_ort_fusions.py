@@ -126,13 +126,15 @@ def test_skip_layer_norm(a_shape, b_shape):
     assert_same(model, optimized)
 
 
-def test_skip_layer_norm_returns_a_shared_sum():
+def test_skip_layer_norm_leaves_a_residual_stream():
+    # Pre-norm: the sum is read by the next residual Add too; SkipLayerNormalization could return it, but
+    # runs slower than Add + LayerNormalization on onnxruntime's CPU kernels, so nothing changes.
     model = layer_norm_of_sum([2, 5, HIDDEN], [2, 5, HIDDEN], shared=True)
     optimized, stats = ort_fuse(model)
-    assert stats == {"skip_layer_norm": 1, "add_to_skip_sum": 1}
-    counts = op_counts(optimized)
-    assert counts.get("SkipLayerNormalization") == 1 and counts.get("Add") == 1, counts  # the residual Add only
-    assert_same(model, optimized)
+    assert stats == {}
+    assert op_counts(optimized) == op_counts(model)
+    misses = explain(model, OrtFuse, PassContext(target=Target.ORT)).misses("skip_layer_norm")
+    assert any("other readers" in attempt.reason for attempt in misses), [str(a) for a in misses]
 
 
 @pytest.mark.parametrize(("model", "reason"), [
