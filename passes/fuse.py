@@ -29,9 +29,13 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
   18) from element-wise chains [``gelu_erf``, ``gelu_tanh``, ``hard_sigmoid``, ``hard_swish``, ``mish``];
 * ``reshapes``: Reshape/Flatten/Squeeze/Unsqueeze pairs as one Reshape, shape no-ops removed
   [``reshape_chain``, ``noop_reshape``, ``noop_concat``, ``noop_variadic``, ``noop_split``, ``noop_tile``,
-  ``noop_identity``];
+  ``noop_identity``]; a Reshape pair around an element-wise region dropped by computing the region in
+  the input's shape [``reshapes_around_elementwise``];
 * ``transposes``: Transpose folded into Gemm/MatMul, moved through element-wise operators where it then
-  cancels [``transpose_gemm``, ``transpose_matmul``, ``transpose_elementwise``, ``elementwise_transposes``].
+  cancels [``transpose_gemm``, ``transpose_matmul``, ``transpose_elementwise``, ``elementwise_transposes``];
+* ``horizontal``: MatMuls (or Gemms) by constant weights on one input, with optional per-column biases,
+  packed into one MatMul + Add + Split (generic and OpenVINO targets; ``ort_fuse`` packs attention
+  projections its own way) [``parallel_matmuls_to_split``].
 
 A rule whose operator the model's opset lacks does not run. For ``--target tensorrt`` (whose parser
 could not be checked here) only LayerNormalization and HardSigmoid among the fused operators are
@@ -53,7 +57,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext
-from onnxopt.passes.fusions import activations, affine, normalization, reshapes, transposes
+from onnxopt.passes.fusions import activations, affine, horizontal, normalization, reshapes, transposes
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
@@ -390,7 +394,7 @@ class NoopCastPair(RewriteRule):
 
 RULES = ((PadConvToConv(),) + affine.RULES + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(),
          NoopDropout(), NoopExpand(), NoopSlice(), NoopPad(), NoopCastPair())
-         + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES)
+         + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES + horizontal.RULES)
 
 
 @dataclass(frozen=True)
