@@ -23,7 +23,9 @@ concatenated with the new keys (GPT-2 with past). Rules (stats keys in brackets)
 
 Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
 positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
-would be ``1/sqrt(D)``), so only rounding differs. The splits must be provably the head split: a
+would be ``1/sqrt(D)``), so only rounding differs. For the standard operator, the mask's lowest value
+(what exporters write for "masked out") becomes half of it, equivalent by the specification, because
+onnxruntime's kernel returns zeros where a whole row holds the lowest value. The splits must be provably the head split: a
 constant target ``[B|0, S|0, H, D]`` (one of ``H``, ``D`` may be ``-1``) on a value whose last dimension
 ``H*D`` is known, and ``K``/``V`` must have the query's ``H`` heads (MultiHeadAttention has no grouped
 heads). The merge keeps its own target, so the result has exactly the original's shape; only when the
@@ -268,6 +270,30 @@ def _dim(op, tensor: gs.Tensor, axis: int, opset: int) -> gs.Tensor:
     return op.Gather(op.Shape(tensor), op.const(np.array([axis], np.int64), "axis"), axis=0)
 
 
+def _leading_dims_input(node: gs.Node) -> gs.Tensor | None:
+    """The input whose dimensions but the last ``node``'s output has: that of a projection ``x @ W`` with a
+    constant matrix, or of ``x + b`` / ``x * s`` (either order) with a constant of at most one axis."""
+    if node.op not in ("MatMul", "Add", "Mul") or len(node.inputs) != 2:
+        return None
+    orders = [node.inputs] if node.op == "MatMul" else [node.inputs, node.inputs[::-1]]
+    for data, constant in orders:
+        value = ir.constant_value(constant) if ir.is_constant(constant) else None
+        if value is not None and not ir.is_constant(data) and value.ndim == (2 if node.op == "MatMul" else min(value.ndim, 1)):
+            return data
+    return None
+
+
+def leading_dims_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The earliest value with ``tensor``'s leading dimensions, through projections, biases and scales.
+
+    Reading the batch and sequence sizes from there (rather than from ``q`` itself) leaves the projection
+    of ``q`` with no reader but the attention, so that ``ort_fuse`` can pack it with those of ``k`` and ``v``.
+    """
+    while len(tensor.inputs) == 1 and _leading_dims_input(tensor.inputs[0]) is not None:
+        tensor = _leading_dims_input(tensor.inputs[0])
+    return tensor
+
+
 def mask_for(op, m: Match, sdpa: Sdpa) -> gs.Tensor | None:
     """The mask with its last two dimensions ``S`` and ``T``: as it is when known to have them, else expanded.
 
@@ -284,9 +310,18 @@ def mask_for(op, m: Match, sdpa: Sdpa) -> gs.Tensor | None:
             and (mask_shape[0] == 1 or _same_dim(mask_shape[0], query_shape[0])) and mask_shape[1] in (1, sdpa.heads):
         return sdpa.mask
     opset = m.opset() or 0
-    target = op.Concat(_dim(op, sdpa.query, 0, opset), op.const(np.array([1], np.int64), "one"),
-                       _dim(op, sdpa.query, 1, opset), _dim(op, sdpa.key, 1 if sdpa.keys_3d else 2, opset), axis=0)
+    query = leading_dims_source(sdpa.query)
+    keys = leading_dims_source(sdpa.key) if sdpa.keys_3d else sdpa.key
+    target = op.Concat(_dim(op, query, 0, opset), op.const(np.array([1], np.int64), "one"),
+                       _dim(op, query, 1, opset), _dim(op, keys, 1 if sdpa.keys_3d else 2, opset), axis=0)
     return op.Expand(sdpa.mask, target)
+
+
+def typed(value: gs.Tensor, dtype: np.dtype | None, shape: list | None) -> gs.Tensor:
+    """``value`` with its dtype and shape set: onnx's shape inference knows nothing of ``com.microsoft``
+    operators, so without them every value after one would lose its shape."""
+    value.dtype, value.shape = dtype, shape
+    return value
 
 
 def merged(op, m: Match, sdpa: Sdpa, output: gs.Tensor) -> gs.Tensor:
@@ -329,6 +364,21 @@ class _SdpaRule(RewriteRule):
         return found if isinstance(found, MatchResult) else m.ok()
 
 
+def lowest_spared(op, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | None:
+    """The mask with its type's lowest value, exporters' "masked out", replaced by half of it.
+
+    Both add nothing to a score that survives the Softmax, and both make a row that is masked out
+    entirely uniform, so the specification's result is the same. onnxruntime's CPU kernel (1.32) takes the
+    lowest value for a masked-out key and returns zeros for such a row instead (a left-padded GPT-2 batch
+    has them), so without this its results would differ from the original's.
+    """
+    if mask is None:
+        return None
+    lowest = np.array(np.finfo(dtype).min, dtype)
+    masked_out = op.Equal(mask, op.const(lowest, "lowest"))
+    return op.Where(masked_out, op.const(np.array(lowest / 2, dtype), "half_lowest"), mask)
+
+
 class SdpaToAttention(_SdpaRule):
     """Replaces multi-head scaled dot-product attention with the standard Attention operator (opset 23)."""
 
@@ -339,7 +389,7 @@ class SdpaToAttention(_SdpaRule):
 
     def rewrite(self, op, m: Match):
         sdpa = describe_attention(m, self.dtypes)
-        mask = mask_for(op, m, sdpa)
+        mask = lowest_spared(op, mask_for(op, m, sdpa), np.dtype(sdpa.query.dtype))
         if sdpa.keys_3d:
             output = op.Attention(sdpa.query, sdpa.key, sdpa.value, mask, q_num_heads=sdpa.heads,
                                   kv_num_heads=sdpa.heads, scale=sdpa.scale, _name=m.node("attended").name)
@@ -362,6 +412,8 @@ class SdpaToMultiHeadAttention(_SdpaRule):
         output = op.MultiHeadAttention(sdpa.query, sdpa.key, sdpa.value, None, None, mask_for(op, m, sdpa),
                                        num_heads=sdpa.heads, scale=sdpa.scale, _domain=ORT_DOMAIN,
                                        _name=m.node("attended").name)
+        leading = list(sdpa.query.shape or [None, None])[:2]
+        typed(output, sdpa.query.dtype, [*leading, sdpa.heads * sdpa.value_head_size])
         return merged(op, m, sdpa, output)
 
 

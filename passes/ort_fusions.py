@@ -33,7 +33,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt.pass_infra import PassContext, Target
-from onnxopt.passes.attention import ORT_DOMAIN, import_domain
+from onnxopt.passes.attention import ORT_DOMAIN, import_domain, typed
 from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
@@ -103,8 +103,9 @@ class LayerNormToSkipLayerNorm(_OrtRule):
     def rewrite(self, op, m: Match):
         data, skip = skip_operands(m)
         epsilon = float(m.attr("LayerNormalization", "epsilon", 1e-5))
-        return op.SkipLayerNormalization(data, skip, m["gamma"], m["beta"], epsilon=epsilon, _domain=ORT_DOMAIN,
-                                         _name=m.node("LayerNormalization").name)
+        output = op.SkipLayerNormalization(data, skip, m["gamma"], m["beta"], epsilon=epsilon, _domain=ORT_DOMAIN,
+                                           _name=m.node("LayerNormalization").name)
+        return typed(output, data.dtype, data.shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ class GeluToBiasGelu(_OrtRule):
         return check_bias(m)
 
     def rewrite(self, op, m: Match):
-        return op.BiasGelu(m["h"], m["b"], _domain=ORT_DOMAIN)
+        return typed(op.BiasGelu(m["h"], m["b"], _domain=ORT_DOMAIN), m["h"].dtype, m["h"].shape)
 
 
 class ErfGeluToGelu(_OrtRule):
@@ -165,7 +166,7 @@ class ErfGeluToGelu(_OrtRule):
         return check_float32_activation(m)
 
     def rewrite(self, op, m: Match):
-        return op.Gelu(m["x"], _domain=ORT_DOMAIN)
+        return typed(op.Gelu(m["x"], _domain=ORT_DOMAIN), m["x"].dtype, m["x"].shape)
 
 
 class TanhGeluToFastGeluWithBias(_OrtRule):
@@ -181,7 +182,7 @@ class TanhGeluToFastGeluWithBias(_OrtRule):
         return check_bias(m)
 
     def rewrite(self, op, m: Match):
-        return op.FastGelu(m["h"], m["b"], _domain=ORT_DOMAIN)
+        return typed(op.FastGelu(m["h"], m["b"], _domain=ORT_DOMAIN), m["h"].dtype, m["h"].shape)
 
 
 class TanhGeluToFastGelu(_OrtRule):
@@ -196,7 +197,7 @@ class TanhGeluToFastGelu(_OrtRule):
         return check_float32_activation(m)
 
     def rewrite(self, op, m: Match):
-        return op.FastGelu(m["x"], _domain=ORT_DOMAIN)
+        return typed(op.FastGelu(m["x"], _domain=ORT_DOMAIN), m["x"].dtype, m["x"].shape)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -262,8 +263,9 @@ class MultiHeadAttentionToAttention(_OrtRule):
                  if key in ("num_heads", "scale", "mask_filter_value", "unidirectional")}
         if widths[2] != widths[0]:
             attrs["qkv_hidden_sizes"] = widths
-        return op.Attention(m["x"], op.const(weights, "qkv_weight"), op.const(biases, "qkv_bias"), None, None,
-                            m["attention_bias"], _domain=ORT_DOMAIN, _name=m.node("MultiHeadAttention").name, **attrs)
+        output = op.Attention(m["x"], op.const(weights, "qkv_weight"), op.const(biases, "qkv_bias"), None, None,
+                              m["attention_bias"], _domain=ORT_DOMAIN, _name=m.node("MultiHeadAttention").name, **attrs)
+        return typed(output, m["x"].dtype, [*list(m.shape("x"))[:2], widths[2]])
 
 
 RULES = (LayerNormToSkipLayerNorm(), GeluToBiasGelu(), ErfGeluToGelu(), TanhGeluToFastGeluWithBias(),

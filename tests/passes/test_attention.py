@@ -209,6 +209,21 @@ def test_standard_attention_at_opset_23(case, target):
     assert_close(run(model, feeds), reference, rtol)
 
 
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
+def test_rows_masked_out_entirely(target):
+    # GPT-2 with left padding: padded queries see only padded keys, whose mask is the type's lowest value.
+    spec = Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7))
+    model = attention_model(spec)
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 1
+    feeds = feeds_for(model, spec)
+    feeds["mask"][:, :, :2, :] = np.finfo(np.float32).min
+    want = run(model, feeds)
+    assert_close(want, run(optimized, feeds), 1e-4)
+    if target == Target.GENERIC:
+        assert_close(want, ReferenceEvaluator(optimized).run(None, feeds), 1e-4)
+
+
 NOT_FUSED = {
     "softmax_not_last_axis": (Spec(softmax_axis=2), "Softmax is not over the last axis"),
     "grouped_query": (Spec(cache=True, kv_heads=1), "heads"),
