@@ -318,12 +318,14 @@ ONNXOPT_FLAG_CHOICES = [["-O3", "--target", "{target}"], ["--target", "{target}"
 
 
 def prepare_onnxopt(src: Path, dst: Path, folder: Path, timeout: float, cli: Path, target: str,
-                    verify_inputs: Path) -> dict:
-    """``onnxopt run`` with verification on the corpus's input shapes (consistent past/sequence lengths)."""
+                    verify_inputs: Path, passes: str | None = None) -> dict:
+    """``onnxopt run`` with verification on the corpus's input shapes (consistent past/sequence lengths):
+    ``-O3`` (or the fewer flags the CLI knows), or the explicit pipeline ``passes``."""
     import run as node_benchmark
 
     notes = []
-    for flags in ONNXOPT_FLAG_CHOICES:
+    choices = [["--passes", passes, "--target", "{target}"]] if passes else ONNXOPT_FLAG_CHOICES
+    for flags in choices:
         flags = [f.format(target=target) for f in flags]
         argv = [str(cli), "run", str(src), "-o", str(dst), *flags, "--inputs", str(verify_inputs),
                 "--report", str(folder / "report.json"), "-q"]
@@ -340,6 +342,7 @@ def prepare_onnxopt(src: Path, dst: Path, folder: Path, timeout: float, cli: Pat
         report = json.loads(report_path.read_text())
         record["pipeline"] = report.get("pipeline")
         record["verification"] = verification_summary(report.get("verification"))
+        record["census"] = report.get("census")
     if not record["ok"] and not process["timed_out"]:
         record["error"] = f"exit code {process['returncode']}: {_first_error_line(folder / 'log.txt')}"
     return _prepared(process, record, folder, timeout)
@@ -376,7 +379,8 @@ def prepare_sources(model: dict, src: Path, folder: Path, args, verify_inputs: P
         jobs["ort-transformers"] = partial(prepare_ort_transformers, src, timeout=args.timeout, spec=TRANSFORMERS[base])
     for target in ("ort", "openvino"):
         jobs[f"onnxopt-{target}"] = partial(prepare_onnxopt, src, timeout=args.timeout, cli=args.onnxopt,
-                                            target=target, verify_inputs=verify_inputs)
+                                            target=target, verify_inputs=verify_inputs,
+                                            passes=getattr(args, f"passes_{target}"))
     sources = {"original": {"ok": True, "path": str(src)}}
     for source, job in jobs.items():
         progress.update(task, description=f"{model['name']}: {source}")
@@ -931,6 +935,10 @@ def _notes(summary: dict, records: list[dict]) -> list[str]:
             verification = info.get("verification")
             if verification and verification != "passed":
                 notes.append(f"- {record['model']} / {source}: onnxopt's verification: {str(verification)[:300]}")
+            lost = (info.get("census") or {}).get("regressions")
+            if lost:
+                notes.append(f"- {record['model']} / {source}: onnxopt's fusion census: the engine fuses fewer "
+                             f"{', '.join(lost)} after onnxopt")
     notes += [f"- {n['model']} / {n['variant']} ({n['scenario']}): outputs differ by {n['max_rel']:.1e} relative "
               f"(the original in the same engine: {_sci(n['original_same_engine'])})"
               for n in summary["numerics_beyond_tolerance"]]
@@ -1063,6 +1071,9 @@ def parse_args(argv):
     parser.add_argument("--onnxopt", type=Path, default=DEFAULT_ONNXOPT if DEFAULT_ONNXOPT.exists()
                         else Path(shutil.which("onnxopt") or "onnxopt"), help="the onnxopt CLI (default: the "
                         "checkout's .venv/bin/onnxopt, which runs the working tree's code)")
+    parser.add_argument("--passes-ort", metavar="LIST", help="run onnxopt for onnxruntime with this pipeline "
+                        "(`--passes LIST --target ort`) instead of -O3, e.g. while -O3 lacks the target's passes")
+    parser.add_argument("--passes-openvino", metavar="LIST", help="the same for OpenVINO")
     parser.add_argument("--resume", action="store_true", help="keep the stored records of models measured before")
     parser.add_argument("--report-only", action="store_true", help="only rewrite results from the stored records")
     parser.add_argument("--corpus", type=Path, default=corpus.CORPUS_DIR, help="corpus folder")
