@@ -1143,12 +1143,28 @@ def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
     them and skip them. Export, statistics and sorting drop them first (``purge_detached``).
     """
     for node in nodes:
-        node.inputs.clear()
-        node.outputs.clear()
+        _unlink(node)
     pending = vars(graph).get("_onnxopt_detached", 0) + len(nodes)
     setattr(graph, "_onnxopt_detached", pending)
     if pending * 8 >= len(graph.nodes):
         purge_detached(graph)
+
+
+def _unlink(node: gs.Node) -> None:
+    """Unlinks ``node`` from the tensors it reads and writes, matching it by identity.
+
+    graphsurgeon keeps producer and consumer lists in step with ``list.remove``, which compares nodes by
+    value: sibling branches may each hold a node of the same operator, inputs and output names (both
+    ``a = Relu(x)`` reading the outer ``x``), and unlinking one would take the other's entry out of
+    ``x``'s consumers. Plain ``list`` operations keep graphsurgeon out of it.
+    """
+    for tensors, links in ((node.inputs, "outputs"), (node.outputs, "inputs")):
+        for tensor in tensors:
+            linked = getattr(tensor, links)
+            index = next((i for i, other in enumerate(linked) if other is node), None)
+            if index is not None:
+                list.pop(linked, index)
+        list.clear(tensors)
 
 
 def purge_detached(graph: gs.Graph) -> None:

@@ -68,30 +68,6 @@ def _identity_source(node: gs.Node) -> gs.Tensor | None:
     return None
 
 
-def _detach_by_identity(node: gs.Node) -> None:
-    """Unlinks ``node`` from the tensors it reads and writes, matching the node by identity.
-
-    graphsurgeon keeps producer and consumer lists in step by ``list.remove``, which compares nodes by
-    value: two sibling branches may each hold a node of the same operator, inputs and output names
-    (both ``a = Relu(x)`` reading the outer ``x``), and unlinking one would take the other's entry out of
-    ``x``'s consumers (then fail on the other). Plain ``list`` operations keep graphsurgeon out of it.
-    """
-    for tensor in node.inputs:
-        readers = tensor.outputs
-        list.pop(readers, next(i for i, reader in enumerate(readers) if reader is node))
-    for tensor in node.outputs:
-        producers = tensor.inputs
-        list.pop(producers, next(i for i, producer in enumerate(producers) if producer is node))
-    list.clear(node.inputs)
-    list.clear(node.outputs)
-
-
-def _remove(graph: gs.Graph, nodes: list[gs.Node]) -> None:
-    for node in nodes:
-        _detach_by_identity(node)
-    ir.remove_nodes(graph, nodes)
-
-
 def _bypass_identities(graph: gs.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):
@@ -100,7 +76,7 @@ def _bypass_identities(graph: gs.Graph) -> int:
             continue
         result = node.outputs[0]
         if not ir.is_graph_output(graph, result):
-            _remove(graph, [node])
+            ir.remove_nodes(graph, [node])
             for consumer in list(result.outputs):
                 for index, tensor in enumerate(consumer.inputs):
                     if tensor is result:
@@ -109,7 +85,7 @@ def _bypass_identities(graph: gs.Graph) -> int:
             continue
         producer_here = len(source.inputs) == 1 and ir.is_local(graph, source.inputs[0])
         if producer_here and not _is_io(graph, source) and isinstance(source, gs.Variable):
-            _remove(graph, [node])
+            ir.remove_nodes(graph, [node])
             ir.replace_all_uses(graph, result, source)
             removed += 1
     return removed
@@ -128,7 +104,7 @@ def _remove_dead(graph: gs.Graph) -> int:
         else:
             dead.append(node)
     if dead:
-        _remove(graph, dead)
+        ir.remove_nodes(graph, dead)
     return len(dead)
 
 
