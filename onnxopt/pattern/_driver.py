@@ -268,9 +268,9 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
     A replacement value made by a new node takes over the old value itself (its name, and its place
     as a graph output); an existing value replaces the old one through ``ir.replace_all_uses``.
     """
-    for index, new in enumerate(new_nodes):
-        if not new.name:
-            new.name = root.name if index == 0 and root.name else ""
+    named = {new.name for new in new_nodes if new.name}
+    if new_nodes and not new_nodes[0].name and root.name not in named:
+        new_nodes[0].name = root.name
     sub.nodes.extend(new_nodes)
     state.members.update((id(n), n) for n in new_nodes)
     producers = {id(t): n for n in new_nodes for t in n.outputs}

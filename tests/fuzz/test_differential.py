@@ -133,13 +133,7 @@ class KnownBug:
     matches: Callable[[FuzzCase, Failure], bool]
 
 
-def duplicate_node_names(case: FuzzCase, failure: Failure) -> bool:
-    return failure.kind == "rejected" and "two nodes with same node name" in failure.detail
-
-
-KNOWN_BUGS: list[KnownBug] = [
-    KnownBug("test_transposes_sunk_below_an_add_keep_node_names_unique", duplicate_node_names),
-]
+KNOWN_BUGS: list[KnownBug] = []
 
 _failure_types: dict[tuple[str, str], type] = {}
 

@@ -391,10 +391,6 @@ def test_slice_with_a_negative_step_to_int_max_has_the_length_onnxruntime_comput
     assert_equivalent(original, "fold,dce", feeds)
 
 
-@known_bug(
-    "fuse: a Transpose sunk below an Add gives two nodes the Add's name; onnxruntime refuses the model "
-    "(two nodes with same node name)"
-)
 def test_transposes_sunk_below_an_add_keep_node_names_unique():
     """``Add(Transpose(t, perm=[0, 1]), t)`` with ``t = Transpose(x)``: ``fuse`` rewrites the Add and its
     Transposes, and the result holds two nodes named ``add`` (onnx.checker lets it pass, onnxruntime
