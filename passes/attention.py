@@ -23,16 +23,16 @@ concatenated with the new keys (GPT-2 with past). Rules (stats keys in brackets)
 
 Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
 positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
-would be ``1/sqrt(D)``), so only rounding differs. For the standard operator, the mask's lowest value
-(what exporters write for "masked out") becomes half of it, equivalent by the specification, because
-onnxruntime's kernel returns zeros where a whole row holds the lowest value. The splits must be provably the head split: a
-constant target ``[B|0, S|0, H, D]`` (one of ``H``, ``D`` may be ``-1``) on a value whose last dimension
+would be ``1/sqrt(D)``), so only rounding differs. The splits must be provably the head split: a
+constant target ``[B|0, S|0, H, D]`` (one of the four may be ``-1``) on a value whose last dimension
 ``H*D`` is known, and ``K``/``V`` must have the query's ``H`` heads (MultiHeadAttention has no grouped
 heads). The merge keeps its own target, so the result has exactly the original's shape; only when the
 target is ``[B|0, S|0, -1|H*Dv]`` is it dropped. Both operators want a mask whose last two dimensions
 are ``S`` and ``T``: a mask not known to have them is first expanded to ``[B, 1, S, T]`` with the
-dimensions read at run time (which is what the ``Add`` broadcast to). Only float32 (and, for the standard
-operator, float16) attention is rewritten; the Softmax must run over the last axis.
+dimensions read at run time (which is what the ``Add`` broadcast to). For the standard operator, the
+mask's lowest value (exporters' "masked out") becomes half of it, the same by the specification, because
+onnxruntime's kernel returns zeros for a row that holds only the lowest value. Only float32 (and, for
+the standard operator, float16) attention is rewritten; the Softmax must run over the last axis.
 """
 
 from __future__ import annotations
@@ -278,7 +278,9 @@ def _leading_dims_input(node: gs.Node) -> gs.Tensor | None:
     orders = [node.inputs] if node.op == "MatMul" else [node.inputs, node.inputs[::-1]]
     for data, constant in orders:
         value = ir.constant_value(constant) if ir.is_constant(constant) else None
-        if value is not None and not ir.is_constant(data) and value.ndim == (2 if node.op == "MatMul" else min(value.ndim, 1)):
+        if value is None or ir.is_constant(data):
+            continue
+        if value.ndim == 2 if node.op == "MatMul" else value.ndim <= 1:
             return data
     return None
 
@@ -336,8 +338,9 @@ def merged(op, m: Match, sdpa: Sdpa, output: gs.Tensor) -> gs.Tensor:
     target = None if constant is None else [int(t) for t in constant.reshape(-1)]
     allow_zero = int(node.attrs.get("allowzero", 0))
     query_shape = sdpa.query.shape or [None] * 3
-    if target is not None and not allow_zero and len(target) == 3 and target[2] in (-1, sdpa.heads * sdpa.value_head_size) \
-            and all(t == 0 or (isinstance(d, int) and t == d) for t, d in zip(target[:2], query_shape)):
+    merges_heads = target is not None and len(target) == 3 and target[2] in (-1, sdpa.heads * sdpa.value_head_size)
+    if merges_heads and not allow_zero and all(t == 0 or (isinstance(d, int) and t == d)
+                                               for t, d in zip(target[:2], query_shape)):
         return output
     if target is None or (not allow_zero and 0 in target[2:]):
         heads_shape = np.array([0, 0, sdpa.heads, sdpa.value_head_size], np.int64)
