@@ -93,12 +93,13 @@ def optimize_model(
     converter (so that fusions into newer operators may apply); verification compares with the model
     as given.
     """
-    from onnxopt.passes import DEFAULT_PIPELINE
+    from onnxopt.passes import default_pipeline
 
     mode = _parse_verify(verify)
     registry = default_registry(plugins)
-    pipeline = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE, registry)
-    ctx = PassContext(target=_parse_target(target), input_shapes=dict(input_shapes or {}))
+    target = _parse_target(target)
+    pipeline = parse_pipeline(passes if passes is not None else default_pipeline(target), registry)
+    ctx = PassContext(target=target, input_shapes=dict(input_shapes or {}))
     original = ir.load_model(model)
     reference = None
     if mode != "off":

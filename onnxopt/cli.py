@@ -25,7 +25,7 @@ from onnxopt.manager import PassRecord, Report
 from onnxopt.pass_infra import Pass, Target
 from onnxopt.bisect import BisectResult, bisect
 from onnxopt.census import TARGETS, fusion_census, is_fused, runtime_graph
-from onnxopt.passes import DEFAULT_PIPELINE, PRESETS
+from onnxopt.passes import PRESETS, default_pipeline
 from onnxopt.registry import default_registry
 from onnxopt.verify import load_inputs, parse_input_shapes
 
@@ -177,10 +177,10 @@ def main() -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--passes", "passes", default=None,
               help="Comma-separated pipeline, e.g. 'fuse,fold,dce' or 'fold{max_growth=4MiB},dce'. "
-                   "Default: the -O2 preset, fold,cse,fuse,dce, repeated to a fixed point.")
+                   "Default: -O2 for the generic target, -O3 for an engine target, repeated to a fixed point.")
 @click.option("-O", "level", type=click.Choice(sorted(p[1:] for p in PRESETS)), default=None,
-              help="Preset pipeline instead of --passes: -O0 none, -O1 fold,dce, -O2 (default) fold,cse,fuse,dce, "
-                   "-O3 adds target fusions.")
+              help="Preset pipeline instead of --passes: -O0 none, -O1 fold,dce, -O2 fold,cse,fuse,attention,dce, "
+                   "-O3 adds ort_fuse (the target's fused operators).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output path (default: MODEL.opt.onnx beside the input).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True,
@@ -248,7 +248,7 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
         if status is not None:
             status.update("outputs differ: finding the pass and rewrites responsible")
         start = loaded.model if upgrade_opset is None else ir.upgrade_opset(loaded.model, upgrade_opset)
-        error.bisect = bisect(start, passes if passes is not None else DEFAULT_PIPELINE, target=target,
+        error.bisect = bisect(start, passes if passes is not None else default_pipeline(target), target=target,
                        input_shapes=shapes, inputs=inputs, max_iterations=max_iterations, plugins=plugins,
                        output_dir=_bisect_folder(output))
         raise
@@ -313,7 +313,7 @@ def debug_group() -> None:
 
 @debug_group.command("bisect")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--passes", "passes", default=None, help="The pipeline to bisect (default: the -O2 preset).")
+@click.option("--passes", "passes", default=None, help="The pipeline to bisect (default: what run runs for --target).")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None,
               help="Folder for before/after/minimal models (default: MODEL.bisect beside the model).")
 @click.option("--target", type=click.Choice([t.value for t in Target]), default="generic", show_default=True)
@@ -338,7 +338,7 @@ def bisect_command(model, passes, output_dir, target, input_shapes, inputs_path,
     """
     loaded = ir.read_model(model)
     with err.status("bisecting", spinner="dots"):
-        found = bisect(loaded.model, passes if passes is not None else DEFAULT_PIPELINE, target=target,
+        found = bisect(loaded.model, passes if passes is not None else default_pipeline(target), target=target,
                        input_shapes=parse_input_shapes(input_shapes),
                        inputs=load_inputs(inputs_path) if inputs_path else None, max_iterations=max_iterations,
                        plugins=plugins, output_dir=output_dir or _bisect_folder(model))
