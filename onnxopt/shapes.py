@@ -132,11 +132,24 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, TensorType] | None:
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
-    types = _reconcile(model.graph, _symbolic_inference(model), _onnx_inference(model))
+    # With every input static, onnx's inference alone knows each size it can know; the symbolic engine
+    # (and its sympy import) would only add symbols for data-dependent sizes, which no pass folds.
+    symbolic = None if _inputs_static(model.graph) else _symbolic_inference(model)
+    types = _reconcile(model.graph, symbolic, _onnx_inference(model))
     _cache[key] = types
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return types
+
+
+def _inputs_static(graph: onnx.GraphProto) -> bool:
+    """Whether every graph input is a tensor whose dimensions are all numbers."""
+    for vi in graph.input:
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            return False
+        if any(not d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------
