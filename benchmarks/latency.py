@@ -689,7 +689,7 @@ def benchmark_model(model: dict, args, progress, task) -> dict:
     commit = onnxopt_commit(args.onnxopt)
     sources = prepare_sources(model, src, folder, args, verify_inputs, progress, task)
     variants = measure_model(model, sources, scenarios, feeds, folder, args, progress, task)
-    record = {"model": model["name"], "transformer": asdict(TRANSFORMERS[base_name(model["name"])])
+    record = {"model": model["name"], "command": args.shown, "transformer": asdict(TRANSFORMERS[base_name(model["name"])])
               if base_name(model["name"]) in TRANSFORMERS else None,
               "scenarios": [{"name": s.name, "input_shapes": shapes[s.name]} for s in scenarios],
               "threads": args.threads, "settings": measurement_settings(args), "onnxopt": commit,
@@ -838,8 +838,10 @@ def _header(payload: dict) -> list[str]:
     per_round = settings["seconds"] / settings["rounds"]
     return [
         "# Inference latency: onnxopt's output next to the original and the peers", "",
-        (f"Generated {payload['generated']} by `python benchmarks/latency.py {payload['args']}` on {env['cpu']} "
-        f"({env['cores']} cores, {env['memory_gib']:.0f} GiB), Python {env['python']}."), "",
+        f"Generated {payload['generated']} by "
+        + " and ".join(f"`python benchmarks/latency.py {c}`" for c in payload.get("measured_by", [payload["args"]]))
+        + (" (tables rewritten with `--report-only`)" if payload.get("report_only") else "")
+        + f" on {env['cpu']} ({env['cores']} cores, {env['memory_gib']:.0f} GiB), Python {env['python']}.", "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + ".", "",
         f"onnxopt: the CLI `{payload['onnxopt_cli']}` at commit {', '.join(commits)}; flags used: "
         + ", ".join(f"`{f}`" for f in flags if f) + ".", "",
@@ -997,7 +999,7 @@ def write_plot(path: Path, summary: dict) -> None:
             bar.ax.set_yticklabels([f"{v:g}" for v in ticks], fontsize=7)
     fig.suptitle("latency of onnxopt's output / latency of the other variant (< 1, green: onnxopt faster)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title above the panels' own
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -1037,7 +1039,10 @@ def environment() -> dict:
 def write_results(records: list[dict], args, shown_args: str) -> dict:
     args.results.mkdir(parents=True, exist_ok=True)
     summary = summarize(records)
+    # The runs that measured, which a --report-only rewrite names rather than itself.
+    commands = sorted({r.get("command", "?") for r in records}) if args.report_only else [shown_args]
     payload = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "args": shown_args,
+               "measured_by": commands, "report_only": args.report_only,
                "environment": environment(), "onnxopt_cli": str(args.onnxopt),
                "settings": records[0].get("settings", measurement_settings(args)),
                "summary": summary, "records": records}
@@ -1094,6 +1099,7 @@ def main(argv=None) -> int:
     console = node_benchmark.console
     patterns = args.models or (QUICK if args.quick else None)
     shown_args = " ".join(argv if argv is not None else sys.argv[1:])
+    args.shown = shown_args
     RECORDS.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         names = {m["name"] for m in node_benchmark.select(corpus.load_manifest(args.corpus), patterns)}
