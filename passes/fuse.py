@@ -34,7 +34,7 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
 * ``transposes``: Transpose folded into Gemm/MatMul, moved through element-wise operators where it then
   cancels [``transpose_gemm``, ``transpose_matmul``, ``transpose_elementwise``, ``elementwise_transposes``];
 * ``horizontal``: MatMuls (or Gemms) by constant weights on one input, with optional per-column biases,
-  packed into one MatMul + Add + Split (generic and OpenVINO targets; ``ort_fuse`` packs attention
+  packed into one MatMul + Add + Split (generic target; ``ort_fuse`` packs attention
   projections its own way) [``parallel_matmuls_to_split``].
 
 A rule whose operator the model's opset lacks does not run. For ``--target tensorrt`` (whose parser
