@@ -89,3 +89,27 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     for node in ir.all_nodes(gs.import_onnx(model)):
         counts[node.op] = counts.get(node.op, 0) + 1
     return counts
+
+
+def parse(text: str, opset: int = 17) -> onnx.ModelProto:
+    """A model from onnx's textual syntax (the graph part), checked."""
+    import onnx.parser
+
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>' + text)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def apply_rules(model: onnx.ModelProto, *rules, ctx: PassContext | None = None, explanation=None):
+    """Runs rewrite rules on a model; checks the contracts and onnx.checker; returns (model, counts)."""
+    from onnxopt.contracts import IOSignature, check_graph
+    from onnxopt.pattern import RuleSet
+
+    graph = ir.import_model(model)
+    ir.infer_shapes(graph)
+    signature = IOSignature.of(graph)
+    counts = RuleSet(rules).apply(graph, ctx or PassContext(original=model), explanation)
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, counts

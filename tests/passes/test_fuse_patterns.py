@@ -7,29 +7,10 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from helpers import assert_same_outputs, op_counts
+from helpers import apply_rules, assert_same_outputs, op_counts, parse
 
-from onnxopt import ir
-from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext, Target
-from onnxopt.pattern import Explanation, RewriteRule, RuleSet
-
-
-def parse(text: str, opset: int = 17) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>' + text)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def apply(model: onnx.ModelProto, *rules, ctx: PassContext | None = None, explanation: Explanation | None = None):
-    graph = ir.import_model(model)
-    ir.infer_shapes(graph)
-    signature = IOSignature.of(graph)
-    counts = RuleSet(rules).apply(graph, ctx or PassContext(original=model), explanation)
-    assert check_graph(graph, signature) == []
-    optimized = ir.export_model(graph, model)
-    onnx.checker.check_model(optimized, full_check=True)
-    return optimized, counts
+from onnxopt.pattern import Explanation, RewriteRule
 
 
 class HalfProductToDiv(RewriteRule):
@@ -97,7 +78,7 @@ def product_model(body: str) -> onnx.ModelProto:
 @pytest.mark.parametrize("order", sorted(PRODUCT_ORDERS))
 def test_product_matches_every_association_and_order(order):
     model = product_model(PRODUCT_ORDERS[order])
-    optimized, counts = apply(model, HalfProductToDiv())
+    optimized, counts = apply_rules(model, HalfProductToDiv())
     assert counts["half_product_to_div"] == 1
     assert op_counts(optimized) == {"Constant": 1, "Mul": 1, "Div": 1}
     assert_same_outputs(model, optimized)
@@ -105,7 +86,7 @@ def test_product_matches_every_association_and_order(order):
 
 def test_product_does_not_match_other_factors():
     model = product_model("t = Mul(x, y)\n z = Mul(t, y)")
-    optimized, counts = apply(model, HalfProductToDiv())
+    optimized, counts = apply_rules(model, HalfProductToDiv())
     assert counts["half_product_to_div"] == 0
     assert_same_outputs(model, optimized)
 
@@ -130,7 +111,7 @@ def test_a_rule_with_several_roots_fires_at_each(op_type):
             n = {op_type}(x)
             z = {op_type}(n)
         }}""")
-    optimized, counts = apply(model, IdempotentPairToOne())
+    optimized, counts = apply_rules(model, IdempotentPairToOne())
     assert counts["idempotent_pair_to_one"] == 1
     assert op_counts(optimized) == {op_type: 1}
     assert_same_outputs(model, optimized)
@@ -142,7 +123,7 @@ def test_a_rule_with_several_roots_needs_one_alternative_whole():
             n = Abs(x)
             z = Relu(n)
         }""")
-    optimized, counts = apply(model, IdempotentPairToOne())
+    optimized, counts = apply_rules(model, IdempotentPairToOne())
     assert counts["idempotent_pair_to_one"] == 0
     assert op_counts(optimized) == op_counts(model)
 
@@ -155,7 +136,7 @@ def test_either_inside_a_pattern_binds_the_alternative_that_matched(inner):
             t = {inner}(x, c)
             z = Neg(t)
         }}""")
-    optimized, counts = apply(model, ScaleOfDivOrMul())
+    optimized, counts = apply_rules(model, ScaleOfDivOrMul())
     assert counts["scale_of_div_or_mul"] == 1
     assert op_counts(optimized)["Mul"] == 1 and "Neg" not in op_counts(optimized)
     assert_same_outputs(model, optimized)
@@ -168,7 +149,7 @@ def test_either_does_not_match_a_third_operator():
             t = Sub(x, c)
             z = Neg(t)
         }""")
-    optimized, counts = apply(model, ScaleOfDivOrMul())
+    optimized, counts = apply_rules(model, ScaleOfDivOrMul())
     assert counts["scale_of_div_or_mul"] == 0
     assert op_counts(optimized) == op_counts(model)
 
@@ -177,7 +158,7 @@ def test_either_does_not_match_a_third_operator():
 def test_targets_limit_where_a_rule_runs(target, fires):
     model = product_model("t = Mul(x, h)\n z = Mul(t, y)")
     explanation = Explanation()
-    optimized, counts = apply(model, OnlyForOrt(), ctx=PassContext(original=model, target=target),
+    optimized, counts = apply_rules(model, OnlyForOrt(), ctx=PassContext(original=model, target=target),
                               explanation=explanation)
     assert counts["only_for_ort"] == int(fires)
     if not fires:
@@ -205,7 +186,7 @@ def test_const_ulps_follow_the_constants_type(dtype, half, fires):
                                [onnx.helper.make_tensor_value_info("z", elem, [4])],
                                [onnx.numpy_helper.from_array(np.array(half, dtype), "h")]),
         opset_imports=[onnx.helper.make_opsetid("", 17)])
-    optimized, counts = apply(model, HalfWithinUlps())
+    optimized, counts = apply_rules(model, HalfWithinUlps())
     assert counts["half_within_ulps"] == int(fires)
     x = np.linspace(-2, 2, 4).astype(dtype)
     if fires:  # the constant is 0.5 up to its type's rounding: the outputs agree to that precision

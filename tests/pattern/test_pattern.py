@@ -6,30 +6,11 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from helpers import assert_same_outputs, op_counts, random_feeds
+from helpers import apply_rules, assert_same_outputs, op_counts, parse, random_feeds
 
 from onnxopt import ir
-from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext
 from onnxopt.pattern import Explanation, RewritePass, RewriteRule, RuleSet, explain, rule_pass
-
-
-def parse(text: str, opset: int = 17) -> onnx.ModelProto:
-    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>' + text)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def apply(model: onnx.ModelProto, *rules, ctx: PassContext | None = None, explanation: Explanation | None = None):
-    """Runs the rules on a model; checks the contracts and onnx.checker; returns (model, counts)."""
-    graph = ir.import_model(model)
-    ir.infer_shapes(graph)
-    signature = IOSignature.of(graph)
-    counts = RuleSet(rules).apply(graph, ctx or PassContext(original=model), explanation)
-    assert check_graph(graph, signature) == []
-    optimized = ir.export_model(graph, model)
-    onnx.checker.check_model(optimized, full_check=True)
-    return optimized, counts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,7 +147,7 @@ g (float[2,3] a, float[2,3] b) => (float[2,3] y) {
 
 def test_rule_fires_keeps_the_output_name_and_numerics():
     model = parse(SUB_NEG)
-    optimized, counts = apply(model, SubNegToAdd())
+    optimized, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 1}
     assert op_counts(optimized) == {"Add": 1}
     assert list(optimized.graph.node[0].output) == ["y"]
@@ -179,7 +160,7 @@ def test_rule_that_does_not_match_leaves_the_graph_alone():
       n = Abs(b)
       y = Sub(a, n)
     }""")
-    optimized, counts = apply(model, SubNegToAdd())
+    optimized, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 0}
     assert op_counts(optimized) == {"Abs": 1, "Sub": 1}
 
@@ -191,7 +172,7 @@ def test_non_commutative_operator_is_not_swapped():
       n = Neg(b)
       y = Sub(n, a)
     }""")
-    _, counts = apply(model, SubNegToAdd())
+    _, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 0}
 
 
@@ -202,7 +183,7 @@ def test_commutative_operands_match_in_both_orders_and_literals_match_constants(
       %s
       z = Neg(y)
     }""" % body)
-    optimized, counts = apply(model, MulByOneToInput())
+    optimized, counts = apply_rules(model, MulByOneToInput())
     assert counts == {"mul_by_one_to_input": 1}
     assert op_counts(optimized) == {"Neg": 1}
     assert_same_outputs(model, optimized)
@@ -215,7 +196,7 @@ def test_literal_does_not_match_other_constants_or_variables():
       z = Mul(y, v)
     }""")
     explanation = Explanation()
-    _, counts = apply(model, MulByOneToInput(), explanation=explanation)
+    _, counts = apply_rules(model, MulByOneToInput(), explanation=explanation)
     assert counts == {"mul_by_one_to_input": 0}
     reasons = " ".join(a.reason for a in explanation.misses())
     assert "not 1.0 everywhere" in reasons and "not a constant" in reasons
@@ -227,7 +208,7 @@ def test_a_variable_used_twice_binds_one_value():
       y = Mul(x, x)
       z = Mul(x, w)
     }""")
-    optimized, counts = apply(model, SquareToPow())
+    optimized, counts = apply_rules(model, SquareToPow())
     assert counts == {"square_to_pow": 1}
     assert op_counts(optimized) == {"Pow": 1, "Mul": 1}
     assert_same_outputs(model, optimized)
@@ -240,7 +221,7 @@ def test_optional_input_absent_or_present():
       z = Clip(x, zero, six)
     }""")
     explanation = Explanation()
-    optimized, counts = apply(model, ClipToRelu(), explanation=explanation)
+    optimized, counts = apply_rules(model, ClipToRelu(), explanation=explanation)
     assert counts == {"clip_to_relu": 1}
     assert op_counts(optimized) == {"Relu": 1, "Clip": 1}
     assert [a.reason for a in explanation.misses()] == ["Clip has an upper bound"]
@@ -253,7 +234,7 @@ def test_node_with_several_outputs_matches_when_unmatched_outputs_are_unused():
       d, mask = Dropout(x)
       y = Relu(d)
     }""")
-    optimized, counts = apply(model, DropoutToInput())
+    optimized, counts = apply_rules(model, DropoutToInput())
     assert counts == {"dropout_to_input": 1}
     assert op_counts(optimized) == {"Relu": 1}
     assert_same_outputs(model, optimized)
@@ -266,7 +247,7 @@ def test_node_with_a_used_output_the_rule_does_not_replace_is_not_matched():
       y = Relu(d)
     }""")
     explanation = Explanation()
-    _, counts = apply(model, DropoutToInput(), explanation=explanation)
+    _, counts = apply_rules(model, DropoutToInput(), explanation=explanation)
     assert counts == {"dropout_to_input": 0}
     assert explanation.misses()[0].outcome == "shared"
     assert "mask" in explanation.misses()[0].reason
@@ -279,7 +260,7 @@ def test_two_outputs_of_one_matched_node():
       c = Concat<axis = 0>(a, b)
       y = Relu(c)
     }""", opset=18)
-    optimized, counts = apply(model, SplitConcatToInput())
+    optimized, counts = apply_rules(model, SplitConcatToInput())
     assert counts == {"split_concat_to_input": 1}
     assert op_counts(optimized) == {"Relu": 1}
     assert_same_outputs(model, optimized)
@@ -292,7 +273,7 @@ def test_tags_tell_apart_two_nodes_of_one_type():
       t2 = Transpose<perm = [2, 0, 1]>(t1)
       y = Relu(t2)
     }""")
-    optimized, counts = apply(model, TransposePairTagged())
+    optimized, counts = apply_rules(model, TransposePairTagged())
     assert counts == {"transpose_pair_tagged": 1}
     assert op_counts(optimized) == {"Relu": 1}
     assert_same_outputs(model, optimized)
@@ -309,9 +290,9 @@ def test_intermediate_with_other_readers_is_not_matched_unless_the_rule_opts_in(
       y = Sub(a, n)
       z = Relu(n)
     }""")
-    _, counts = apply(model, SubNegToAdd())
+    _, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 0}
-    optimized, counts = apply(model, SharedSubNegToAdd())
+    optimized, counts = apply_rules(model, SharedSubNegToAdd())
     assert counts == {"shared_sub_neg_to_add": 1}
     assert op_counts(optimized) == {"Neg": 1, "Add": 1, "Relu": 1}
     assert_same_outputs(model, optimized)
@@ -323,9 +304,9 @@ def test_intermediate_graph_output_is_never_lost():
       n = Neg(b)
       y = Sub(a, n)
     }""")
-    _, counts = apply(model, SubNegToAdd())
+    _, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 0}
-    optimized, counts = apply(model, SharedSubNegToAdd())
+    optimized, counts = apply_rules(model, SharedSubNegToAdd())
     assert counts == {"shared_sub_neg_to_add": 1}
     assert [o.name for o in optimized.graph.output] == ["y", "n"]
     assert_same_outputs(model, optimized)
@@ -336,7 +317,7 @@ def test_replacement_by_a_graph_input_keeps_the_output_name():
     g (float[2,3] x) => (float[2,3] y) <float one = {1.}> {
       y = Mul(x, one)
     }""")
-    optimized, counts = apply(model, MulByOneToInput())
+    optimized, counts = apply_rules(model, MulByOneToInput())
     assert counts == {"mul_by_one_to_input": 1}
     assert op_counts(optimized) == {"Identity": 1}
     assert [o.name for o in optimized.graph.output] == ["y"]
@@ -353,7 +334,7 @@ def test_value_read_by_a_subgraph_counts_as_a_reader():
         else_branch = e () => (float[2,3] q) { q = Abs(n) }
       >
     }""")
-    _, counts = apply(model, SubNegToAdd())
+    _, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 0}
 
 
@@ -370,7 +351,7 @@ def test_rules_fire_inside_subgraph_bodies():
         else_branch = e () => (float[2,3] q) { q = Sub(b, a) }
       >
     }""")
-    optimized, counts = apply(model, SubNegToAdd())
+    optimized, counts = apply_rules(model, SubNegToAdd())
     assert counts == {"sub_neg_to_add": 1}
     assert op_counts(optimized) == {"If": 1, "Add": 1, "Sub": 1}
     for flag in (True, False):
@@ -387,7 +368,7 @@ def test_rules_run_to_a_fixed_point():
       c = Mul(b, one)
       y = Relu(c)
     }""")
-    optimized, counts = apply(model, MulByOneToInput())
+    optimized, counts = apply_rules(model, MulByOneToInput())
     assert counts == {"mul_by_one_to_input": 3}
     assert op_counts(optimized) == {"Relu": 1}
 
@@ -395,11 +376,11 @@ def test_rules_run_to_a_fixed_point():
 def test_each_rewrite_asks_ctx_allow_and_bisection_can_refuse():
     model = parse(SUB_NEG)
     ctx = PassContext(site_filter=lambda site: False)
-    optimized, counts = apply(model, SubNegToAdd(), ctx=ctx)
+    optimized, counts = apply_rules(model, SubNegToAdd(), ctx=ctx)
     assert counts == {"sub_neg_to_add": 0}
     assert op_counts(optimized) == {"Neg": 1, "Sub": 1}
     ctx = PassContext()
-    apply(model, SubNegToAdd(), ctx=ctx)
+    apply_rules(model, SubNegToAdd(), ctx=ctx)
     assert [(s.rule, s.site) for s in ctx.sites] == [("sub_neg_to_add", "y")]
 
 
@@ -407,7 +388,7 @@ def test_rule_whose_opset_the_model_lacks_is_skipped():
     model = parse("""
     g (float[2,3] x) => (float[2,3] y) { y = Relu(x) }""")
     explanation = Explanation()
-    _, counts = apply(model, NewOpsetOnly(), explanation=explanation)
+    _, counts = apply_rules(model, NewOpsetOnly(), explanation=explanation)
     assert counts == {"new_opset_only": 0}
     assert explanation.attempts[0].outcome == "not applicable"
     assert "opset 20" in explanation.attempts[0].reason
@@ -417,7 +398,7 @@ def test_replacement_operator_missing_from_the_opset_is_refused():
     model = parse("""
     g (float[2,3] x) => (float[2,3] y) { y = Relu(x) }""")
     explanation = Explanation()
-    optimized, counts = apply(model, ReluToGelu(), explanation=explanation)
+    optimized, counts = apply_rules(model, ReluToGelu(), explanation=explanation)
     assert counts == {"relu_to_gelu": 0}
     assert op_counts(optimized) == {"Relu": 1}
     assert explanation.attempts[0].outcome == "refused" and "Gelu" in explanation.attempts[0].reason
@@ -455,7 +436,7 @@ def test_a_rewrite_returning_the_wrong_thing_names_the_rule():
             return m["a"], m["b"]
 
     with pytest.raises(TypeError, match="wrong_count"):
-        apply(parse(SUB_NEG), WrongCount())
+        apply_rules(parse(SUB_NEG), WrongCount())
 
 
 def test_a_failing_check_names_the_rule_and_node():
@@ -466,7 +447,7 @@ def test_a_failing_check_names_the_rule_and_node():
             raise ValueError("boom")
 
     with pytest.raises(RuntimeError, match="rule 'crashes' failed checking node 'y'.*boom"):
-        apply(parse(SUB_NEG), Crashes())
+        apply_rules(parse(SUB_NEG), Crashes())
 
 
 def test_rewrite_pass_reports_counts_per_rule():
@@ -534,7 +515,7 @@ def test_a_pattern_with_two_outputs_replaces_both():
     g (float[4,3] x) => (float[2,3] a, float[2,3] b) {
       a, b = Split<axis = 0, num_outputs = 2>(x)
     }""", opset=18)
-    optimized, counts = apply(model, SplitInTwoToSlices())
+    optimized, counts = apply_rules(model, SplitInTwoToSlices())
     assert counts == {"split_in_two_to_slices": 1}
     assert [(n.op_type, list(n.output)) for n in optimized.graph.node] == [("Slice", ["a"]), ("Slice", ["b"])]
     assert_same_outputs(model, optimized)
@@ -557,7 +538,7 @@ def test_one_new_value_may_replace_two_outputs():
       c = Concat<axis = 0>(x, x)
       a, b = Split<axis = 0, num_outputs = 2>(c)
     }""", opset=18)
-    optimized, counts = apply(model, ConcatSplitToCopies())
+    optimized, counts = apply_rules(model, ConcatSplitToCopies())
     assert counts == {"concat_split_to_copies": 1}
     assert [o.name for o in optimized.graph.output] == ["a", "b"]
     assert op_counts(optimized) == {"Identity": 2}
@@ -583,7 +564,7 @@ def test_attribute_constraints_in_the_pattern():
       z = Transpose<perm = [1, 0, 2]>(b)
     }""")
     explanation = Explanation()
-    optimized, counts = apply(model, SwapLastAxesTwiceToInput(), explanation=explanation)
+    optimized, counts = apply_rules(model, SwapLastAxesTwiceToInput(), explanation=explanation)
     assert counts == {"swap_last_axes_twice_to_input": 1}
     assert op_counts(optimized) == {"Identity": 1, "Transpose": 2}
     assert any("attribute perm" in a.reason for a in explanation.misses())
@@ -606,7 +587,7 @@ def test_rules_of_another_domain_run_only_where_it_is_imported():
     model = parse("""
     g (float[2,3] x) => (float[2,3] y) { y = Relu(x) }""")
     explanation = Explanation()
-    _, counts = apply(model, CustomScaleToMul(), explanation=explanation)
+    _, counts = apply_rules(model, CustomScaleToMul(), explanation=explanation)
     assert counts == {"custom_scale_to_mul": 0}
     assert explanation.attempts[0].outcome == "not applicable"
 
