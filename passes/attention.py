@@ -430,14 +430,21 @@ RULES = (SdpaToAttention(), SdpaToMultiHeadAttention())
 
 
 @dataclass(frozen=True)
-class Attention(RewritePass):
-    """Recovers multi-head attention: the standard Attention (opset 23), or MultiHeadAttention for onnxruntime."""
+class ContribRewritePass(RewritePass):
+    """A rule pass that may emit onnxruntime's contrib operators: for ``--target ort`` the model imports
+    their domain before the rules run."""
 
-    name: ClassVar[str] = "attention"
-    rules: ClassVar[tuple] = RULES
     needs_shapes: ClassVar[bool] = True
 
     def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
         if ctx.target == Target.ORT:
             import_domain(graph, ORT_DOMAIN)
         super().prepare(graph, ctx)
+
+
+@dataclass(frozen=True)
+class Attention(ContribRewritePass):
+    """Recovers multi-head attention: the standard Attention (opset 23), or MultiHeadAttention for onnxruntime."""
+
+    name: ClassVar[str] = "attention"
+    rules: ClassVar[tuple] = RULES

@@ -32,10 +32,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.pass_infra import PassContext, Target
-from onnxopt.passes.attention import ORT_DOMAIN, import_domain, typed
+from onnxopt.pass_infra import Target
+from onnxopt.passes.attention import ORT_DOMAIN, ContribRewritePass, typed
 from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
-from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
+from onnxopt.pattern import Match, MatchResult, RewriteRule
 
 FLOAT32 = np.dtype(np.float32)
 ORT_ONLY = frozenset({Target.ORT})
@@ -273,14 +273,8 @@ RULES = (LayerNormToSkipLayerNorm(), GeluToBiasGelu(), ErfGeluToGelu(), TanhGelu
 
 
 @dataclass(frozen=True)
-class OrtFuse(RewritePass):
+class OrtFuse(ContribRewritePass):
     """Fuses into onnxruntime's contrib operators: SkipLayerNormalization, BiasGelu, FastGelu, packed Attention."""
 
     name: ClassVar[str] = "ort_fuse"
     rules: ClassVar[tuple] = RULES
-    needs_shapes: ClassVar[bool] = True
-
-    def prepare(self, graph: gs.Graph, ctx: PassContext) -> None:
-        if ctx.target == Target.ORT:
-            import_domain(graph, ORT_DOMAIN)
-        super().prepare(graph, ctx)
