@@ -7,11 +7,13 @@
   floating-point type, ``MatMul(Transpose(a), Transpose(b))`` -> ``Gemm(a, b, transA, transB)`` (opset 11,
   where Gemm's ``C`` is optional).
 * ``transpose_elementwise``: ``Transpose(E(u, v))`` for an element-wise ``E`` -> ``E(Transpose(u),
-  Transpose(v))``, only when every Transpose this puts on the operands disappears: the operand is a
-  constant (transposed here, after padding its shape with leading 1s as broadcasting does), has only
-  dimensions of size 1 (it stays as it is), or is computed - through more such element-wise operators
-  read by nothing else - from Transposes read by nothing else, with which the moved one composes
-  (``transpose_transpose``). So the Transpose count goes down by at least one at the end.
+  Transpose(v))``, only when the Transpose count goes down: a Transpose put on an operand disappears
+  when the operand is a constant (transposed here, after padding its shape with leading 1s as
+  broadcasting does), has only dimensions of size 1 (it stays as it is), or is computed - through more
+  such element-wise operators read by nothing else - from Transposes read by nothing else, with which
+  the moved one composes (``transpose_transpose``). An operand of the full rank where it does not
+  disappear keeps a new Transpose, allowed only when fewer stay than go: the moved one, and each
+  operand's own Transpose that it undoes (ConvNeXt's ``Transpose(x + Transpose(m))`` at stage ends).
 * ``elementwise_transposes``: ``E(Transpose(a, p), Transpose(b, p))`` -> ``Transpose(E(a, b), p)``: two
   Transposes become one.
 
@@ -89,6 +91,15 @@ def absorbs(tensor: gs.Tensor, rank: int, graph: gs.Graph, depth: int = PUSH_DEP
         return perm is not None and len(perm) == rank
     return is_elementwise(producer) and all(
         absorbs(producer.inputs[i], rank, graph, depth - 1) for i in data_operands(producer))
+
+
+def cancels(tensor: gs.Tensor, perm: list[int], graph: gs.Graph) -> bool:
+    """Whether ``tensor`` is the only use of a Transpose that ``perm`` undoes: both go."""
+    if len(tensor.inputs) != 1 or not single_reader(tensor, graph):
+        return False
+    producer = tensor.inputs[0]
+    inner = perm_of(producer) if producer.op == "Transpose" and producer.domain in ("", None, "ai.onnx") else None
+    return inner is not None and len(inner) == len(perm) and [inner[p] for p in perm] == list(range(len(perm)))
 
 
 def transposed_operand(op, tensor: gs.Tensor, perm: list[int]):
@@ -179,7 +190,7 @@ class TransposeIntoMatMul(RewriteRule):
 
 
 class TransposeThroughElementwise(RewriteRule):
-    """Moves a Transpose above an element-wise operator when the Transposes it puts there all disappear."""
+    """Moves a Transpose above an element-wise operator when that lowers the number of Transposes."""
 
     name = "transpose_elementwise"
     min_opset = 7  # numpy-style broadcasting
@@ -197,9 +208,19 @@ class TransposeThroughElementwise(RewriteRule):
         node = m.node("elementwise")
         if not is_elementwise(node):
             return m.fail(f"{node.op} is not element-wise here")
+        staying, cancelled = [], 0
         for index in data_operands(node):
-            if not absorbs(node.inputs[index], len(perm), m.graph):
-                return m.fail(f"a Transpose on operand '{node.inputs[index].name}' would stay")
+            operand = node.inputs[index]
+            if not absorbs(operand, len(perm), m.graph):
+                staying.append(operand)
+            elif cancels(operand, perm, m.graph):
+                cancelled += 1
+        # The Transpose moved up goes; each operand it cannot be absorbed into gets one of its own.
+        if staying and len(staying) >= 1 + cancelled:
+            return m.fail(f"a Transpose on operand '{staying[0].name}' would stay and none would cancel")
+        for operand in staying:
+            if operand.shape is None or len(operand.shape) != len(perm):
+                return m.fail(f"operand '{operand.name}' is not known to have rank {len(perm)}")
         return m.ok()
 
     def rewrite(self, op, m: Match):

@@ -170,8 +170,8 @@ def test_clip_bounds_stay_scalars():
     assert_same_outputs(model, optimized)
 
 
-def test_transpose_after_binary_with_a_plain_input_stays():
-    # Moving the Transpose up would put one on z: no fewer Transposes, so nothing moves.
+def test_transpose_after_binary_with_a_plain_input_moves_where_its_inverse_cancels():
+    # ConvNeXt's stage ends: the Transpose moves onto z, and the one on x cancels with it: 2 -> 1.
     model = parse("""
         g (float[2, 3, 4] x, float[3, 2, 4] z) => (float[2, 3, 4] y) {
             t = Transpose <perm = [1, 0, 2]> (x)
@@ -179,7 +179,31 @@ def test_transpose_after_binary_with_a_plain_input_stays():
             y = Transpose <perm = [1, 0, 2]> (s)
         }""")
     optimized, result = fuse(model)
+    assert result.stats["transpose_elementwise"] == 1 and transposes(optimized) == 1
+    assert_same_outputs(model, optimized)
+
+
+def test_transpose_after_binary_with_a_plain_input_stays_unless_one_cancels():
+    # The inner Transpose only composes with the outer one (no identity): moving would keep 2.
+    model = parse("""
+        g (float[2, 3, 4] x, float[4, 2, 3] z) => (float[2, 4, 3] y) {
+            t = Transpose <perm = [2, 0, 1]> (x)
+            s = Add(t, z)
+            y = Transpose <perm = [1, 0, 2]> (s)
+        }""")
+    optimized, result = fuse(model)
     assert result.stats["transpose_elementwise"] == 0 and transposes(optimized) == 2
+    assert_same_outputs(model, optimized)
+
+
+def test_transpose_does_not_move_onto_a_plain_input_of_lower_rank():
+    model = parse("""
+        g (float[2, 3, 4] x, float[4] z) => (float[2, 3, 4] y) {
+            t = Transpose <perm = [1, 0, 2]> (x)
+            s = Add(t, z)
+            y = Transpose <perm = [1, 0, 2]> (s)
+        }""")
+    optimized, _result = fuse(model)
     assert_same_outputs(model, optimized)
 
 
