@@ -288,7 +288,7 @@ def model_skeleton(model: onnx.ModelProto, threshold: int = STUB_THRESHOLD_BYTES
         return tensor.data_location == TensorProto.EXTERNAL or (_declared_nbytes(tensor) or 0) > threshold
 
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip=("graph",))
+    _copy_shell(model, skeleton)
     graph = skeleton.graph
     _copy_fields(model.graph, graph, skip=("initializer", "node"))
     listed = {vi.name for vi in graph.input}
@@ -877,16 +877,7 @@ def restore_attribute_tensor_names(model: onnx.ModelProto) -> None:
 
 def _copy_shell(template: onnx.ModelProto, model: onnx.ModelProto) -> None:
     """Copies every model field but the graph (which may hold gigabytes) from template to model."""
-    for field, value in template.ListFields():
-        if field.name == "graph":
-            continue
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        if repeated:
-            getattr(model, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(model, field.name).CopyFrom(value)
-        else:
-            setattr(model, field.name, value)
+    _copy_fields(template, model, skip=("graph",))
 
 
 def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
