@@ -23,9 +23,11 @@ concatenated with the new keys (GPT-2 with past). Rules (stats keys in brackets)
 
 Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
 positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
-would be ``1/sqrt(D)``), so only rounding differs. The splits must be provably the head split: a
-constant target ``[B|0, S|0, H, D]`` (one of the four may be ``-1``) on a value whose last dimension
-``H*D`` is known, and ``K``/``V`` must have the query's ``H`` heads (MultiHeadAttention has no grouped
+would be ``1/sqrt(D)``), so only rounding differs. The splits must be provably the head split, on a
+value whose last dimension ``H*D`` is known: a constant target ``[B|0, S|0, H, D]`` (one of the four
+may be ``-1``), or a target computed at run time (the dynamo exporter reads ``B`` and ``S`` from the
+graph inputs' shapes) whose output inferred shapes show to be ``[B, S, H, D]`` with the input's own
+``B`` and ``S``; ``K``/``V`` must have the query's ``H`` heads (MultiHeadAttention has no grouped
 heads). The merge keeps its own target, so the result has exactly the original's shape; only when the
 target is ``[B|0, S|0, -1|H*Dv]`` is it dropped. Both operators want a mask whose last two dimensions
 are ``S`` and ``T``: a mask not known to have them is first expanded to ``[B, 1, S, T]`` with the
@@ -133,11 +135,11 @@ def head_split(m: Match, tag: str, source: str) -> HeadSplit | str:
     """How the Reshape tagged ``tag`` splits ``m[source]`` into heads, or why it is not a head split."""
     node = m.node(tag)
     shape = m.shape(source)
-    target = ir.constant_value(node.inputs[1])
-    if target is None:
-        return f"the target of '{node.name}' is not constant"
     if shape is None or len(shape) != 3 or not isinstance(shape[2], int) or shape[2] <= 0:
         return f"'{m[source].name}' is not known to be [B, S, hidden] with a known hidden size"
+    target = ir.constant_value(node.inputs[1])
+    if target is None:
+        return head_split_at_run_time(node, shape)
     target = [int(t) for t in target.reshape(-1)]
     if len(target) != 4:
         return f"'{node.name}' does not reshape to 4 dimensions"
@@ -157,6 +159,28 @@ def head_split(m: Match, tag: str, source: str) -> HeadSplit | str:
         size = hidden // heads
     if heads <= 0 or size <= 0 or heads * size != hidden:
         return f"'{node.name}' does not split {hidden} into heads"
+    return HeadSplit(heads, size)
+
+
+def head_split_at_run_time(node: gs.Node, shape: list) -> HeadSplit | str:
+    """How a Reshape whose target is computed at run time splits its ``[B, S, hidden]`` input, or why it is
+    not known to be a head split.
+
+    The dynamo exporter computes every view's target from the graph inputs' shapes
+    (``Concat(Shape(input_ids)[0:1], Shape(attention_mask)[1:2], [-1, D])``), where TorchScript reads the
+    reshaped value's own. Inferred shapes decide: the output must be ``[B, S, H, D]`` with ``B`` and ``S``
+    provably the input's (the same number or symbol) and ``H`` or ``D`` known; the size then fixes the other.
+    """
+    output = node.outputs[0].shape
+    if output is None or len(output) != 4 or not all(_named_same_dim(output[axis], shape[axis]) for axis in (0, 1)):
+        return f"the target of '{node.name}' is not constant, nor is its output known to keep its input's B and S"
+    hidden, (heads, size) = shape[2], output[2:]
+    if not isinstance(heads, int) and isinstance(size, int) and size > 0 and hidden % size == 0:
+        heads = hidden // size
+    if not isinstance(size, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        size = hidden // heads
+    if not (isinstance(heads, int) and isinstance(size, int)) or heads <= 0 or size <= 0 or heads * size != hidden:
+        return f"'{node.name}' is not known to split {hidden} into heads"
     return HeadSplit(heads, size)
 
 
@@ -261,6 +285,12 @@ def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchRe
 def _same_dim(a, b) -> bool:
     """Whether two inferred dimensions are provably equal (the same number or the same symbol)."""
     return a is not None and a == b and not (isinstance(a, int) and a < 0)
+
+
+def _named_same_dim(a, b) -> bool:
+    """Like ``_same_dim``, but never on a symbol onnx's inference made up (``unk__N``): each engine numbers
+    its own, so two of them with one name need not be one size."""
+    return _same_dim(a, b) and not (isinstance(a, str) and a.startswith("unk__"))
 
 
 def _dim(op, tensor: gs.Tensor, axis: int, opset: int) -> gs.Tensor:

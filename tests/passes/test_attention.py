@@ -48,6 +48,9 @@ class Spec:
     split_target: tuple | None = None  # the query's head split target, default [0, 0, -1, D]
     merge_target: tuple | None = None  # default [0, 0, -1]
     merge_from_shape: bool = False  # the merge target computed from the query's shape at run time
+    # The dynamo exporter: every head split's target is Concat(Shape(ids)[0:1], Shape(ids)[1:2], [-1, D]), with
+    # allowzero=1, read from another input "ids" of these dimensions.
+    split_from: tuple | None = None
 
 
 def attention_model(spec: Spec) -> onnx.ModelProto:
@@ -74,8 +77,18 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
 
     inputs = [value("q", elem, [spec.batch, spec.seq, hidden])]
     q = scaled("q", spec.scale) if spec.scale_at == "query" else "q"
+
+    def split_heads(x: str, constant_target: list) -> str:
+        if spec.split_from is None:
+            return node("Reshape", x, const(constant_target, np.int64))
+        dims = [node("Shape", "ids", start=axis, end=axis + 1) for axis in (0, 1)]
+        target = node("Concat", *dims, const([-1, spec.head_size], np.int64), axis=0)
+        return node("Reshape", x, target, allowzero=1)
+
+    if spec.split_from is not None:
+        inputs.append(value("ids", TensorProto.INT64, list(spec.split_from)))
     split = list(spec.split_target or (0, 0, -1, spec.head_size))
-    query = node("Transpose", node("Reshape", q, const(split, np.int64)), perm=[0, 2, 1, 3])
+    query = node("Transpose", split_heads(q, split), perm=[0, 2, 1, 3])
     if spec.cache:
         inputs += [value("k", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size]),
                    value("v", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size])]
@@ -83,9 +96,9 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     else:
         inputs += [value("k", elem, [spec.batch, spec.kv_seq, kv_hidden]),
                    value("v", elem, [spec.batch, spec.kv_seq, kv_hidden])]
-        kv_split = const([0, 0, -1, spec.head_size], np.int64)
-        key_t = node("Transpose", node("Reshape", "k", kv_split), perm=[0, 2, 3, 1])
-        values = node("Transpose", node("Reshape", "v", kv_split), perm=[0, 2, 1, 3])
+        kv_split = [0, 0, -1, spec.head_size]
+        key_t = node("Transpose", split_heads("k", kv_split), perm=[0, 2, 3, 1])
+        values = node("Transpose", split_heads("v", kv_split), perm=[0, 2, 1, 3])
     if spec.scale_at == "both_heads":
         root = float(np.sqrt(spec.scale))
         query, key_t = scaled(query, root), scaled(key_t, root)
@@ -178,6 +191,8 @@ ORT_CASES = {
     "dynamic_merge": Spec(batch="B", seq="S", kv_seq="S", merge_from_shape=True),
     "merge_keeps_heads": Spec(merge_target=(0, 0, 0, -1)),  # a merge that does not merge: restored first
     "opset_12_softmax": Spec(opset=12, softmax_axis=3),
+    "dynamo_split_from_inputs": Spec(batch="B", seq="S", kv_seq="S", split_from=("B", "S"), mask=("B", 1, "S", "S")),
+    "dynamo_split_from_static_inputs": Spec(split_from=(2, 5)),
 }
 
 
@@ -194,6 +209,7 @@ STANDARD_CASES = {
     "dynamo": Spec(opset=23, scale_at="both_heads", scale=0.3, mask=(5, 5)),
     "float16": Spec(opset=23, dtype=np.float16, mask=(2, 1, 5, 5)),
     "dynamic_merge": Spec(opset=23, batch="B", seq="S", kv_seq="S", merge_from_shape=True),
+    "dynamo_split_from_inputs": Spec(opset=23, batch="B", seq="S", kv_seq="S", split_from=("B", "S")),
 }
 
 
@@ -232,6 +248,11 @@ NOT_FUSED = {
     "split_mixes_batches": (Spec(split_target=(1, 10, -1, 4)), "keep the first two dimensions"),
     "float64": (Spec(dtype=np.float64), "float64"),
     "scale_fed_at_run_time": (Spec(scale_at="scores_input"), "not a scalar float constant"),
+    # Targets read from an input whose dimensions are not provably the query's: [B2, S2] may be [S, B].
+    "split_from_unrelated_input": (Spec(batch="B", seq="S", kv_seq="S", split_from=("B2", "S2")),
+                                   "nor is its output known to keep"),
+    # [2, 5, 12] -> [1, 10, 3, 4] again, with the target read at run time.
+    "split_from_input_mixes_batches": (Spec(split_from=(1, 10)), "nor is its output known to keep"),
 }
 
 
