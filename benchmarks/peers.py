@@ -39,7 +39,7 @@ def run_onnxopt(src: str, dst: str, verify: bool = True) -> dict:
     import onnxopt
 
     result = onnxopt.optimize_model(src, verify=verify)
-    onnxopt.save_model(result.model, dst)
+    result.save(dst)
     report = result.report
     extra = {"iterations": report.iterations, "converged": report.converged, "pass_runs": len(report.records),
              "report_seconds": round(report.seconds, 3)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,20 +102,29 @@ def optimize_model(
     pipeline = parse_pipeline(passes if passes is not None else default_pipeline(target), registry)
     ctx = PassContext(target=target, input_shapes=dict(input_shapes or {}))
     original = ir.load_model(model)
-    reference = None
-    if mode != "off":
-        if inputs is not None:
-            reference = (inputs, _run_reference(original, inputs))
-        else:
-            reference = reference_run(original, ctx.input_shapes)
+    source_path = None if isinstance(model, onnx.ModelProto) else model
     manager = PassManager(pipeline, max_iterations=max_iterations, verify_each=mode == "each", instruments=instruments)
-    working = original if upgrade_opset is None else ir.upgrade_opset(original, upgrade_opset)
-    weights: dict[str, onnx.TensorProto] = {}
-    optimized, report = manager.run(working, ctx, reference, weights)
+    with ThreadPoolExecutor(max_workers=1) as background:
+        reference = None
+        if mode != "off":
+            if inputs is not None:
+                reference = (inputs, _run_reference(original, inputs))
+            elif mode == "each":
+                reference = reference_run(original, ctx.input_shapes, path=source_path)
+            else:
+                # onnxruntime releases the GIL while it builds the session and runs the original, so that
+                # work (about a third of the total on big models) overlaps the passes.
+                reference = background.submit(reference_run, original, ctx.input_shapes, path=source_path)
+        working = original if upgrade_opset is None else ir.upgrade_opset(original, upgrade_opset)
+        weights: dict[str, onnx.TensorProto] = {}
+        optimized, report = manager.run(working, ctx, reference if isinstance(reference, tuple) else None, weights)
+        if isinstance(reference, Future):
+            reference = reference.result()
     result = OptimizationResult(optimized, report, weights)
     _check_output(original, optimized)
     if mode != "off":
-        report.verification = verify_models(original, result.model, inputs=reference[0], expected=reference[1])
+        report.verification = verify_models(original, optimized, inputs=reference[0], expected=reference[1],
+                                            weights=weights)
         if not report.verification.ok:
             error = VerificationError(
                 f"the optimized model computes different outputs: {report.verification.summary()}",

@@ -414,6 +414,11 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     return converted
 
 
+def stubbed_bytes(weights: dict[str, TensorProto]) -> int:
+    """Bytes of the weights ``export_model`` left out of a model as stubs, as declared."""
+    return sum(_declared_nbytes(w) or 0 for w in weights.values())
+
+
 def model_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by tensors of the model (initializers and tensor attributes), as declared."""
     return sum(_declared_nbytes(t) or len(t.raw_data) for t in _iter_model_tensors(model))
@@ -509,6 +514,53 @@ def _with_external_data(model: onnx.ModelProto, data_path: Path,
     return light, writer.count
 
 
+_MODEL_GRAPH_TAG = bytes([onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2])
+_GRAPH_INITIALIZER_TAG = bytes([onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def serialized_chunks(model: onnx.ModelProto, weights: dict[str, TensorProto]) -> Iterator[bytes]:
+    """The bytes of ``model`` with the stubs ``export_model`` left filled from ``weights``, piece by piece.
+
+    Filling a copy of the model and serializing it would hold every weight three times (source, copy,
+    bytes); here the model without its main graph's weights is serialized once, and each weight is
+    serialized on its own as one more initializer of the same graph field, whose length is computed
+    first. The result is one ordinary ModelProto (the filled initializers come last in their list).
+    """
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    streamed, kept = [], []
+    for tensor in light.graph.initializer:
+        source = _weight_source(tensor, weights)
+        (kept if source is None else streamed).append(tensor if source is None else source)
+    del light.graph.initializer[:]
+    light.graph.initializer.extend(kept)
+    fill_weights(light, weights)  # stubs elsewhere (subgraphs, Constant values) are few and filled in place
+    graph = light.graph.SerializeToString()
+    light.ClearField("graph")
+    sizes = [tensor.ByteSize() for tensor in streamed]
+    graph_size = len(graph) + sum(len(_GRAPH_INITIALIZER_TAG) + len(_varint(n)) + n for n in sizes)
+    yield light.SerializeToString()
+    yield _MODEL_GRAPH_TAG + _varint(graph_size)
+    yield graph
+    for tensor, size in zip(streamed, sizes):
+        yield _GRAPH_INITIALIZER_TAG + _varint(size)
+        yield tensor.SerializeToString()
+
+
+def model_bytes(model: onnx.ModelProto, weights: dict[str, TensorProto] | None = None) -> bytes:
+    """The serialized model, with the stubs ``export_model`` left filled from ``weights``."""
+    return b"".join(serialized_chunks(model, weights)) if weights else model.SerializeToString()
+
+
 def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
     """Raises ``UserError`` unless a file can be written at ``path`` (its folder exists, it is no folder)."""
     path = Path(path)
@@ -535,13 +587,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     directory = path.resolve().parent
     weights = weights or {}
     if external_data is None:
-        stubbed = sum(_declared_nbytes(w) or 0 for w in weights.values())
-        external_data = model_weight_bytes(model) + stubbed > PROTOBUF_LIMIT_BYTES // 2
-    if weights and not external_data:
-        filled = onnx.ModelProto()
-        filled.CopyFrom(model)
-        fill_weights(filled, weights)
-        model = filled
+        external_data = model_weight_bytes(model) + stubbed_bytes(weights) > PROTOBUF_LIMIT_BYTES // 2
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory))
     written: list[Path] = []
     try:
@@ -552,7 +598,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         if external_data:
             to_write, moved = _with_external_data(model, data_file, weights)
         with open(staged_model, "wb") as model_file:
-            model_file.write(to_write.SerializeToString())
+            chunks = serialized_chunks(to_write, weights) if weights and not external_data else [to_write.SerializeToString()]
+            for chunk in chunks:
+                model_file.write(chunk)
         if data_file.exists() and not moved:
             data_file.unlink()  # no tensor was large enough to move: don't leave an empty, unreferenced file
         if data_file.exists():
@@ -774,6 +822,8 @@ def _weights_stubbed(graph: gs.Graph) -> Iterator[dict[str, TensorProto]]:
     swapped: list[tuple[gs.Constant, object]] = []
     for sub in all_graphs(graph):
         for tensor in sub.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                _hold_as_proto(tensor)
             lazy = getattr(tensor, "_values", None) if isinstance(tensor, gs.Constant) else None
             proto = getattr(lazy, "tensor", None)
             if (isinstance(lazy, gs.ir.tensor.LazyValues) and isinstance(proto, TensorProto)
@@ -787,6 +837,18 @@ def _weights_stubbed(graph: gs.Graph) -> Iterator[dict[str, TensorProto]]:
     finally:
         for tensor, lazy in swapped:
             tensor._values = lazy
+
+
+def _hold_as_proto(constant: gs.Constant) -> None:
+    """Makes a large constant a pass computed as a numpy array hold a TensorProto instead, once.
+
+    Such a constant (a fused or packed weight) would otherwise be converted by graphsurgeon's exporter on
+    every export, and shape inference exports the graph before each pass; as a TensorProto it is stubbed
+    like the weights that were loaded.
+    """
+    data = constant._values
+    if isinstance(data, np.ndarray) and data.nbytes > STUB_THRESHOLD_BYTES and data.dtype.name in _NUMPY_EXPORTABLE:
+        constant._values = gs.ir.tensor.LazyValues(numpy_helper.from_array(data, constant.name))
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto,
@@ -1011,15 +1073,55 @@ def constant_array(constant: gs.Constant) -> np.ndarray:
     return np.asarray(data)
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of an initializer or ``Constant`` node output as a numpy array, else ``None``."""
+def _constant_holder(tensor: gs.Tensor) -> gs.Constant | None:
+    """The ``gs.Constant`` holding an initializer's or a ``Constant`` node's tensor value, if either."""
     if isinstance(tensor, gs.Constant):
-        return constant_array(tensor)
+        return tensor
+    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain not in ("", None):
+        return None
+    value = tensor.inputs[0].attrs.get("value")
+    return value if isinstance(value, gs.Constant) else None
+
+
+def constant_shape_dtype(tensor: gs.Tensor) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and numpy dtype of an initializer or ``Constant`` node output, else ``None``.
+
+    They are read without the data: reading a weight copies it out of its TensorProto, so a rule that
+    only wants some constants (small ones such as axes and scalars, or matrices of a type) asks first.
+    """
+    holder = _constant_holder(tensor)
+    if holder is None:
+        value = constant_value(tensor)
+        return None if value is None else (value.shape, value.dtype)
+    data = holder._values
+    if isinstance(data, gs.ir.tensor.LazyValues) and isinstance(data.tensor, TensorProto):
+        proto = data.tensor
+        return tuple(int(d) for d in proto.dims), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(proto.data_type))
+    array = constant_array(holder)
+    return array.shape, array.dtype
+
+
+def constant_size(tensor: gs.Tensor) -> int | None:
+    """The element count of an initializer or ``Constant`` node output, read without its data; else ``None``."""
+    found = constant_shape_dtype(tensor)
+    return None if found is None else int(np.prod(found[0], dtype=np.int64))
+
+
+def constant_value(tensor: gs.Tensor, max_size: int | None = None) -> np.ndarray | None:
+    """The value of an initializer or ``Constant`` node output as a numpy array, else ``None``.
+
+    With ``max_size``, a constant of more elements also gives ``None``, without its data being read.
+    """
+    if max_size is not None:
+        size = constant_size(tensor)
+        if size is None or size > max_size:
+            return None
+    holder = _constant_holder(tensor)
+    if holder is not None:
+        return constant_array(holder)
     if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain not in ("", None):
         return None
     attrs = tensor.inputs[0].attrs
-    if isinstance(attrs.get("value"), gs.Constant):
-        return constant_array(attrs["value"])
     for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)

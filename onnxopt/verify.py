@@ -196,23 +196,31 @@ def make_inputs(
     return feeds
 
 
-def session(model: onnx.ModelProto, workdir: str | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session with graph optimizations disabled; large models go through a file."""
+def session(model: onnx.ModelProto, workdir: str | None = None, weights: dict[str, onnx.TensorProto] | None = None,
+            path: str | os.PathLike | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with graph optimizations disabled; large models go through a file.
+
+    ``weights`` fills the stubs ``ir.export_model`` left in ``model``. ``path`` names a file holding
+    exactly ``model``, which onnxruntime then reads itself instead of getting the model serialized.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     # Fatal only: a kernel failure is reported through the exception we turn into a message; onnxruntime's
     # own error log would add lines to stderr, which the CLI keeps to one line per error.
     options.log_severity_level = 4
-    if ir.model_weight_bytes(model) < ir.PROTOBUF_LIMIT_BYTES // 2:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory(dir=workdir) as folder:
-        path = Path(folder) / "model.onnx"
-        ir.save_model(model, path, external_data=True)
+    if path is not None:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if ir.model_weight_bytes(model) + ir.stubbed_bytes(weights or {}) < ir.PROTOBUF_LIMIT_BYTES // 2:
+        return ort.InferenceSession(ir.model_bytes(model, weights), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(dir=workdir) as folder:
+        model_path = Path(folder) / "model.onnx"
+        ir.save_model(model, model_path, external_data=True, weights=weights)
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sess = session(model)
+def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
+              weights: dict[str, onnx.TensorProto] | None = None) -> dict[str, np.ndarray]:
+    sess = session(model, weights=weights)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -270,10 +278,12 @@ def verify_models(
     input_shapes: dict[str, list[int]] | None = None,
     inputs: dict[str, np.ndarray] | None = None,
     expected: dict[str, np.ndarray] | None = None,
+    weights: dict[str, onnx.TensorProto] | None = None,
 ) -> Comparison:
     """Runs both models on the same inputs and compares every output.
 
     ``expected`` lets callers that verify many times reuse the original's outputs; pass ``inputs`` too.
+    ``weights`` fills the stubs ``ir.export_model`` left in ``optimized``.
     """
     random_ops = sorted({n.op_type for n in _all_proto_nodes(original.graph) if n.op_type in RANDOM_OPS})
     if random_ops:
@@ -287,7 +297,7 @@ def verify_models(
     if isinstance(expected, str):
         return Comparison(ok=True, skipped=expected)
     try:
-        got = run_model(optimized, inputs)
+        got = run_model(optimized, inputs, weights)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises many types; all mean the model is broken
         return Comparison(ok=False, outputs=[OutputComparison("*", "", False, np.inf, np.inf, 0, 0,
                                                               f"optimized model fails in onnxruntime: {error}")])
@@ -297,11 +307,15 @@ def verify_models(
 
 
 def reference_run(
-    original: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+    original: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None,
+    path: str | os.PathLike | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | str]:
-    """Generates inputs the original model accepts and its outputs; a reason string if it cannot run."""
+    """Generates inputs the original model accepts and its outputs; a reason string if it cannot run.
+
+    ``path`` names the file ``original`` was loaded from, if any (see ``session``).
+    """
     try:
-        sess = session(original)
+        sess = session(original, path=path)
     except Exception as error:  # noqa: BLE001
         return {}, f"onnxruntime cannot load the original model ({_short(error)})"
     names = [o.name for o in sess.get_outputs()]

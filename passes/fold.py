@@ -170,6 +170,11 @@ _INT_ARITHMETIC = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b, "Mul": 
                    "Div": lambda a, b: a // b if a >= 0 and b > 0 else None}
 
 
+# Shape vectors have a few elements; a larger constant is a weight or a table, which shape arithmetic never
+# reads, and reading it would copy it out of its TensorProto for nothing.
+MAX_PARTIAL_ELEMENTS = 1024
+
+
 @dataclass(frozen=True)
 class PartialValue:
     """A small integer tensor (rank 0 or 1) some of whose elements are known, as shapes often are.
@@ -201,7 +206,7 @@ def _in_range(elements: tuple[int | None, ...], dtype: np.dtype) -> tuple[int | 
 def _as_partial(tensor: gs.Tensor, partials: dict[int, PartialValue]) -> PartialValue | None:
     if id(tensor) in partials:
         return partials[id(tensor)]
-    value = ir.constant_value(tensor)
+    value = ir.constant_value(tensor, max_size=MAX_PARTIAL_ELEMENTS)
     if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
         return None
     return PartialValue(tuple(int(v) for v in value.reshape(-1)), scalar=value.ndim == 0, dtype=value.dtype)

@@ -152,7 +152,7 @@ def finite_constant(m: Match, name: str, dtype: np.dtype | None) -> str | None:
 
 def weight_to_rescale(m: Match, name: str) -> str | None:
     """Why the weight bound to ``name`` cannot be rescaled in place, or ``None``."""
-    if m.value(name) is None:
+    if not m.is_constant(name):
         return "the weight is not constant"
     # Another reader keeps the old weight alive: folding would store a second, scaled copy.
     if len(m[name].outputs) > 1:
@@ -455,14 +455,16 @@ class MatMulAddToGemm(RewriteRule):
         return op.Add(op.MatMul(a, b), c)
 
     def check(self, m: Match) -> MatchResult:
+        # A's rank first: it is cheap and rules out most sites (transformers multiply 3-D activations)
+        # before B, a weight, is copied out of its TensorProto.
+        a_shape = m.shape("a")
+        if a_shape is None or len(a_shape) != 2:
+            return m.fail("A is not known to be 2-D")
         b_value, c_value = m.value("b"), m.value("c")
         if b_value is None or b_value.ndim != 2:
             return m.fail("B is not a constant matrix")
         if c_value is None:
             return m.fail("the addend is not constant")
-        a_shape = m.shape("a")
-        if a_shape is None or len(a_shape) != 2:
-            return m.fail("A is not known to be 2-D")
         if b_value.dtype.name not in ("float32", "float64"):
             return m.fail(f"Gemm here only for float32/float64, not {b_value.dtype}")
         a_dtype = m.dtype("a")

@@ -179,3 +179,67 @@ def test_string_and_bool_values_round_trip():
     feeds = {"s": np.array(["x", "y"], dtype=object), "b": np.array([True, False])}
     want, got = run(model, feeds), run(optimized, feeds)
     assert list(got[0]) == list(want[0]) and list(got[1]) == list(want[1])
+
+
+def _model_with_large_weights() -> onnx.ModelProto:
+    """Two 128 KiB weights in the main graph and one inside an If branch: all are left as stubs."""
+    rng = np.random.default_rng(0)
+    first, second, inner = (rng.standard_normal((128, 256)).astype(np.float32) for _ in range(3))
+    branch = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "inner_w"], ["branch_out"])], "then",
+        [], [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [2, 256])],
+        initializer=[onnx.numpy_helper.from_array(inner, "inner_w")])
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Add", ["h", "h"], ["y"]),
+        helper.make_node("MatMul", ["x", "w2"], ["z"]),
+        helper.make_node("Constant", [], ["flag"], value=onnx.numpy_helper.from_array(np.array(True))),
+        helper.make_node("If", ["flag"], ["picked"], then_branch=branch, else_branch=branch),
+    ]
+    return make_model(nodes, [value("x", shape=[2, 128])],
+                      [value("y", shape=[2, 256]), value("z", shape=[2, 256]), value("picked", shape=[2, 256])],
+                      initializers=[tensor("w1", first), tensor("w2", second)])
+
+
+def test_streamed_serialization_is_the_filled_model():
+    model = _model_with_large_weights()
+    graph = ir.import_model(model)
+    weights: dict[str, onnx.TensorProto] = {}
+    light = ir.export_model(graph, model, weights=weights)
+    assert set(weights) >= {"w1", "w2"}
+
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(ir.model_bytes(light, weights))
+    full = ir.export_model(ir.import_model(model), model)
+    by_name = {t.name: t for t in parsed.graph.initializer}
+    assert by_name == {t.name: t for t in full.graph.initializer}
+    parsed.graph.ClearField("initializer")
+    full.graph.ClearField("initializer")
+    assert parsed == full
+
+
+def test_save_streams_stubbed_weights_into_one_valid_file(tmp_path):
+    model = _model_with_large_weights()
+    weights: dict[str, onnx.TensorProto] = {}
+    light = ir.export_model(ir.import_model(model), model, weights=weights)
+    path = tmp_path / "out.onnx"
+    ir.save_model(light, path, weights=weights)
+    saved = onnx.load(str(path))
+    onnx.checker.check_model(saved, full_check=True)
+    assert_same_outputs(model, saved)
+
+
+def test_large_computed_constant_is_exported_from_a_tensor_proto():
+    """A weight a pass computes as a numpy array is converted to a TensorProto once, then stubbed."""
+    model = _model_with_large_weights()
+    graph = ir.import_model(model)
+    matmul = next(n for n in graph.nodes if n.op == "MatMul")
+    computed = np.full((128, 256), 0.5, np.float32)
+    matmul.inputs[1] = ir.make_constant(graph, computed, "computed_w")
+    weights: dict[str, onnx.TensorProto] = {}
+    light = ir.export_model(graph, model, weights=weights)
+    stub = next(t for t in light.graph.initializer if t.name == matmul.inputs[1].name)
+    assert not stub.raw_data and matmul.inputs[1].name in weights
+    filled = ir.export_model(graph, model)
+    feeds = {"x": np.ones((2, 128), np.float32)}
+    assert np.allclose(run(filled, feeds)[0], 2 * 64.0 * np.ones((2, 256)))
