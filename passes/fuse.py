@@ -33,6 +33,10 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
   the input's shape [``reshapes_around_elementwise``];
 * ``transposes``: Transpose folded into Gemm/MatMul, moved through element-wise operators where it then
   cancels [``transpose_gemm``, ``transpose_matmul``, ``transpose_elementwise``, ``elementwise_transposes``];
+* ``rotary``: RotaryEmbedding (opset 23) from Llama's ``x * cos + rotate_half(x) * sin`` on 4-D queries and
+  keys, when cos and sin provably repeat one half, and partial rotation folded into its
+  ``rotary_embedding_dim`` (generic target and onnxruntime only) [``rotary_embedding``,
+  ``rotary_embedding_partial``];
 * ``horizontal``: MatMuls (or Gemms) by constant weights on one input, with optional per-column biases,
   packed into one MatMul + Add + Split (generic target; ``ort_fuse`` packs attention
   projections its own way) [``parallel_matmuls_to_split``].
@@ -40,7 +44,8 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
 A rule whose operator the model's opset lacks does not run. For ``--target tensorrt`` (whose parser
 could not be checked here) only LayerNormalization and HardSigmoid among the fused operators are
 emitted; the others stay decomposed, a form TensorRT fuses itself. OpenVINO 2026.4 and onnxruntime 1.32
-were checked to compile and run every fused operator emitted (float32 and float16).
+were checked to compile and run every fused operator emitted (float32 and float16); RotaryEmbedding is
+not emitted for ``--target openvino``, which ran it slower than the decomposed form.
 
 A fusion only fires when the intermediate value has no other reader and is not a graph output (Transpose
 pairs excepted: a shared first Transpose stays, and the second reads its input directly).
@@ -57,7 +62,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext
-from onnxopt.passes.fusions import activations, affine, horizontal, normalization, reshapes, transposes
+from onnxopt.passes.fusions import activations, affine, horizontal, normalization, reshapes, rotary, transposes
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
@@ -394,7 +399,8 @@ class NoopCastPair(RewriteRule):
 
 RULES = ((PadConvToConv(),) + affine.RULES + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(),
          NoopDropout(), NoopExpand(), NoopSlice(), NoopPad(), NoopCastPair())
-         + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES + horizontal.RULES)
+         + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES + rotary.RULES
+         + horizontal.RULES)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,382 @@
+"""Tests of ``fuse``'s rotary rules: RotaryEmbedding (opset 23) from Llama's rotate-half form.
+
+The hand-built graphs write the rotation the way both torch exporters write Hugging Face's Llama
+(``tests/fixtures/make_llama.py`` exports the tiny models these are read from): cos and sin computed at
+run time as ``cos(concat(f, f))`` with ``f = positions * inv_freq``, unsqueezed on the heads axis;
+``rotate_half`` as two Slices, a Neg and a Concat, the slice bounds constant (dynamo) or computed from
+the head size at run time and multiplied by a scaling of 1 and cast (TorchScript, which ``fold`` first
+makes constant). Every rewrite is checked in onnxruntime with graph optimizations off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
+from onnx import TensorProto, helper
+from onnxopt.passes.fuse import Fuse
+
+from onnxopt import ir, optimize_model
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import PassContext, Target
+
+ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
+INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One rotary site, ``y = x * cos + rotate_half(x) * sin``; the defaults are Llama's as dynamo exports it.
+
+    The fields that make a wrong graph (``split``, ``order``, ``cos_halves``, ...) are for the tests where
+    the rule must not fire.
+    """
+
+    batch: int | str = "batch"
+    heads: int = 4
+    seq: int | str = "seq"
+    head_size: int = 16
+    positions_batch: str = "one"  # "one": positions of shape (1, S); "x": (B, S), x's batch
+    form: str = "dynamo"  # "torchscript": slice bounds from x's shape, cos and sin scaled by 1.0 and cast
+    negate: str = "neg"  # or "mul": times -1
+    rotary_dim: int | None = None  # partial rotation of x[..., :rotary_dim]; the rest passes through
+    passed_start: int | None = None  # where the part passed through starts (default: rotary_dim)
+    opset: int = 23
+    dtype: type = np.float32
+    constant_cos: bool = False  # cos and sin as constants (static shapes only)
+    split: int | None = None  # where rotate_half splits (default: the middle)
+    order: str = "neg_first"  # or "neg_last": concat(x1, -x2)
+    slice_axis: int = 3
+    cos_halves: str = "same"  # or "different": concat(f, 2 * f)
+    unsqueeze_axis: int = 1  # 2: the (B, S, N, d) layout, x then given as (B, S, N, d)
+
+
+class Graph:
+    """Nodes and constants of a test graph, with fresh value names."""
+
+    def __init__(self, rope: Rope):
+        self.rope = rope
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.count = 0
+
+    def const(self, array, dtype=None) -> str:
+        self.count += 1
+        name = f"c{self.count}"
+        self.inits.append(tensor(name, np.asarray(array, dtype or self.rope.dtype)))
+        return name
+
+    def ints(self, values) -> str:
+        return self.const(list(values), np.int64)
+
+    def node(self, op: str, *inputs: str, **attrs) -> str:
+        self.count += 1
+        out = f"{op.lower()}{self.count}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], **attrs))
+        return out
+
+
+def cos_sin_values(rope: Rope, rotated: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constant (1, 1, S, rotated) cos and sin of positions 0..S-1, halves equal."""
+    inv_freq = 10000.0 ** (-np.arange(0, rotated, 2) / rotated)
+    angles = np.arange(rope.seq)[:, None] * inv_freq
+    angles = np.concatenate([angles, angles if rope.cos_halves == "same" else 2 * angles], -1)
+    return (np.cos(angles)[None, None].astype(rope.dtype), np.sin(angles)[None, None].astype(rope.dtype))
+
+
+def cos_sin(g: Graph, rotated: int) -> tuple[str, str]:
+    """cos and sin multiplied with x: ``Unsqueeze(cos(concat(f, f)), 1)`` with ``f = positions * inv_freq``."""
+    rope = g.rope
+    if rope.constant_cos:
+        cos, sin = cos_sin_values(rope, rotated)
+        return g.const(cos), g.const(sin)
+    inv_freq = (10000.0 ** (-np.arange(0, rotated, 2) / rotated)).astype(np.float32)
+    freqs = g.node("Mul", g.node("Cast", g.node("Unsqueeze", "positions", g.ints([2])), to=TensorProto.FLOAT),
+                   g.const(inv_freq, np.float32))
+    other = freqs if rope.cos_halves == "same" else g.node("Mul", freqs, g.const(2.0, np.float32))
+    angles = g.node("Concat", freqs, other, axis=-1)
+    outputs = []
+    for function in ("Cos", "Sin"):
+        wave = g.node(function, angles)
+        if rope.form == "torchscript":  # transformers' attention_scaling, then .to(x.dtype)
+            wave = g.node("Mul", wave, g.const(1.0, np.float32))
+        wave = g.node("Cast", wave, to=ELEM[rope.dtype])
+        outputs.append(g.node("Unsqueeze", wave, g.ints([rope.unsqueeze_axis])))
+    return outputs[0], outputs[1]
+
+
+def half_bound(g: Graph, x: str, size: int) -> str:
+    """The middle of x's last axis: a constant (dynamo), or x.shape[-1] // 2 computed at run time (TorchScript)."""
+    if g.rope.form != "torchscript" or g.rope.split is not None:
+        return g.ints([g.rope.split if g.rope.split is not None else size // 2])
+    dim = g.node("Gather", g.node("Shape", x), g.const(np.array(3, np.int64), np.int64), axis=0)
+    half = g.node("Cast", g.node("Div", dim, g.const(np.array(2, np.int64), np.int64)), to=TensorProto.INT64)
+    return g.node("Unsqueeze", half, g.ints([0]))
+
+
+def rotate_half(g: Graph, x: str, size: int) -> str:
+    rope = g.rope
+    middle = half_bound(g, x, size)
+    axis = g.ints([rope.slice_axis])
+    low = g.node("Slice", x, g.ints([0]), middle, axis, g.ints([1]))
+    high = g.node("Slice", x, middle, g.ints([INT64_MAX]), axis, g.ints([1]))
+    negated = g.node("Neg", high) if rope.negate == "neg" else g.node("Mul", high, g.const(-1.0))
+    halves = (negated, low) if rope.order == "neg_first" else (low, negated)
+    return g.node("Concat", *halves, axis=-1 if rope.slice_axis == 3 else rope.slice_axis)
+
+
+def x_shape(rope: Rope) -> list:
+    if rope.unsqueeze_axis == 2:
+        return [rope.batch, rope.seq, rope.heads, rope.head_size]
+    return [rope.batch, rope.heads, rope.seq, rope.head_size]
+
+
+def rope_model(rope: Rope = Rope()) -> onnx.ModelProto:
+    """x (and positions) -> x * cos + rotate_half(x) * sin -> y; with ``rotary_dim``, of x[..., :r] only."""
+    g = Graph(rope)
+    rotated_size = rope.rotary_dim or rope.head_size
+    x = "x"
+    if rope.rotary_dim:
+        x = g.node("Slice", "x", g.ints([0]), g.ints([rope.rotary_dim]), g.ints([-1]))
+    cos, sin = cos_sin(g, rotated_size)
+    y = g.node("Add", g.node("Mul", x, cos), g.node("Mul", rotate_half(g, x, rotated_size), sin))
+    if rope.rotary_dim:
+        start = rope.passed_start if rope.passed_start is not None else rope.rotary_dim
+        passed = g.node("Slice", "x", g.ints([start]), g.ints([start + rope.head_size - rope.rotary_dim]),
+                        g.ints([-1]))
+        y = g.node("Concat", y, passed, axis=-1)
+    g.nodes[-1].output[0] = "y"
+    elem = ELEM[rope.dtype]
+    inputs = [value("x", elem, x_shape(rope))]
+    if not rope.constant_cos:
+        batch = 1 if rope.positions_batch == "one" else rope.batch
+        inputs.append(value("positions", TensorProto.INT64, [batch, rope.seq]))
+    return make_model(g.nodes, inputs, [value("y", elem, x_shape(rope))], g.inits, opset=rope.opset, ir_version=10)
+
+
+def fuse(model: onnx.ModelProto, target: Target = Target.GENERIC):
+    """Runs fuse once; checks the pass contracts and onnx.checker on the result."""
+    graph = ir.import_model(model)
+    signature = IOSignature.of(graph)
+    result = Fuse()(graph, PassContext(original=model, target=target))
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, result
+
+
+def rotary_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+
+
+def producer_of(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if name in n.output)
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    found = [a for a in node.attribute if a.name == name]
+    return helper.get_attribute_value(found[0]) if found else default
+
+
+def feeds_for(model: onnx.ModelProto, batch: int = 2, seq: int = 5) -> dict[str, np.ndarray]:
+    """Random x and positions 3, 4, ... with the symbolic dimensions set to ``batch`` and ``seq``."""
+    sizes = {"batch": batch, "seq": seq}
+    shapes = {vi.name: [d.dim_value or sizes[d.dim_param] for d in vi.type.tensor_type.shape.dim]
+              for vi in model.graph.input}
+    dtype = helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    feeds = {"x": np.random.default_rng(1).standard_normal(shapes["x"]).astype(dtype)}
+    if "positions" in shapes:
+        rows, length = shapes["positions"]
+        feeds["positions"] = np.tile(np.arange(length, dtype=np.int64) + 3, (rows, 1))
+    return feeds
+
+
+def fuses(rope: Rope, rtol: float = 1e-4, atol: float = 1e-5, batch: int = 2, **stats) -> onnx.ModelProto:
+    """The rule fires (``stats``: rewrites per rule) and the fused model computes what the original does."""
+    model = rope_model(rope)
+    optimized, result = fuse(model)
+    for rule, count in {"rotary_embedding": 1, **stats}.items():
+        assert result.stats[rule] == count, result.stats
+    assert op_counts(optimized).get("RotaryEmbedding") == 1, op_counts(optimized)
+    assert "Neg" not in op_counts(optimized)
+    assert_same_outputs(model, optimized, feeds_for(model, batch), rtol=rtol, atol=atol)
+    return optimized
+
+
+def does_not_fuse(rope: Rope, target: Target = Target.GENERIC) -> None:
+    model = rope_model(rope)
+    optimized, result = fuse(model, target)
+    assert not result.stats.get("rotary_embedding") and not rotary_nodes(optimized)
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the rule fires
+
+
+def test_llama_rotation_becomes_rotary_embedding():
+    optimized = fuses(Rope())
+    (node,) = rotary_nodes(optimized)
+    assert node.input[0] == "x" and list(node.output) == ["y"]
+    assert attribute(node, "interleaved") == 0 and attribute(node, "rotary_embedding_dim", 0) == 0
+
+
+def test_cos_of_batch_one_is_expanded_to_the_batch_of_x():
+    # onnxruntime's kernel refuses (1, S, d/2) caches for x of batch 2: they are expanded (numbers checked at 2).
+    optimized = fuses(Rope(positions_batch="one"), batch=2)
+    assert op_counts(optimized)["Expand"] == 2
+
+
+def test_cos_of_the_batch_of_x_is_taken_as_it_is():
+    optimized = fuses(Rope(positions_batch="x"), batch=3)
+    assert "Expand" not in op_counts(optimized)
+
+
+def test_static_batch_of_one_needs_no_expansion():
+    optimized = fuses(Rope(batch=1, seq=5), batch=1)
+    assert "Expand" not in op_counts(optimized)
+
+
+def test_rotation_times_minus_one():
+    fuses(Rope(negate="mul"))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_constant_cos_and_sin_become_constant_caches(batch):
+    optimized = fuses(Rope(batch=batch, seq=6, constant_cos=True), batch=batch)
+    caches = {t.name: list(t.dims) for t in optimized.graph.initializer}
+    assert sorted(dims for dims in caches.values() if dims[-1:] == [8]) == [[1, 6, 8], [1, 6, 8]]
+    assert op_counts(optimized).get("Expand", 0) == (0 if batch == 1 else 2)
+
+
+def test_float16():
+    fuses(Rope(dtype=np.float16), rtol=1e-2, atol=2e-3)
+
+
+def test_torchscript_form_fuses_once_fold_has_made_the_bounds_constant():
+    model = rope_model(Rope(form="torchscript"))
+    assert not rotary_nodes(fuse(model)[0])  # slice bounds computed at run time: not provably the halves
+    optimized = optimize_model(model, passes="fold,cse,fuse,dce", verify=False).model
+    assert len(rotary_nodes(optimized)) == 1 and "Neg" not in op_counts(optimized)
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_partial_rotation_becomes_one_rotary_embedding_with_its_dimension():
+    optimized = fuses(Rope(head_size=16, rotary_dim=8), rotary_embedding_partial=1)
+    (node,) = rotary_nodes(optimized)
+    assert node.input[0] == "x" and list(node.output) == ["y"] and attribute(node, "rotary_embedding_dim") == 8
+
+
+def test_partial_rotation_with_another_part_passed_keeps_the_concat():
+    # concat(rotate(x[..., :8]), x[..., 4:12]) is not a partial rotation of x.
+    optimized = fuses(Rope(head_size=16, rotary_dim=8, passed_start=4), rotary_embedding_partial=0)
+    assert producer_of(optimized, "y").op_type == "Concat"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where it must not
+
+
+@pytest.mark.parametrize("rope", [
+    Rope(split=6),                          # rotate_half split off the middle
+    Rope(order="neg_last"),                 # concat(x1, -x2): the opposite rotation
+    Rope(cos_halves="different"),           # cos(concat(f, 2f)): halves differ
+    Rope(seq=5, constant_cos=True, batch=2, cos_halves="different"),  # a constant whose halves differ
+    Rope(opset=22),                         # no RotaryEmbedding in this opset
+    Rope(unsqueeze_axis=2),                 # (B, S, N, d): not the operator's 4-D layout
+    Rope(head_size=16, seq=16, slice_axis=2),  # rotates along the sequence axis
+], ids=["wrong-halves", "wrong-order", "cos-not-concat-c-c", "constant-halves-differ", "opset22",
+        "bsnh-layout", "wrong-axis"])
+def test_rotary_does_not_fire(rope):
+    does_not_fuse(rope)
+
+
+@pytest.mark.parametrize("target", [Target.OPENVINO, Target.TENSORRT])
+def test_rotary_is_not_emitted_for_openvino_or_tensorrt(target):
+    does_not_fuse(Rope(), target)
+
+
+def test_sequence_of_cos_not_provably_that_of_x_does_not_fire():
+    model = rope_model(Rope())
+    model.graph.input[1].type.tensor_type.shape.dim[1].dim_param = "other"  # positions of another length
+    optimized, result = fuse(model)
+    assert not result.stats["rotary_embedding"]
+
+
+def test_a_rotate_half_read_elsewhere_stays():
+    model = rope_model(Rope())
+    rotated = next(n for n in model.graph.node if n.op_type == "Concat" and n.input[0].startswith("neg")).output[0]
+    model.graph.output.append(value(rotated, TensorProto.FLOAT, x_shape(Rope())))
+    optimized, result = fuse(model)
+    assert not result.stats["rotary_embedding"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engines
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_openvino_computes_the_fused_model_as_onnxruntime_does():
+    import openvino as ov
+
+    model = rope_model(Rope(positions_batch="x"))
+    optimized, _ = fuse(model)
+    feeds = feeds_for(model, batch=2)
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(optimized.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    np.testing.assert_allclose(compiled(feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tiny Llama exports (tests/fixtures/make_llama.py): 2 layers, q and k rotated in each
+
+
+LLAMA_LAYERS = 2
+LLAMA_FIXTURES = ["llama_tiny_torchscript17.onnx", "llama_tiny_dynamo18.onnx",
+                  "llama_tiny_past_torchscript17.onnx", "llama_tiny_past_dynamo18.onnx"]
+
+
+def llama_feeds(model: onnx.ModelProto, batch: int = 2, seq: int = 5, past: int = 3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    sizes = {"batch": batch, "sequence": seq, "past_sequence": past}
+    feeds = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value or sizes.get(d.dim_param, past + seq) for d in vi.type.tensor_type.shape.dim]
+        if vi.name == "input_ids":
+            feeds[vi.name] = rng.integers(0, 64, dims).astype(np.int64)
+        elif vi.name == "attention_mask":
+            feeds[vi.name] = np.ones(dims, np.int64)
+        elif vi.name == "position_ids":
+            feeds[vi.name] = np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))
+        else:
+            feeds[vi.name] = rng.standard_normal(dims).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["generic", "ort"])
+@pytest.mark.parametrize("fixture", LLAMA_FIXTURES)
+def test_llama_fixture_gets_two_rotary_sites_per_layer(fixture, target):
+    model = onnx.load(str(FIXTURES / fixture))
+    optimized = optimize_model(model, target=target, upgrade_opset=23, verify=False).model
+    assert len(rotary_nodes(optimized)) == 2 * LLAMA_LAYERS
+    assert not any(n.op_type == "Neg" for n in optimized.graph.node)
+    feeds = llama_feeds(model)
+    for expected, actual in zip(run(model, feeds), run(optimized, feeds)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_llama_fixture_keeps_the_decomposed_rotation_for_openvino():
+    model = onnx.load(str(FIXTURES / "llama_tiny_dynamo18.onnx"))
+    optimized = optimize_model(model, target="openvino", upgrade_opset=23, verify=False).model
+    assert not rotary_nodes(optimized)
+    assert sum(n.op_type == "Neg" for n in optimized.graph.node) == 2 * LLAMA_LAYERS
+
