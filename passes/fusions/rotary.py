@@ -14,6 +14,8 @@ times the inverse frequencies), possibly scaled and cast.
 * ``rotary_embedding_partial``: ``concat(RotaryEmbedding(x[..., :r]), x[..., r:])`` over the last axis
   -> ``RotaryEmbedding(x, rotary_embedding_dim=r)``: partial rotation (GPT-NeoX, Phi) rotates the first
   ``r`` features and passes the others through, which is exactly what the attribute does.
+* ``rotary_cache_batch``: ``RotaryEmbedding(x, cos, sin)`` without position ids whose caches have batch
+  1 while ``x``'s batch is not known to be 1 -> the caches expanded to ``x``'s batch (see below).
 
 Exact when, and only then, does the rule fire:
 
@@ -33,8 +35,10 @@ Exact when, and only then, does the rule fire:
 onnxruntime's kernel requires caches of ``x``'s batch (it refuses ``(1, S, d/2)`` caches for a batch of 2,
 although the specification's reference broadcasts them), so a cache of batch 1 for an ``x`` whose batch
 is not known to be 1 is expanded to ``x``'s batch (``Shape`` + ``Concat`` + ``Expand``: a few kilobytes,
-far cheaper than the elementwise work removed). The torch dynamo exporter at opset 23 emits
-``RotaryEmbedding`` with such batch-1 caches; onnxruntime 1.32 then fails at batch 2.
+far cheaper than the elementwise work removed). The specification describes the caches as ``(batch, S,
+d/2)`` while its reference broadcasts them, and the torch dynamo exporter (2.13) at opset 23 writes
+``RotaryEmbedding`` with batch-1 caches, which onnxruntime 1.32 then refuses at batch 2:
+``rotary_cache_batch`` expands those too (the same values, for every batch).
 
 Targets: the generic target and onnxruntime. onnxruntime 1.32's CPU kernel ran q and k of a layer
 (batch 1, 32 heads x 128, sequence 128, float32, 1 thread) in 0.5 ms against 2.4 ms decomposed; OpenVINO
@@ -249,6 +253,11 @@ def batch_source(x: gs.Tensor, rank: int) -> gs.Tensor:
     return x
 
 
+def expanded_batch_shape(op, x: gs.Tensor):
+    """``(B, 1, 1)`` with ``B`` the batch of ``x``: Expand broadcasts a ``(1, S, d/2)`` cache to ``(B, S, d/2)``."""
+    return op.Concat(op.Shape(x, start=0, end=1), op.const(np.ones(2, np.int64), "ones"), axis=0)
+
+
 def needs_batch_expansion(cache: HalfCache, x_shape: list[Dim]) -> bool:
     """Whether a cache of batch 1 must be expanded for an ``x`` whose batch may be larger (onnxruntime insists)."""
     return cache.batch == 1 and x_shape[0] != 1
@@ -286,9 +295,7 @@ class RotaryEmbeddingFromRotateHalf(RewriteRule):
         cos, sin = check_caches(m, x_shape, head_size)
         batch_shape = None
         if needs_batch_expansion(cos, x_shape) or needs_batch_expansion(sin, x_shape):
-            # (B, 1, 1): Expand broadcasts the (1, S, d/2) caches to (B, S, d/2).
-            batch = op.Shape(batch_source(m["x"], 4), start=0, end=1)
-            batch_shape = op.Concat(batch, op.const(np.ones(2, np.int64), "ones"), axis=0)
+            batch_shape = expanded_batch_shape(op, batch_source(m["x"], 4))
         caches = [self.cache_value(op, cache, head_size, batch_shape, x_shape) for cache in (cos, sin)]
         return op.RotaryEmbedding(m["x"], *caches, interleaved=0, _name=m.node("Add").name)
 
@@ -339,4 +346,32 @@ class RotaryEmbeddingPartial(RewriteRule):
         return op.RotaryEmbedding(m["x"], m["cos"], m["sin"], m["position_ids"], _name=m.node("join").name, **attrs)
 
 
-RULES = (RotaryEmbeddingFromRotateHalf(), RotaryEmbeddingPartial())
+class RotaryCacheToBatch(RewriteRule):
+    """Expands RotaryEmbedding caches of batch 1 to the batch of x (onnxruntime's kernel requires it)."""
+
+    name = "rotary_cache_batch"
+    min_opset = 23
+    targets = ROTARY_TARGETS
+
+    def pattern(self, op, x, cos, sin):
+        return op.RotaryEmbedding(x, cos, sin)
+
+    def check(self, m: Match) -> MatchResult:
+        x_shape = m.shape("x")
+        if x_shape is None or len(x_shape) not in (3, 4):
+            return m.fail("the rank of x is unknown")
+        for name in ("cos", "sin"):
+            shape = m.shape(name)
+            if shape is None or len(shape) != 3 or shape[0] != 1:
+                return m.fail(f"{name} is not a 3-D cache of batch 1 (or its shape is unknown)")
+        if x_shape[0] == 1:
+            return m.fail("x has batch 1 too")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        batch_shape = expanded_batch_shape(op, m["x"])
+        return op.RotaryEmbedding(m["x"], op.Expand(m["cos"], batch_shape), op.Expand(m["sin"], batch_shape),
+                                  _name=m.node("RotaryEmbedding").name, **m.attrs("RotaryEmbedding"))
+
+
+RULES = (RotaryEmbeddingFromRotateHalf(), RotaryEmbeddingPartial(), RotaryCacheToBatch())

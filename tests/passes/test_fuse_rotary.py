@@ -19,6 +19,7 @@ import onnx
 import pytest
 from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
 from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
 from onnxopt.passes.fuse import Fuse
 
 from onnxopt import ir, optimize_model
@@ -318,6 +319,52 @@ def test_a_rotate_half_read_elsewhere_stays():
 
 
 # ---------------------------------------------------------------------------------------------------
+# RotaryEmbedding with caches of batch 1 (as the dynamo exporter writes it at opset 23)
+
+
+def rotary_op_model(x_batch="batch", cache_batch=1, position_ids=False) -> onnx.ModelProto:
+    """y = RotaryEmbedding(x, cos, sin[, position_ids]) with x (B, 4, S, 16), caches (cache_batch, S, 8)."""
+    inputs = [value("x", TensorProto.FLOAT, [x_batch, 4, "seq", 16]),
+              value("cos", TensorProto.FLOAT, [cache_batch, "seq", 8]),
+              value("sin", TensorProto.FLOAT, [cache_batch, "seq", 8])]
+    names = ["x", "cos", "sin"]
+    if position_ids:
+        inputs[1:] = [value(n, TensorProto.FLOAT, [32, 8]) for n in ("cos", "sin")]
+        inputs.append(value("position_ids", TensorProto.INT64, [x_batch, "seq"]))
+        names.append("position_ids")
+    node = helper.make_node("RotaryEmbedding", names, ["y"])
+    return make_model([node], inputs, [value("y", TensorProto.FLOAT, [x_batch, 4, "seq", 16])], opset=23,
+                      ir_version=10)
+
+
+def cache_feeds(batch: int, seq: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    angles = rng.standard_normal((1, seq, 8))
+    return {"x": rng.standard_normal((batch, 4, seq, 16)).astype(np.float32),
+            "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32)}
+
+
+def test_caches_of_batch_one_are_expanded_for_onnxruntime():
+    model = rotary_op_model()
+    feeds = cache_feeds(batch=2)
+    with pytest.raises(Exception, match="cos_cache"):
+        run(model, feeds)  # onnxruntime 1.32 refuses caches of another batch than x's
+    optimized, result = fuse(model)
+    assert result.stats["rotary_cache_batch"] == 1 and op_counts(optimized)["Expand"] == 2
+    expected = ReferenceEvaluator(model).run(None, feeds)[0]  # the specification's reference broadcasts
+    np.testing.assert_allclose(run(optimized, feeds)[0], expected, rtol=1e-5, atol=1e-6)
+    assert_same_outputs(model, optimized, cache_feeds(batch=1))
+    assert fuse(optimized)[1].stats["rotary_cache_batch"] == 0  # expanded once
+
+
+@pytest.mark.parametrize("case", [dict(x_batch=1), dict(cache_batch="batch"), dict(position_ids=True)],
+                         ids=["x-of-batch-one", "caches-of-x-batch", "position-ids"])
+def test_caches_are_left_alone(case):
+    optimized, result = fuse(rotary_op_model(**case))
+    assert result.stats["rotary_cache_batch"] == 0 and "Expand" not in op_counts(optimized)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Engines
 
 
@@ -371,6 +418,20 @@ def test_llama_fixture_gets_two_rotary_sites_per_layer(fixture, target):
     feeds = llama_feeds(model)
     for expected, actual in zip(run(model, feeds), run(optimized, feeds)):
         np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_llama_exported_at_opset_23_runs_in_onnxruntime_at_batch_2_once_optimized():
+    model = onnx.load(str(FIXTURES / "llama_tiny_dynamo23.onnx"))
+    assert len(rotary_nodes(model)) == 2 * LLAMA_LAYERS  # the exporter fused them itself
+    feeds = llama_feeds(model, batch=2)
+    with pytest.raises(Exception, match="cos_cache"):
+        run(model, feeds)
+    optimized = optimize_model(model, target="ort", verify=False).model
+    assert len(rotary_nodes(optimized)) == 2 * LLAMA_LAYERS
+    # Each row alone (batch 1) is what the original computes; the optimized model takes both at once.
+    rows = [run(model, {name: feed[i:i + 1] for name, feed in feeds.items()})[0] for i in range(2)]
+    np.testing.assert_allclose(run(optimized, feeds)[0], np.concatenate(rows), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
