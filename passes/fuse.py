@@ -35,8 +35,9 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
   cancels [``transpose_gemm``, ``transpose_matmul``, ``transpose_elementwise``, ``elementwise_transposes``];
 * ``rotary``: RotaryEmbedding (opset 23) from Llama's ``x * cos + rotate_half(x) * sin`` on 4-D queries and
   keys, when cos and sin provably repeat one half, and partial rotation folded into its
-  ``rotary_embedding_dim`` (generic target and onnxruntime only) [``rotary_embedding``,
-  ``rotary_embedding_partial``];
+  ``rotary_embedding_dim``; caches of batch 1 expanded to the input's batch, which onnxruntime requires
+  (generic target and onnxruntime only) [``rotary_embedding``, ``rotary_embedding_partial``,
+  ``rotary_cache_batch``];
 * ``horizontal``: MatMuls (or Gemms) by constant weights on one input, with optional per-column biases,
   packed into one MatMul + Add + Split (generic target; ``ort_fuse`` packs attention
   projections its own way) [``parallel_matmuls_to_split``].
