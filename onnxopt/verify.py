@@ -7,7 +7,9 @@ passes and not onnxruntime's. Inputs are generated from the model's declared inp
 * integer inputs that are used as indices (Gather, GatherElements, GatherND, ScatterElements, OneHot,
   through Cast/Reshape/Squeeze/Unsqueeze/Identity): uniform in [0, n) where n is the size of the indexed
   dimension; other integer inputs: uniform in [0, 4); booleans: random;
-* dynamic dimensions: ``DEFAULT_DYNAMIC_DIM`` (2); if the original model cannot run with that, 1.
+* dynamic dimensions: ``DEFAULT_DYNAMIC_DIM`` (2); if the original model cannot run with that, 1; if
+  not with that either, each named dimension in turn takes the sizes in ``SEARCHED_SIZES`` while the
+  others stay 2 (a decoder's mask spans past + new tokens: ``total_sequence`` must be 4 when both are 2).
   ``--input-shape name:1x3x224x224`` fixes an input's shape and ``--inputs FILE.npz`` gives real inputs.
 
 Tolerance is by dtype: an element passes when ``|got - want| <= atol * scale + rtol * |want|``, where
@@ -32,6 +34,8 @@ from onnxopt import ir
 from onnxopt.errors import InputSpecError
 
 DEFAULT_DYNAMIC_DIM = 2
+SEARCHED_SIZES = (1, 3, 4, 5, 6, 8)
+MAX_SEARCHED_SYMBOLS = 8
 DEFAULT_SEED = 0
 
 TOLERANCES: dict[str, tuple[float, float]] = {
@@ -159,8 +163,15 @@ def make_inputs(
     input_shapes: dict[str, list[int]] | None = None,
     dynamic_dim: int = DEFAULT_DYNAMIC_DIM,
     seed: int = DEFAULT_SEED,
+    symbol_sizes: dict[str, int] | None = None,
+    index_bounds: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Random inputs for every graph input, following the rules in this module's docstring."""
+    """Random inputs for every graph input, following the rules in this module's docstring.
+
+    ``symbol_sizes`` sizes named dynamic dimensions (others get ``dynamic_dim``); ``index_bounds`` is
+    ``_index_bounds(model)`` when the caller already has it.
+    """
+    symbol_sizes = symbol_sizes or {}
     input_shapes = input_shapes or {}
     declared = _real_inputs(model)
     unknown = set(input_shapes) - {vi.name for vi in declared}
@@ -168,7 +179,7 @@ def make_inputs(
         names = ", ".join(vi.name for vi in declared)
         raise InputSpecError(f"--input-shape names unknown input(s) {sorted(unknown)}; the model's inputs are: {names}")
     rng = np.random.default_rng(seed)
-    bounds = _index_bounds(model)
+    bounds = _index_bounds(model) if index_bounds is None else index_bounds
     feeds: dict[str, np.ndarray] = {}
     for vi in declared:
         if not vi.type.HasField("tensor_type"):
@@ -182,7 +193,8 @@ def make_inputs(
                     f"{len(tensor_type.shape.dim)}"
                 )
         else:
-            shape = [d.dim_value if d.HasField("dim_value") else dynamic_dim for d in tensor_type.shape.dim]
+            shape = [d.dim_value if d.HasField("dim_value") else symbol_sizes.get(d.dim_param, dynamic_dim)
+                     for d in tensor_type.shape.dim]
         dtype = _elem_dtype(tensor_type.elem_type)
         if dtype == np.dtype(object):
             feeds[vi.name] = rng.integers(0, 10, size=shape).astype(str).astype(object)
@@ -319,15 +331,32 @@ def reference_run(
     except Exception as error:  # noqa: BLE001
         return {}, f"onnxruntime cannot load the original model ({_short(error)})"
     names = [o.name for o in sess.get_outputs()]
-    last_error: Exception | None = None
-    for dynamic_dim in (DEFAULT_DYNAMIC_DIM, 1):
-        feeds = make_inputs(original, input_shapes, dynamic_dim=dynamic_dim)
+    bounds = _index_bounds(original)
+    first_error: Exception | None = None
+    for dynamic_dim, sizes in _input_size_trials(original, input_shapes or {}):
+        feeds = make_inputs(original, input_shapes, dynamic_dim=dynamic_dim, symbol_sizes=sizes, index_bounds=bounds)
         try:
             return feeds, dict(zip(names, sess.run(names, feeds)))
         except Exception as error:  # noqa: BLE001
-            last_error = error
-    return {}, (f"the original model does not run on generated inputs ({_short(last_error)}); "
+            first_error = first_error or error
+    return {}, (f"the original model does not run on generated inputs ({_short(first_error)}); "
                 "give --input-shape or --inputs")
+
+
+def _input_size_trials(model: onnx.ModelProto, input_shapes: dict[str, list[int]]):
+    """(size of every dynamic dimension, sizes of named ones) to try in turn (see the module docstring)."""
+    yield DEFAULT_DYNAMIC_DIM, {}
+    yield 1, {}
+    symbols = []
+    for vi in _real_inputs(model):
+        if vi.name in input_shapes or not vi.type.HasField("tensor_type"):
+            continue
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param and dim.dim_param not in symbols:
+                symbols.append(dim.dim_param)
+    for symbol in symbols[:MAX_SEARCHED_SYMBOLS]:
+        for size in SEARCHED_SIZES:
+            yield DEFAULT_DYNAMIC_DIM, {symbol: size}
 
 
 def _short(error: BaseException | None) -> str:

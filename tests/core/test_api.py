@@ -430,3 +430,19 @@ def test_save_after_model_access_writes_the_same_weights(tmp_path):
     assert_same_outputs(original, result.model)
     result.save(tmp_path / "out.onnx", external_data=True)
     assert_same_outputs(original, onnx.load(tmp_path / "out.onnx"))
+
+
+def test_verification_finds_sizes_for_a_mask_spanning_past_and_new_tokens():
+    """A decoder's mask is past + sequence long: equal dynamic sizes cannot run it, a searched one can."""
+    nodes = [
+        helper.make_node("Concat", ["past", "x"], ["all_tokens"], axis=1),
+        helper.make_node("Concat", ["all_tokens", "mask"], ["stacked"], axis=0),  # no broadcasting: sizes must agree
+        helper.make_node("Identity", ["stacked"], ["out"]),
+    ]
+    model = make_model(nodes, [value("x", shape=["batch", "sequence"]), value("past", shape=["batch", "past_sequence"]),
+                               value("mask", shape=["batch", "total_sequence"])],
+                       [value("out", shape=["twice_batch", "total_sequence"])])
+    result = onnxopt.optimize_model(model)
+    verification = result.report.verification
+    assert verification.ok and not verification.skipped
+    assert verification.input_shapes["mask"] == [2, 4]
