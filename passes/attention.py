@@ -360,19 +360,25 @@ def merged(op, m: Match, sdpa: Sdpa, output: gs.Tensor) -> gs.Tensor:
     """``output`` (``[B, S, H*Dv]``) reshaped the way the matched merge reshaped ``[B, S, H, Dv]``.
 
     Reshape keeps the order of elements, so reshaping either to the same target gives the same tensor,
-    except where the target copies a dimension (a ``0``) past the first two, which the two differ in:
-    then the 4-D shape is restored first.
+    except where the target copies a dimension (a ``0``, without ``allowzero``) past the first two, which
+    the two differ in: then the 4-D shape is restored first. A target computed at run time is dropped
+    when inferred shapes show that the merge gives ``[B, S, H*Dv]`` with the query's own ``B`` and ``S``.
     """
     node = m.node("merge")
     constant = ir.constant_value(node.inputs[1])
     target = None if constant is None else [int(t) for t in constant.reshape(-1)]
     allow_zero = int(node.attrs.get("allowzero", 0))
     query_shape = sdpa.query.shape or [None] * 3
-    merges_heads = target is not None and len(target) == 3 and target[2] in (-1, sdpa.heads * sdpa.value_head_size)
+    width = sdpa.heads * sdpa.value_head_size
+    merges_heads = target is not None and len(target) == 3 and target[2] in (-1, width)
     if merges_heads and not allow_zero and all(t == 0 or (isinstance(d, int) and t == d)
                                                for t, d in zip(target[:2], query_shape)):
         return output
-    if target is None or (not allow_zero and 0 in target[2:]):
+    merged_shape = node.outputs[0].shape
+    if target is None and merged_shape is not None and len(merged_shape) == 3 and merged_shape[2] == width \
+            and all(_named_same_dim(merged_shape[axis], query_shape[axis]) for axis in (0, 1)):
+        return output
+    if not allow_zero and (target is None or 0 in target[2:]):
         heads_shape = np.array([0, 0, sdpa.heads, sdpa.value_head_size], np.int64)
         output = op.Reshape(output, op.const(heads_shape, "heads_shape"))
     return op.Reshape(output, m["out_shape"], **m.attrs("merge"))

@@ -49,8 +49,10 @@ class Spec:
     merge_target: tuple | None = None  # default [0, 0, -1]
     merge_from_shape: bool = False  # the merge target computed from the query's shape at run time
     # The dynamo exporter: every head split's target is Concat(Shape(ids)[0:1], Shape(ids)[1:2], [-1, D]), with
-    # allowzero=1, read from another input "ids" of these dimensions.
+    # allowzero=1, read from another input "ids" of these dimensions; merge_from: the merge's target likewise,
+    # Concat(Shape(merge_ids)[0:1], Shape(merge_ids)[1:2], [-1]), followed by an Identity.
     split_from: tuple | None = None
+    merge_from: tuple | None = None
 
 
 def attention_model(spec: Spec) -> onnx.ModelProto:
@@ -117,14 +119,22 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     if spec.cast_after_softmax:
         probabilities = node("Cast", probabilities, to=elem)
     merged = node("Transpose", node("MatMul", probabilities, values), perm=[0, 2, 1, 3])
+    allow_zero = {}
     if spec.merge_from_shape:
         shape = node("Shape", "q")
         first_two = node("Slice", shape, const([0], np.int64), const([2], np.int64))
         target = node("Concat", first_two, const([-1], np.int64), axis=0)
+    elif spec.merge_from is not None:
+        inputs.append(value("merge_ids", TensorProto.INT64, list(spec.merge_from)))
+        dims = [node("Shape", "merge_ids", start=axis, end=axis + 1) for axis in (0, 1)]
+        target, allow_zero = node("Concat", *dims, const([-1], np.int64), axis=0), {"allowzero": 1}
     else:
         target = const(list(spec.merge_target or (0, 0, -1)), np.int64)
-    nodes.append(helper.make_node("Reshape", [merged, target], ["y"]))
-    rank = 3 if spec.merge_from_shape else len(spec.merge_target or (0, 0, -1))
+    if spec.merge_from is not None:
+        nodes.append(helper.make_node("Identity", [node("Reshape", merged, target, allowzero=1)], ["y"]))
+    else:
+        nodes.append(helper.make_node("Reshape", [merged, target], ["y"], **allow_zero))
+    rank = 3 if spec.merge_from_shape or spec.merge_from else len(spec.merge_target or (0, 0, -1))
     graph = helper.make_graph(nodes, "attention", inputs, [value("y", elem, [None] * rank)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", spec.opset)])
     model.ir_version = 10 if spec.opset >= 23 else 8
@@ -193,6 +203,7 @@ ORT_CASES = {
     "opset_12_softmax": Spec(opset=12, softmax_axis=3),
     "dynamo_split_from_inputs": Spec(batch="B", seq="S", kv_seq="S", split_from=("B", "S"), mask=("B", 1, "S", "S")),
     "dynamo_split_from_static_inputs": Spec(split_from=(2, 5)),
+    "dynamo_merge_from_inputs": Spec(batch="B", seq="S", kv_seq="S", split_from=("B", "S"), merge_from=("B", "S")),
 }
 
 
@@ -223,6 +234,20 @@ def test_standard_attention_at_opset_23(case, target):
     rtol = 1e-4 if spec.dtype == np.float32 else 1e-2
     reference = ReferenceEvaluator(optimized).run(None, feeds)
     assert_close(run(model, feeds), reference, rtol)
+
+
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
+@pytest.mark.parametrize("merge_dims", [("B", "S"), ("B2", "S2")])
+def test_dynamo_merge_read_from_inputs(target, merge_dims):
+    # Split and merge targets read from the shape of an input "ids", as the dynamo exporter writes them: a
+    # merge known to give [B, S, H*D] of the query's own B and S is dropped, any other kept after the operator.
+    spec = Spec(opset=23, batch="B", seq="S", kv_seq="S", split_from=("B", "S"), merge_from=merge_dims)
+    model = attention_model(spec)
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 1, stats
+    assert op_counts(optimized).get("Reshape", 0) == (0 if merge_dims == ("B", "S") else 1)
+    feeds = feeds_for(model, spec)
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-4)
 
 
 @pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
