@@ -54,6 +54,20 @@ def _held_bytes(node: gs.Node, values: dict[str, np.ndarray]) -> int:
     return sum(values[t.name].nbytes for t in node.outputs if t.name in values)
 
 
+def _inferred_nbytes(tensor: gs.Tensor) -> int | None:
+    """Bytes of a constant, or of a value whose inferred shape is static and dtype known; else ``None``."""
+    if isinstance(tensor, gs.Constant):
+        return ir.tensor_nbytes(tensor)
+    shape = tensor.shape
+    if shape is None or tensor.dtype is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return None
+    try:
+        itemsize = np.dtype(tensor.dtype).itemsize
+    except TypeError:
+        return None
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
 def _may_fold(node: gs.Node) -> bool:
     return node.domain in ("", None, "ai.onnx") and node.op not in NEVER_FOLDED and not any(True for _ in ir.subgraphs(node))
 
@@ -486,14 +500,18 @@ class ConstantFolding(Pass):
         ir.purge_detached(graph)
         constant_names: set[str] = set()
         candidates: list[gs.Node] = []
+        unevaluated: list[gs.Node] = []
         for node in graph.nodes:
             if not _may_fold(node):
                 continue
             if all(not t.name or isinstance(t, gs.Constant) or t.name in constant_names for t in node.inputs):
+                if self._surely_expands(node):
+                    unevaluated.append(node)
+                    continue
                 candidates.append(node)
                 constant_names |= {t.name for t in node.outputs if t.name}
         if not candidates:
-            return 0, []
+            return 0, unevaluated
         values = evaluate(graph, candidates)
         folded: list[gs.Node] = []
         folded_names: set[str] = set()
@@ -515,7 +533,22 @@ class ConstantFolding(Pass):
                                     or any(id(c) not in removed_ids for c in tensor.outputs)):
                     ir.replace_with_constant(graph, tensor, values[tensor.name])
         ir.remove_nodes(graph, removed)
-        return len(removed), kept
+        return len(removed), unevaluated + kept
+
+    def _surely_expands(self, node: gs.Node) -> bool:
+        """Whether the inferred shapes already show that the size guard would keep ``node``.
+
+        Such a node is not evaluated at all: a ConstantOfShape of a large weight would be computed twice
+        (onnxruntime and the reference evaluator) and compared, hundreds of megabytes, only to stay.
+        Its readers then stay too, as they would if its value were there and kept.
+        """
+        if node.op == "Constant":
+            return False
+        produced = [_inferred_nbytes(t) for t in node.outputs if t.name]
+        read = [_inferred_nbytes(t) for t in node.inputs if t.name]
+        if not produced or None in produced or None in read:
+            return False
+        return sum(produced) > self.small_bytes and sum(produced) > self.max_expansion * max(sum(read), 1)
 
     def _expands(self, node: gs.Node, values: dict[str, np.ndarray]) -> bool:
         """Whether folding ``node`` writes a constant far larger than the constants it reads."""

@@ -16,6 +16,7 @@ import onnxopt
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext
+from onnxopt.passes import fold as fold_module
 from onnxopt.passes.fold import ConstantFolding
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>'
@@ -885,3 +886,29 @@ def test_second_run_changes_nothing():
     again, result = fold(optimized)
     assert not result.modified, result.stats
     assert op_counts(again) == op_counts(optimized)
+
+
+def test_a_node_the_guard_would_keep_is_not_evaluated(monkeypatch):
+    """Inferred shapes show the 1 MiB ConstantOfShape is kept: it is never computed, nor its reader."""
+    asked: list[str] = []
+    real_evaluate = fold_module.evaluate
+
+    def spy(graph, nodes):
+        asked.extend(n.op for n in nodes)
+        return real_evaluate(graph, nodes)
+
+    monkeypatch.setattr(fold_module, "evaluate", spy)
+    model = parse("""
+    g (float[512,512] x) => (float[512,512] y, float[1,1] total) <int64[2] s = {512, 512}, int64[2] t = {1, 512}> {
+      c = ConstantOfShape<value = float[1] {1.}>(s)
+      y = Add(x, c)
+      total = ReduceSum<keepdims = 1>(c)
+      small = ConstantOfShape<value = float[1] {1.}>(t)
+      z = Add(x, small)
+    }""")
+    optimized, result = fold(model)
+    assert "ConstantOfShape" in asked and asked.count("ConstantOfShape") == 1  # only the small one
+    assert "ReduceSum" not in asked
+    assert op_counts(optimized) == {"ConstantOfShape": 1, "Add": 2, "ReduceSum": 1}
+    assert result.stats["kept_by_size_guard"] == 1
+    assert_same_outputs(model, optimized)
