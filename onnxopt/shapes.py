@@ -454,7 +454,7 @@ def _symbolic_guess(node: onnx.NodeProto, walk: _Walk) -> str | None:
     data = walk.shape(node.input[0]) if node.input and node.input[0] else None
     if op == "Squeeze" and len(node.input) < 2 and "axes" not in attributes and not _static(data):
         return "Squeeze without axes of a dynamic dimension, which may be 1"
-    if op == "Split" and "num_outputs" in attributes and not _static(data):
+    if op == "Split" and "num_outputs" in attributes and not _split_axis_static(data, attributes.get("axis", 0)):
         return "Split into num_outputs chunks of a dynamic size, the last one smaller"
     if op == "Slice" and _static_from_dynamic(walk.symbolic.types.get(node.output[0]), data):
         return "Slice of a dynamic dimension to a static size, which a short input does not have"
@@ -465,6 +465,13 @@ def _symbolic_guess(node: onnx.NodeProto, walk: _Walk) -> str | None:
         if op in _POOLS and attributes.get("ceil_mode"):
             return "ceil_mode pool of a dynamic dimension"
     return None
+
+
+def _split_axis_static(data: Shape, axis: int) -> bool:
+    """Whether the dimension a Split divides is a number (the other dimensions pass through unchanged)."""
+    if data is None or not -len(data) <= axis < len(data):
+        return False
+    return isinstance(data[axis], int)
 
 
 def _static_from_dynamic(result: TensorType | None, data: Shape) -> bool:

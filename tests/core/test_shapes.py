@@ -214,6 +214,19 @@ def test_split_into_uneven_chunks_of_a_dynamic_size():
     assert_shapes_hold(original, {"x": floats(2, 8)}, {"x": floats(2, 7)})
 
 
+def test_split_of_a_static_axis_of_a_dynamic_tensor_keeps_symbols():
+    """GPT-2's fused Q/K/V projection [B, S, 96] is split along 96: the symbols of B and S are kept (the
+    dynamo-exported GPT-2 in tests/passes/test_exported_models.py needs them downstream)."""
+    original = model(
+        [helper.make_node("Split", ["x"], ["q", "k", "v"], num_outputs=3, axis=-1)]
+        + [helper.make_node("Relu", [n], [f"{n}_out"]) for n in "qkv"],
+        [value("x", TensorProto.FLOAT, ["B", "S", 96])],
+        [f"{n}_out" for n in "qkv"],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(2, 5, 96)}, {"x": floats(1, 3, 96)})
+    assert claimed["q"] == ["B", "S", 32] and claimed["v_out"] == ["B", "S", 32]
+
+
 def test_split_into_uneven_chunks_of_a_static_size():
     original = model(
         [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3), helper.make_node("Relu", ["a"], ["z"])],

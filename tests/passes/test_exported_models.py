@@ -33,8 +33,6 @@ KNOWN_GAPS = {
     ("bert", "dynamo", "ort"): "shape inference loses the sequence length at the position embeddings "
     "([B, S] + [1, Min(32, S)]), so neither the head splits nor the residual sums have known shapes",
     ("bert", "dynamo", "generic"): "as for --target ort: no known shapes after the position embeddings",
-    ("gpt2_past", "dynamo", "ort"): "shape inference distrusts Split(num_outputs=3) of [B, S, 96] on its static "
-    "axis, so the last residual sum has no known shape for SkipLayerNormalization",
 }
 
 TARGETS = [
