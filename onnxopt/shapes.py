@@ -33,6 +33,7 @@ import hashlib
 import importlib.util
 import logging
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ def _symbolic_inference(model: onnx.ModelProto) -> SymbolicResult | None:
     if engine_class is None:
         return None
     try:
-        engine = engine_class(2**31 - 1, False, False, 0)
+        engine = _with_bounded_broadcasts(engine_class)(2**31 - 1, False, False, 0)
         engine._preprocess(model)
         # Slice bounds near the int64 limits overflow in its numpy arithmetic: such results are wrong,
         # and onnx's inference, which contradicts them, takes over.
@@ -205,6 +206,73 @@ def _symbolic_inference(model: onnx.ModelProto) -> SymbolicResult | None:
     except Exception as error:  # noqa: BLE001 - inference is best effort by contract
         log.debug("symbolic shape inference failed: %s", error)
         return None
+
+
+@cache
+def _with_bounded_broadcasts(engine_class: type) -> type:
+    """The symbolic engine, knowing that ``d`` broadcast with ``Min(c, d)`` (a whole number ``c >= 1``) is ``d``.
+
+    Exporters slice position tables to the sequence length, which gives ``Min(32, S)``; the engine cannot
+    broadcast that with ``S`` and stops, leaving every later shape unknown. In any run that does not fail
+    the sizes are equal or one is 1, and ``Min(c, d) = 1`` implies ``d = 1`` unless ``c = 1``, when
+    ``Min(c, d)`` is 1 for every ``d``: the result is always ``d``.
+    """
+
+    class BoundedBroadcasts(engine_class):
+        def _onnx_infer_single_node(self, node):
+            # The engine leaves element-wise broadcasts to onnx's inference, which knows no Min(c, d).
+            super()._onnx_infer_single_node(node)
+            if node.op_type in _BROADCASTING and _is_standard(node) and len(node.output) == 1 and node.output[0]:
+                self._fill_broadcast_dims(node)
+
+        def _fill_broadcast_dims(self, node):
+            value_info = self.known_vi_.get(node.output[0])
+            if value_info is None or not value_info.type.tensor_type.HasField("shape"):
+                return
+            inferred = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                        for d in value_info.type.tensor_type.shape.dim]
+            unknown = [d is None or self._is_none_dim(d) for d in inferred]
+            shapes = [self._try_get_shape(node, i) for i in range(len(node.input)) if node.input[i]]
+            if not any(unknown) or not shapes or any(shape is None for shape in shapes):
+                return
+            broadcast = shapes[0]
+            for shape in shapes[1:]:
+                broadcast = self._broadcast_shapes(broadcast, shape)
+            if len(broadcast) != len(inferred):
+                return
+            filled = [b if missing and b is not None else d for d, b, missing in zip(inferred, broadcast, unknown)]
+            value_info.CopyFrom(onnx.helper.make_tensor_value_info(
+                value_info.name, value_info.type.tensor_type.elem_type, filled))
+
+        def _broadcast_shapes(self, shape1, shape2):
+            rank = max(len(shape1), len(shape2))
+            padded1 = [1] * (rank - len(shape1)) + list(shape1)
+            padded2 = [1] * (rank - len(shape2)) + list(shape2)
+            for axis, (dim1, dim2) in enumerate(zip(padded1, padded2)):
+                if _is_bounded_copy(dim2, dim1):
+                    padded2[axis] = dim1
+                elif _is_bounded_copy(dim1, dim2):
+                    padded1[axis] = dim2
+            return super()._broadcast_shapes(padded1, padded2)
+
+    return BoundedBroadcasts
+
+
+# Operators whose output shape is the multidirectional broadcast of all their inputs' shapes.
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "Sum", "Max", "Min", "Mean", "And", "Or", "Xor",
+                 "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "BitShift", "BitwiseAnd", "BitwiseOr",
+                 "BitwiseXor"}
+
+
+def _is_bounded_copy(dim, other) -> bool:
+    """Whether the symbolic dimension ``dim`` is ``Min(c, other)`` for a whole number ``c >= 1``."""
+    if not isinstance(dim, str) or not isinstance(other, str) or not other:
+        return False
+    match = re.fullmatch(r"Min\((\d+), (.+)\)|Min\((.+), (\d+)\)", dim)
+    if match is None:
+        return False
+    bound, inner = (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+    return inner == other and int(bound) >= 1
 
 
 def _onnx_inference(model: onnx.ModelProto) -> dict[str, TensorType] | None:

@@ -227,6 +227,21 @@ def test_split_of_a_static_axis_of_a_dynamic_tensor_keeps_symbols():
     assert claimed["q"] == ["B", "S", 32] and claimed["v_out"] == ["B", "S", 32]
 
 
+def test_a_sequence_plus_a_position_table_sliced_to_it_keeps_the_sequence_symbol():
+    """BERT from the dynamo exporter adds ``table[:, :S]``, of size Min(32, S), to [B, S, 4]: the sum is [B, S, 4]."""
+    original = model(
+        [helper.make_node("Shape", ["x"], ["x_shape"], start=1, end=2),
+         helper.make_node("Slice", ["table", "zero", "x_shape", "one"], ["positions"]),
+         helper.make_node("Add", ["x", "positions"], ["summed"]),
+         helper.make_node("Relu", ["summed"], ["activated"])],
+        [value("x", TensorProto.FLOAT, ["B", "S", 4])],
+        ["activated"],
+        [tensor("table", np.ones((1, 32, 4), np.float32)), tensor("zero", np.array([0])), tensor("one", np.array([1]))],
+    )
+    claimed = assert_shapes_hold(original, {"x": floats(2, 5, 4)}, {"x": floats(1, 32, 4)}, {"x": floats(3, 1, 4)})
+    assert claimed["summed"] == ["B", "S", 4] and claimed["activated"] == ["B", "S", 4]
+
+
 def test_split_into_uneven_chunks_of_a_static_size():
     original = model(
         [helper.make_node("Split", ["x"], ["a", "b", "c"], num_outputs=3), helper.make_node("Relu", ["a"], ["z"])],

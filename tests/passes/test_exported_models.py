@@ -29,11 +29,7 @@ MODELS = {entry["file"]: entry for entry in json.loads((FIXTURES / "exported.jso
 GENERIC_OPSET = 23
 
 # Where the dynamo exporter's models still miss a fusion, and why; each entry must go once the gap closes.
-KNOWN_GAPS = {
-    ("bert", "dynamo", "ort"): "shape inference loses the sequence length at the position embeddings "
-    "([B, S] + [1, Min(32, S)]), so neither the head splits nor the residual sums have known shapes",
-    ("bert", "dynamo", "generic"): "as for --target ort: no known shapes after the position embeddings",
-}
+KNOWN_GAPS: dict[tuple[str, str, str], str] = {}
 
 TARGETS = [
     "generic",
