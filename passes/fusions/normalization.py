@@ -19,7 +19,8 @@ Over the last ``k`` axes of ``x`` (``axis = -k``), with ``mean`` a ReduceMean ov
 All are exact up to rounding: the fused kernels compute in float32 (``stash_type`` 1), so only float32
 and float16 inputs fuse (a float64 decomposition is more precise than the kernel). The reductions must
 keep their axes and cover exactly the last axes; constants folded into ``scale``/``bias`` are computed in
-float64 and broadcast to the normalized shape, which must be known.
+float64 and broadcast to the normalized shape, whose sizes must be known (the other axes of ``x`` may be
+dynamic: a constant folded in is 1 along them, so it never broadcasts the result along them).
 """
 
 from __future__ import annotations
@@ -109,8 +110,15 @@ def normalized_axis(m: Match, labels: tuple[str, ...]) -> int | MatchResult:
 
 
 def normalized_shape(m: Match, axis: int) -> list[int] | None:
-    shape = known_dims(m.shape("x"))
-    return None if shape is None or -axis > len(shape) else shape[axis:]
+    """The sizes of x's normalized axes (``axis``, negative, to the last), or ``None`` if one is not known.
+
+    Only these sizes matter: the scale and bias the rules write have the normalized shape, and the
+    leading (batch, sequence) axes, often dynamic, are the same in the fused and the decomposed forms.
+    """
+    shape = m.shape("x")
+    if shape is None or -axis > len(shape):
+        return None
+    return known_dims(shape[axis:])
 
 
 def check_decomposed(m: Match, labels: tuple[str, ...]) -> MatchResult:

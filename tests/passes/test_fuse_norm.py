@@ -7,13 +7,16 @@ The graphs spell the normalizations the way exporters do: TorchScript (ReduceMea
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, make_model, op_counts, tensor, value
+from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
 from onnx import TensorProto, helper
 from onnxopt.passes.fuse import Fuse
 
+import onnxopt
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext, Target
@@ -315,3 +318,186 @@ def test_beta_from_a_graph_input_is_not_folded():
     assert result.stats["layer_norm"] == 1 and result.stats["layer_norm_bias"] == 0
     assert op_counts(optimized) == {"LayerNormalization": 1, "Add": 1}
     assert_same_outputs(model, optimized, feeds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dynamic axes: only the normalized axes' sizes must be known
+
+
+DYNAMIC = ("batch", "sequence", 8)
+
+
+def dynamic_feeds(batch: int, sequence: int, width: int = 8) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(batch * 10 + sequence).standard_normal((batch, sequence, width))
+            .astype(np.float32)}
+
+
+def assert_same_for_sizes(model, optimized, sizes=((2, 5), (1, 1), (3, 2), (0, 4))):
+    """The same outputs for several batch and sequence sizes, an empty batch among them."""
+    for batch, sequence in sizes:
+        assert_same_outputs(model, optimized, dynamic_feeds(batch, sequence))
+
+
+def test_rms_norm_with_dynamic_batch_and_sequence_becomes_one_node():
+    model = rms_norm_model(shape=DYNAMIC)
+    optimized = check(model, {"RMSNormalization": 1}, {"rms_norm": 1, "norm_scale": 1})
+    assert_same_for_sizes(model, optimized)
+
+
+@pytest.mark.parametrize("divide", ["div", "reciprocal", "one-over"])
+def test_layer_norm_with_dynamic_batch_and_sequence_becomes_one_node(divide):
+    model = layer_norm_model(shape=DYNAMIC, divide=divide)
+    optimized = check(model, {"LayerNormalization": 1}, {"layer_norm": 1, "norm_scale": 1, "layer_norm_bias": 1})
+    assert_same_for_sizes(model, optimized)
+
+
+def test_layer_norm_gamma_with_leading_ones_and_dynamic_batch():
+    model = layer_norm_model(shape=DYNAMIC, gamma_shape=(1, 1, 8))
+    optimized = check(model, {"LayerNormalization": 1}, {"norm_scale": 1})
+    assert_same_for_sizes(model, optimized)
+
+
+def test_tf2onnx_layer_norm_with_dynamic_batch_becomes_one_node():
+    model = affine_layer_norm_model(shape=("batch", "sequence", 16))
+    optimized = check(model, {"LayerNormalization": 1}, {"layer_norm_affine": 1})
+    for batch, sequence in ((2, 5), (1, 1), (0, 3)):
+        assert_same_outputs(model, optimized, dynamic_feeds(batch, sequence, 16))
+
+
+@pytest.mark.parametrize("build", [
+    lambda: rms_norm_model(shape=("batch", "sequence", "hidden"), weight=False),
+    lambda: layer_norm_model(shape=("batch", "sequence", "hidden"), gamma=False, beta=False),
+    lambda: layer_norm_model(shape=("batch", "sequence", 8), axes=(-2, -1), gamma=False, beta=False),
+], ids=["rms-dynamic-hidden", "layer-dynamic-hidden", "layer-over-a-dynamic-axis"])
+def test_norm_over_a_dynamic_axis_does_not_fire(build):
+    # The scale LayerNormalization and RMSNormalization need has the normalized shape, unknown here.
+    model = build()
+    optimized, result = fuse(model)
+    assert not {"LayerNormalization", "RMSNormalization"} & set(op_counts(optimized))
+    assert not result.stats.get("layer_norm") and not result.stats.get("rms_norm")
+    assert_same_for_sizes(model, optimized, ((2, 5), (1, 3)))
+
+
+def test_gamma_along_a_dynamic_batch_axis_is_not_folded():
+    # gamma [4, 1, 8] broadcasts a batch of 1 to 4: the normalization's scale could not do that.
+    model = layer_norm_model(shape=("batch", "sequence", 8), gamma_shape=(4, 1, 8), beta=False)
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "out_batch"
+    optimized, result = fuse(model)
+    assert op_counts(optimized) == {"LayerNormalization": 1, "Mul": 1}
+    assert result.stats["layer_norm"] == 1 and result.stats["norm_scale"] == 0
+    assert run(optimized, dynamic_feeds(1, 3))[0].shape == (4, 3, 8)
+    assert_same_for_sizes(model, optimized, ((1, 3), (4, 2)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exported models, whose batch and sequence axes are dynamic
+
+
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
+LLAMA_NORMS = 5  # before attention and before the MLP in each of the 2 layers, and the final norm
+LLAMA_FIXTURES = ["llama_tiny_torchscript17.onnx", "llama_tiny_dynamo18.onnx",
+                  "llama_tiny_past_torchscript17.onnx", "llama_tiny_past_dynamo18.onnx"]
+
+
+def fixture_feeds(model: onnx.ModelProto, sizes: dict[str, int], vocabulary: int = 64) -> dict[str, np.ndarray]:
+    """Inputs for the named dynamic sizes: token ids below ``vocabulary``, masks of ones, positions in order."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in model.graph.input:
+        dims = [d.dim_value or sizes[d.dim_param] for d in vi.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+        if vi.name == "position_ids":
+            feeds[vi.name] = np.broadcast_to(np.arange(dims[1]) + sizes.get("past_sequence", 0), dims).astype(dtype)
+        elif "mask" in vi.name:
+            feeds[vi.name] = np.ones(dims, dtype)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[vi.name] = rng.integers(0, 2 if "type" in vi.name else vocabulary, dims).astype(dtype)
+        else:
+            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
+    return feeds
+
+
+def rule_hits(report) -> dict[str, int]:
+    hits: dict[str, int] = {}
+    for row in report.per_pass():
+        for rule, count in row["stats"].items():
+            hits[rule] = hits.get(rule, 0) + count
+    return hits
+
+
+def llama_sizes(batch: int, sequence: int, past: int = 3) -> dict[str, int]:
+    return {"batch": batch, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", LLAMA_FIXTURES)
+def test_every_rms_norm_of_the_llama_exports_is_found(fixture):
+    # The default pipeline: TorchScript casts the normalized value to its own type before the weight,
+    # and only once another pass has dropped that Cast is the weight folded into the scale.
+    model = onnx.load(str(FIXTURES / fixture))
+    result = onnxopt.optimize_model(model, upgrade_opset=23, verify=False)
+    optimized, hits = result.model, rule_hits(result.report)
+    assert op_counts(optimized).get("RMSNormalization") == LLAMA_NORMS
+    assert hits["rms_norm"] == LLAMA_NORMS and hits["norm_scale"] == LLAMA_NORMS
+    assert "ReduceMean" not in op_counts(optimized)
+    for batch, sequence in ((2, 5), (1, 3)):
+        assert_same_outputs(model, optimized, fixture_feeds(model, llama_sizes(batch, sequence)))
+
+
+def decompose_layer_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each LayerNormalization over the last axis written out as TorchScript before opset 17 did.
+
+    ``(x - mean) / sqrt(mean((x - mean)^2) + eps) * scale + bias``, with ReduceMean's axes an attribute
+    before opset 18 and an input from it.
+    """
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    decomposed = onnx.ModelProto()
+    decomposed.CopyFrom(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type != "LayerNormalization":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs.get("axis", -1) == -1 and len(node.output) == 1
+        x, scale, bias, prefix = node.input[0], node.input[1], node.input[2], f"{node.output[0]}_decomposed"
+        constants = {f"{prefix}_two": np.array(2.0, np.float32),
+                     f"{prefix}_eps": np.array(attrs.get("epsilon", 1e-5), np.float32),
+                     f"{prefix}_axes": np.array([-1], np.int64)}
+        decomposed.graph.initializer.extend(tensor(name, array) for name, array in constants.items())
+
+        def reduce_mean(value, out):
+            if opset >= 18:
+                return helper.make_node("ReduceMean", [value, f"{prefix}_axes"], [out])
+            return helper.make_node("ReduceMean", [value], [out], axes=[-1])
+
+        nodes += [reduce_mean(x, f"{prefix}_mean"),
+                  helper.make_node("Sub", [x, f"{prefix}_mean"], [f"{prefix}_centered"]),
+                  helper.make_node("Pow", [f"{prefix}_centered", f"{prefix}_two"], [f"{prefix}_square"]),
+                  reduce_mean(f"{prefix}_square", f"{prefix}_variance"),
+                  helper.make_node("Add", [f"{prefix}_variance", f"{prefix}_eps"], [f"{prefix}_shifted"]),
+                  helper.make_node("Sqrt", [f"{prefix}_shifted"], [f"{prefix}_std"]),
+                  helper.make_node("Div", [f"{prefix}_centered", f"{prefix}_std"], [f"{prefix}_normalized"]),
+                  helper.make_node("Mul", [f"{prefix}_normalized", scale], [f"{prefix}_scaled"]),
+                  helper.make_node("Add", [f"{prefix}_scaled", bias], [node.output[0]])]
+    del decomposed.graph.node[:]
+    decomposed.graph.node.extend(nodes)
+    return decomposed
+
+
+EXPORTED = {"bert_torchscript17.onnx": 5, "bert_dynamo18.onnx": 5, "gpt2_past_torchscript17.onnx": 5,
+            "gpt2_past_dynamo18.onnx": 5}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", sorted(EXPORTED))
+def test_every_decomposed_layer_norm_of_the_exported_transformers_is_found(fixture):
+    exported = onnx.load(str(FIXTURES / fixture))
+    model = decompose_layer_norms(exported)
+    assert "LayerNormalization" not in op_counts(model)
+    optimized, result = fuse(model)
+    assert op_counts(optimized).get("LayerNormalization") == EXPORTED[fixture]
+    assert result.stats["layer_norm"] == result.stats["norm_scale"] == result.stats["layer_norm_bias"] == EXPORTED[fixture]
+    for batch, sequence in ((2, 7), (1, 3)):
+        sizes = {"batch": batch, "sequence": sequence, "past_sequence": 3, "total_sequence": sequence + 3}
+        assert_same_outputs(model, optimized, fixture_feeds(model, sizes))
