@@ -134,13 +134,34 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, TensorType] | None:
         _cache.move_to_end(key)
         return _cache[key]
     # With every input static, onnx's inference alone knows each size it can know; the symbolic engine
-    # (and its sympy import) would only add symbols for data-dependent sizes, which no pass folds.
-    symbolic = None if _inputs_static(model.graph) else _symbolic_inference(model)
-    types = _reconcile(model.graph, symbolic, _onnx_inference(model))
+    # (and its sympy import, a second or more) would only add symbols for data-dependent sizes, which no
+    # pass folds. Nor has it anything to add where onnx's inference gives every value a size that is a
+    # number or a symbol of the graph inputs (not one of the ``unk__`` names it makes up).
+    reference = _onnx_inference(model)
+    needs_symbols = (reference is not None and not _inputs_static(model.graph)
+                     and not _sizes_from_inputs(model.graph, reference))
+    types = _reconcile(model.graph, _symbolic_inference(model) if needs_symbols else None, reference)
     _cache[key] = types
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return types
+
+
+def _sizes_from_inputs(graph: onnx.GraphProto, types: dict[str, TensorType]) -> bool:
+    """Whether every value the graph's nodes compute has a known rank, each dimension a number or a symbol
+    declared by a graph input or output (outputs keep their declared types)."""
+    symbols = {d.dim_param for vi in (*graph.input, *graph.output) if vi.type.HasField("tensor_type")
+               for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    for node in graph.node:
+        for name in node.output:
+            if not name:
+                continue
+            found = types.get(name)
+            if found is None or found.shape is None:
+                return False
+            if any(not isinstance(d, int) and d not in symbols for d in found.shape):
+                return False
+    return True
 
 
 def _inputs_static(graph: onnx.GraphProto) -> bool:
