@@ -444,44 +444,54 @@ def test_every_rms_norm_of_the_llama_exports_is_found(fixture):
         assert_same_outputs(model, optimized, fixture_feeds(model, llama_sizes(batch, sequence)))
 
 
-def decompose_layer_norms(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with each LayerNormalization over the last axis written out as TorchScript before opset 17 did.
+def decomposed_layer_norm(node: onnx.NodeProto, opset: int) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A LayerNormalization over the last axis as TorchScript wrote it before opset 17, and its constants.
 
     ``(x - mean) / sqrt(mean((x - mean)^2) + eps) * scale + bias``, with ReduceMean's axes an attribute
     before opset 18 and an input from it.
     """
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs.get("axis", -1) == -1 and len(node.output) == 1
+    x, scale, bias = node.input
+    prefix = f"{node.output[0]}_decomposed"
+
+    def name(suffix: str) -> str:
+        return prefix + suffix
+
+    constants = [tensor(name("_two"), np.array(2.0, np.float32)),
+                 tensor(name("_eps"), np.array(attrs.get("epsilon", 1e-5), np.float32)),
+                 tensor(name("_axes"), np.array([-1], np.int64))]
+
+    def reduce_mean(value: str, out: str) -> onnx.NodeProto:
+        if opset >= 18:
+            return helper.make_node("ReduceMean", [value, name("_axes")], [out])
+        return helper.make_node("ReduceMean", [value], [out], axes=[-1])
+
+    nodes = [reduce_mean(x, name("_mean")),
+             helper.make_node("Sub", [x, name("_mean")], [name("_centered")]),
+             helper.make_node("Pow", [name("_centered"), name("_two")], [name("_square")]),
+             reduce_mean(name("_square"), name("_variance")),
+             helper.make_node("Add", [name("_variance"), name("_eps")], [name("_shifted")]),
+             helper.make_node("Sqrt", [name("_shifted")], [name("_std")]),
+             helper.make_node("Div", [name("_centered"), name("_std")], [name("_normalized")]),
+             helper.make_node("Mul", [name("_normalized"), scale], [name("_scaled")]),
+             helper.make_node("Add", [name("_scaled"), bias], [node.output[0]])]
+    return nodes, constants
+
+
+def decompose_layer_norms(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with each LayerNormalization written out as ``decomposed_layer_norm`` does."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     decomposed = onnx.ModelProto()
     decomposed.CopyFrom(model)
-    nodes = []
+    del decomposed.graph.node[:]
     for node in model.graph.node:
         if node.op_type != "LayerNormalization":
-            nodes.append(node)
+            decomposed.graph.node.append(node)
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        assert attrs.get("axis", -1) == -1 and len(node.output) == 1
-        x, scale, bias, prefix = node.input[0], node.input[1], node.input[2], f"{node.output[0]}_decomposed"
-        constants = {f"{prefix}_two": np.array(2.0, np.float32),
-                     f"{prefix}_eps": np.array(attrs.get("epsilon", 1e-5), np.float32),
-                     f"{prefix}_axes": np.array([-1], np.int64)}
-        decomposed.graph.initializer.extend(tensor(name, array) for name, array in constants.items())
-
-        def reduce_mean(value, out):
-            if opset >= 18:
-                return helper.make_node("ReduceMean", [value, f"{prefix}_axes"], [out])
-            return helper.make_node("ReduceMean", [value], [out], axes=[-1])
-
-        nodes += [reduce_mean(x, f"{prefix}_mean"),
-                  helper.make_node("Sub", [x, f"{prefix}_mean"], [f"{prefix}_centered"]),
-                  helper.make_node("Pow", [f"{prefix}_centered", f"{prefix}_two"], [f"{prefix}_square"]),
-                  reduce_mean(f"{prefix}_square", f"{prefix}_variance"),
-                  helper.make_node("Add", [f"{prefix}_variance", f"{prefix}_eps"], [f"{prefix}_shifted"]),
-                  helper.make_node("Sqrt", [f"{prefix}_shifted"], [f"{prefix}_std"]),
-                  helper.make_node("Div", [f"{prefix}_centered", f"{prefix}_std"], [f"{prefix}_normalized"]),
-                  helper.make_node("Mul", [f"{prefix}_normalized", scale], [f"{prefix}_scaled"]),
-                  helper.make_node("Add", [f"{prefix}_scaled", bias], [node.output[0]])]
-    del decomposed.graph.node[:]
-    decomposed.graph.node.extend(nodes)
+        nodes, constants = decomposed_layer_norm(node, opset)
+        decomposed.graph.node.extend(nodes)
+        decomposed.graph.initializer.extend(constants)
     return decomposed
 
 
