@@ -10,7 +10,9 @@ optional operators, and QuantizeLinear/DequantizeLinear (folding them would turn
 int8 weights back into floats).
 
 Shapes: with onnx shape inference, ``Shape`` and ``Size`` of tensors with static dimensions, and the
-shape arithmetic after them, fold even when other dimensions are dynamic (see ``fold_shapes``). An
+shape arithmetic after them, fold even when other dimensions are dynamic (see ``fold_shapes``); a
+Reshape whose target is computed from its own input's shape gets a constant target that copies the
+input's dynamic dimensions, ``allowzero=1`` included (see ``_reshape_with_copied_dims``). An
 ``If`` whose condition is constant is replaced by the branch it takes. Folding runs inside subgraph
 bodies too, where values captured from enclosing graphs count as constants when they are.
 
@@ -317,18 +319,12 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
     return None
 
 
-def _reshape_with_copied_dims(graph: gs.Graph, node: gs.Node, target: PartialValue) -> int:
-    """Gives a Reshape a constant shape when its dynamic elements are dimensions of its own input.
+def _resolved_elements(target: PartialValue, data_shape: list) -> list[int | None]:
+    """The target's elements as a constant shape can hold them, ``None`` where it cannot.
 
-    With ``allowzero=0``, a 0 in Reshape's shape copies the input's dimension at that position, so an
-    element known to equal that dimension (the same symbol in inferred shapes, as in
-    ``Reshape(x, Concat(Shape(x)[:2], [12, 64]))``) can be 0. One element left unknown can be -1 when
-    every other element is a known positive number (then the unknown is determined by the size).
-    Returns 1 if the shape became constant.
+    Known numbers stay; an element known to equal the input's dimension at its own position (the same
+    symbol in inferred shapes) becomes 0, a copy under ``allowzero=0``.
     """
-    data_shape = node.inputs[0].shape
-    if node.attrs.get("allowzero", 0) or target.scalar or data_shape is None:
-        return 0
     resolved: list[int | None] = []
     for axis, element in enumerate(target.elements):
         if isinstance(element, int):
@@ -337,16 +333,78 @@ def _reshape_with_copied_dims(graph: gs.Graph, node: gs.Node, target: PartialVal
             resolved.append(0)
         else:
             resolved.append(None)
-    unknown = [i for i, e in enumerate(resolved) if e is None]
-    if len(unknown) > 1:
+    return resolved
+
+
+def _size_beside_copies(resolved: list[int | None], free: int, data_shape: list) -> int | None:
+    """The size a -1 at ``free`` stands for beside copies, from the dimensions that are not copied.
+
+    The copies equal the input's dimensions at their positions and cancel out of the element count:
+    the -1 is the product of the input's other dimensions over that of the shape's other elements, when
+    all are known positive numbers. It does not depend on the copied sizes, zero included, which is also
+    what onnxruntime infers for a -1 beside a 0 with ``allowzero=1`` (an empty input; the specification
+    calls that shape invalid).
+    """
+    copied = {axis for axis, element in enumerate(resolved) if element == 0}
+    input_rest = [d for axis, d in enumerate(data_shape) if axis not in copied]
+    shape_rest = [e for axis, e in enumerate(resolved) if axis not in copied and axis != free]
+    if not all(isinstance(d, int) and d > 0 for d in input_rest) or not all(e > 0 for e in shape_rest):
+        return None
+    count, known = int(np.prod(input_rest, dtype=np.int64)), int(np.prod(shape_rest, dtype=np.int64))
+    return count // known if count % known == 0 else None
+
+
+def _free_element(resolved: list[int | None], free: int, data_shape: list, allowzero: int) -> int | None:
+    """What the constant shape holds at ``free``, its one element that is -1 or unknown; ``None`` if nothing exact.
+
+    Without copies the other elements are known positive numbers, and -1 is the unknown's value for any
+    input, an empty one included. With copies, a copied size may be 0 at run time: an unknown element's
+    value is then not determined by the size (the original's explicit value could be anything), but a -1
+    is its size beside the copies when that is static. Otherwise a -1 beside copies stays -1 under
+    ``allowzero=0`` (the same shape as before), and under ``allowzero=1`` the Reshape is left alone:
+    onnxruntime infers -1 beside a zero-sized dimension there, and fails to beside a copied 0.
+    """
+    others = [e for axis, e in enumerate(resolved) if axis != free]
+    if 0 not in others:
+        return -1 if all(e > 0 for e in others) else None
+    if resolved[free] is None:
+        return None
+    size = _size_beside_copies(resolved, free, data_shape)
+    if size is not None:
+        return size
+    return None if allowzero else -1
+
+
+def _reshape_with_copied_dims(graph: gs.Graph, node: gs.Node, target: PartialValue) -> int:
+    """Gives a Reshape a constant shape when its dynamic elements are dimensions of its own input.
+
+    With ``allowzero=0``, a 0 in Reshape's shape copies the input's dimension at that position, so an
+    element known to equal that dimension (the same symbol in inferred shapes, as in
+    ``Reshape(x, Concat(Shape(x)[:2], [12, 64]))``) can be 0. One element that is -1 or unknown is
+    written as ``_free_element`` says. Returns 1 if the shape became constant.
+
+    With ``allowzero=1`` (the dynamo exporter's), a 0 in the shape is a dimension of size zero, so the
+    copies are written with ``allowzero`` cleared. That is exact when the shape has no literal 0, which
+    would become a copy: then every 0 of the new shape is a copy, and a copy equals the element it
+    replaces whatever its size, zero included. A shape with a literal 0 is left alone.
+    """
+    data_shape = node.inputs[0].shape
+    allowzero = node.attrs.get("allowzero", 0)
+    if target.scalar or data_shape is None or (allowzero and 0 in target.elements):
         return 0
-    if unknown:
-        others = [e for i, e in enumerate(resolved) if i != unknown[0]]
-        copies = [axis for axis, e in enumerate(target.elements) if isinstance(e, str)]
-        if any(e <= 0 for e in others) or copies:
+    resolved = _resolved_elements(target, data_shape)
+    if any(element == 0 and axis >= len(data_shape) for axis, element in enumerate(resolved)):
+        return 0  # a copy of a dimension the input lacks: the original fails
+    free = [axis for axis, element in enumerate(resolved) if element is None or element == -1]
+    if len(free) > 1:
+        return 0
+    if free:
+        resolved[free[0]] = _free_element(resolved, free[0], data_shape, allowzero)
+        if resolved[free[0]] is None:
             return 0
-        resolved[unknown[0]] = -1
     node.inputs[1] = ir.make_constant(graph, np.array(resolved, dtype=np.int64), f"{node.name or 'reshape'}_shape")
+    if allowzero and 0 in resolved:
+        node.attrs["allowzero"] = 0
     return 1
 
 

@@ -625,6 +625,124 @@ def test_fully_static_shape_chain_folds_entirely():
 
 
 # ---------------------------------------------------------------------------------------------------
+# Reshape targets computed from the input's shape, with allowzero=1 as the dynamo exporter writes them
+
+
+def reshape_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    return next(n for n in model.graph.node if n.op_type == "Reshape")
+
+
+def allowzero(node: onnx.NodeProto) -> int:
+    return next((a.i for a in node.attribute if a.name == "allowzero"), 0)
+
+
+def reshape_target(model: onnx.ModelProto) -> list[int]:
+    return initializers(model)[reshape_node(model).input[1]].tolist()
+
+
+def random_input(*shape: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)}
+
+
+@pytest.mark.parametrize("flag", [0, 1])
+def test_head_split_gets_its_dynamic_dims_copied_and_its_minus_one_computed(flag):
+    # Reshape(x, Concat(Shape(x)[:2], [-1, 8])): [B, S] are x's own, copied as 0, and -1 is 32 / 8.
+    model = parse("""
+    g (float[B,S,32] x) => (float[B,S,4,8] y) <int64[2] tail = {-1, 8}> {
+      s = Shape<start = 0, end = 2>(x)
+      shape = Concat<axis = 0>(s, tail)
+      y = Reshape<allowzero = %d>(x, shape)
+    }""" % flag)
+    optimized, result = fold(model)
+    assert result.stats["shapes_folded"] == 1  # the Shape and Concat, now unread, are left to dce
+    assert reshape_target(optimized) == [0, 0, 4, 8] and allowzero(reshape_node(optimized)) == 0
+    for batch, sequence in ((1, 5), (3, 2), (2, 1)):
+        assert_same_outputs(model, optimized, random_input(batch, sequence, 32))
+    if flag:  # onnxruntime infers a -1 beside a zero-sized dimension only with allowzero=1
+        for batch, sequence in ((0, 5), (2, 0), (0, 0)):
+            assert_same_outputs(model, optimized, random_input(batch, sequence, 32))
+
+
+def test_minus_one_beside_copies_and_dynamic_dims_stays_with_allowzero_0():
+    # [N, -1] of x [N, S]: -1 is S, not static, and -1 beside a copy is what the original computes.
+    model = parse("""
+    g (float[N,S] x) => (float[N,S] y) <int64[1] rest = {-1}> {
+      n = Shape<start = 0, end = 1>(x)
+      shape = Concat<axis = 0>(n, rest)
+      y = Reshape(x, shape)
+    }""")
+    optimized, _ = fold(model)
+    assert reshape_target(optimized) == [0, -1]
+    for batch, sequence in ((2, 3), (1, 1)):
+        assert_same_outputs(model, optimized, random_input(batch, sequence))
+
+
+def test_head_merge_with_allowzero_keeps_zero_sized_dims():
+    # With no -1, genuinely empty batches and sequences reshape the same: a copy of 0 is 0.
+    model = parse("""
+    g (float[B,S,4,8] x) => (float[B,S,32] y) <int64[1] width = {32}> {
+      s = Shape<start = 0, end = 2>(x)
+      shape = Concat<axis = 0>(s, width)
+      y = Reshape<allowzero = 1>(x, shape)
+    }""")
+    optimized, _ = fold(model)
+    assert reshape_target(optimized) == [0, 0, 32] and allowzero(reshape_node(optimized)) == 0
+    for batch, sequence in ((2, 3), (0, 3), (2, 0), (0, 0), (1, 1)):
+        assert_same_outputs(model, optimized, random_input(batch, sequence, 4, 8))
+        assert run(optimized, random_input(batch, sequence, 4, 8))[0].shape == (batch, sequence, 32)
+
+
+@pytest.mark.parametrize("flag", [0, 1])
+def test_one_dynamic_element_that_is_no_copy_becomes_minus_one(flag):
+    # S is dimension 1 of x but element 0 of the target: not a copy, but the only unknown, so -1.
+    model = parse("""
+    g (float[2,S,4] x) => (float[S,8] y) <int64[1] width = {8}> {
+      s = Shape<start = 1, end = 2>(x)
+      shape = Concat<axis = 0>(s, width)
+      y = Reshape<allowzero = %d>(x, shape)
+    }""" % flag)
+    optimized, _ = fold(model)
+    assert reshape_target(optimized) == [-1, 8] and allowzero(reshape_node(optimized)) == flag
+    # With allowzero=0 an empty S would be read as a copy of x's 2 and the original fails; not so with 1.
+    for sequence in ((3, 1, 0) if flag else (3, 1)):
+        assert_same_outputs(model, optimized, random_input(2, sequence, 4))
+
+
+@pytest.mark.parametrize("text,feeds", [
+    # A literal 0 is a size-zero dimension with allowzero=1; cleared, it would copy x's 2.
+    ("""g (float[B,2,0] x) => (float[B,0,5] y) <int64[2] tail = {0, 5}> {
+      s = Shape<start = 0, end = 1>(x)
+      shape = Concat<axis = 0>(s, tail)
+      y = Reshape<allowzero = 1>(x, shape)
+    }""", [random_input(3, 2, 0), random_input(0, 2, 0)]),
+    # S is unknown and B a copy: -1 beside a copy fails for an empty batch, which the original reshapes.
+    ("""g (float[B,2,2,S,16] x) => (float[B,4,S,16] y) <int64[1] heads = {4}, int64[1] width = {16}> {
+      b = Shape<start = 0, end = 1>(x)
+      s = Shape<start = 3, end = 4>(x)
+      shape = Concat<axis = 0>(b, heads, s, width)
+      y = Reshape<allowzero = 1>(x, shape)
+    }""", [random_input(2, 2, 2, 3, 16), random_input(0, 2, 2, 3, 16)]),
+    # Two elements are neither copies nor known (x's first dimension is their product).
+    ("""g (float[N,32] x, float[B,S] like) => (float[B,S,32] y) <int64[1] width = {32}> {
+      s = Shape(like)
+      shape = Concat<axis = 0>(s, width)
+      y = Reshape<allowzero = 1>(x, shape)
+    }""", [{**random_input(6, 32), "like": np.zeros((2, 3), np.float32)}]),
+    # -1 beside a copy, its size dynamic: onnxruntime infers it for an empty sequence with allowzero=1
+    # ([-1, 0] gives [N, 0]), and cleared, the copied 0 leaves -1 undetermined.
+    ("""g (float[N,S] x) => (float[N,S] y) <int64[1] rest = {-1}> {
+      s = Shape<start = 1, end = 2>(x)
+      shape = Concat<axis = 0>(rest, s)
+      y = Reshape<allowzero = 1>(x, shape)
+    }""", [random_input(2, 3), random_input(2, 0)]),
+], ids=["literal-zero", "copy-beside-an-unknown", "two-unknowns", "minus-one-beside-a-copy"])
+def test_allowzero_reshape_that_cannot_be_made_constant_is_left_alone(text, feeds):
+    model = parse(text)
+    for feed in feeds:
+        assert_unchanged(model, feed)
+
+
+# ---------------------------------------------------------------------------------------------------
 # If with a constant condition
 
 
