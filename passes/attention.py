@@ -13,7 +13,14 @@ The scale may be a ``Mul`` or a ``Div`` of the scores, a ``Mul`` of ``q`` before
 ``Mul``s of ``Q`` and ``K'`` (the dynamo exporter's ``sqrt(scale)`` on each); the mask is any additive
 float tensor; a ``Cast`` of the probabilities to their own type may follow the Softmax. ``K'`` and ``V``
 may also be any ``[B, H, T, D]`` values with ``K' = Transpose(K, [0, 1, 3, 2])`` — a key/value cache
-concatenated with the new keys (GPT-2 with past). Rules (stats keys in brackets):
+concatenated with the new keys (GPT-2 with past).
+
+torch's ``scaled_dot_product_attention`` (transformers' default attention, ``attn_implementation="sdpa"``)
+is exported with three more steps, all matched: a guard ``P = Where(IsNaN(P), 0, P)`` after the Softmax
+(its mask is ``Where(keep, 0, -inf)``, and a query whose keys are all masked out gets NaN there); from the
+dynamo exporter, ``K' = Reshape(Transpose(Reshape(K, [-1, T, D]), [0, 2, 1]), [B, H, D, T])``, whose
+targets are read from ``Shape(K)`` (those Shape nodes may read values of the match: they die with it);
+and a Reshape of the attended heads to the shape they have. Rules (stats keys in brackets):
 
 * ``sdpa_to_attention``: for the generic, OpenVINO and TensorRT targets on models of opset 23 or later,
   the standard ``Attention``: with ``q_num_heads``/``kv_num_heads`` on the 3-D ``q``, ``k``, ``v`` when
@@ -35,6 +42,15 @@ dimensions read at run time (which is what the ``Add`` broadcast to). For the st
 mask's lowest value (exporters' "masked out") becomes half of it, the same by the specification, because
 onnxruntime's kernel returns zeros for a row that holds only the lowest value. Only float32 (and, for
 the standard operator, float16) attention is rewritten; the Softmax must run over the last axis.
+
+The NaN guard. With finite ``q``, ``k``, ``v`` the Softmax gives NaN exactly on the rows whose mask is
+``-inf`` for every key (``exp(-inf - -inf)``), and the guard makes their output ``0·V = 0``. The standard
+operator's definition (the opset 23 errata: "a fully-masked query row produces a zero output row") gives
+that too, so it needs nothing more (onnxruntime 1.32, OpenVINO 2026.4 and onnx's reference agree);
+onnxruntime's MultiHeadAttention gives NaN on those rows (and its Attention, which ``ort_fuse`` makes of it,
+zeros), so for it the guard moves after the operator as ``Where(IsNaN(y), 0, y)``: exact either way. Without
+the guard, such a row is NaN in the original and zeros in the standard operator: only outputs that were
+NaN change.
 """
 
 from __future__ import annotations
@@ -56,6 +72,7 @@ ORT_DOMAIN = "com.microsoft"
 HEADS_FIRST = [0, 2, 1, 3]  # [B, S, H, D] <-> [B, H, S, D]
 KEYS_TRANSPOSED = [0, 2, 3, 1]  # [B, T, H, D] -> [B, H, D, T]
 LAST_TWO_SWAPPED = [0, 1, 3, 2]  # [B, H, T, D] -> [B, H, D, T]
+MATRICES_TRANSPOSED = [0, 2, 1]  # [B*H, T, D] -> [B*H, D, T]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,9 +91,14 @@ def query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale):
 
 
 def key_transposed_pattern(op, k, k_shape, key, k_scale):
-    """``Kᵀ`` of shape ``[B, H, D, T]``: split from a 3-D ``k``, or the transposed 4-D ``key``; maybe scaled."""
+    """``Kᵀ`` of shape ``[B, H, D, T]``: split from a 3-D ``k``, or the transposed 4-D ``key``, or either's
+    ``[B, H, T, D]`` transposed matrix by matrix through 3-D reshapes (the dynamo exporter); maybe scaled."""
+    heads = op.either(op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=HEADS_FIRST, _tag="k_heads"), key)
+    flattened = op.Reshape(heads, _allow_other_inputs=True, _tag="k_flat")
+    through_matrices = op.Reshape(op.Transpose(flattened, perm=MATRICES_TRANSPOSED, _tag="k_flat_transposed"),
+                                  _allow_other_inputs=True, _tag="k_unflat")
     transposed = op.either(op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=KEYS_TRANSPOSED, _tag="k_heads"),
-                           op.Transpose(key, perm=LAST_TWO_SWAPPED, _tag="k_heads"))
+                           op.Transpose(key, perm=LAST_TWO_SWAPPED, _tag="k_heads"), through_matrices)
     return scaled_pattern(op, transposed, k_scale, "k_scale")
 
 
@@ -85,22 +107,31 @@ def value_heads_pattern(op, v, v_shape, value):
     return op.either(op.Transpose(op.Reshape(v, v_shape, _tag="v_split"), perm=HEADS_FIRST, _tag="v_heads"), value)
 
 
-def attention_core_pattern(op, query, key_transposed, value, scale, divisor, mask):
-    """``Softmax(Q·Kᵀ * scale + mask)·V`` (scale as ``Mul``, ``Div`` or none, mask optional)."""
+def nan_guarded_pattern(op, probabilities, nan_fill):
+    """``Where(IsNaN(p), 0, p)``, torch's guard on a Softmax over keys all masked out, or ``p`` itself."""
+    return op.either(op.Where(op.IsNaN(probabilities, _tag="nan_test"), nan_fill, probabilities, _tag="nan_guard"),
+                     probabilities)
+
+
+def attention_core_pattern(op, query, key_transposed, value, scale, divisor, mask, nan_fill):
+    """``Softmax(Q·Kᵀ * scale + mask)·V`` (scale as ``Mul``, ``Div`` or none, mask optional, NaN guard optional)."""
     scores = op.MatMul(query, key_transposed, _tag="scores")
     scaled = op.either(op.Mul(scores, scale, _tag="scores_scale"), op.Div(scores, divisor, _tag="scores_divisor"),
                        scores)
     probabilities = op.Softmax(op.either(op.Add(scaled, mask, _tag="mask_add"), scaled))
-    return op.MatMul(op.either(op.Cast(probabilities), probabilities), value, _tag="attended")
+    cast = op.either(op.Cast(probabilities), probabilities)
+    return op.MatMul(nan_guarded_pattern(op, cast, nan_fill), value, _tag="attended")
 
 
 def sdpa_pattern(op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
-                 divisor, mask, out_shape):
+                 divisor, mask, nan_fill, out_shape):
     """The whole of multi-head attention, from the head splits to the merge (see the module docstring)."""
     attended = attention_core_pattern(op, query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale),
                                       key_transposed_pattern(op, k, k_shape, key, k_scale),
-                                      value_heads_pattern(op, v, v_shape, value), scale, divisor, mask)
-    return op.Reshape(op.Transpose(attended, perm=HEADS_FIRST, _tag="merge_heads"), out_shape, _tag="merge")
+                                      value_heads_pattern(op, v, v_shape, value), scale, divisor, mask, nan_fill)
+    # The dynamo exporter may reshape the heads to the shape they have (a view in torch).
+    kept = op.either(op.Reshape(attended, _allow_other_inputs=True, _tag="heads_view"), attended)
+    return op.Reshape(op.Transpose(kept, perm=HEADS_FIRST, _tag="merge_heads"), out_shape, _tag="merge")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,6 +160,7 @@ class Sdpa:
     value: gs.Tensor  # [B, T, H*Dv] when keys_3d, else [B, H, T, Dv]
     keys_3d: bool
     mask: gs.Tensor | None
+    nan_guarded: bool  # Where(IsNaN(p), 0, p) after the Softmax: rows masked out entirely give zeros
 
 
 def head_split(m: Match, tag: str, source: str) -> HeadSplit | str:
@@ -212,14 +244,83 @@ def combined_scale(m: Match) -> float | str:
     return total
 
 
-def _heads_dims(m: Match, name: str, heads: int) -> int | str:
+def _heads_dims(tensor: gs.Tensor, heads: int) -> int | str:
     """The head size of a 4-D ``[B, H, T, D]`` value with ``heads`` heads, or why it is not one."""
-    shape = m.shape(name)
+    shape = tensor.shape
     if shape is None or len(shape) != 4:
-        return f"'{m[name].name}' is not known to be 4-D"
+        return f"'{tensor.name}' is not known to be 4-D"
     if shape[1] != heads or not isinstance(shape[3], int) or shape[3] <= 0:
-        return f"'{m[name].name}' of shape {shape} does not have {heads} heads of a known size"
+        return f"'{tensor.name}' of shape {list(shape)} does not have {heads} heads of a known size"
     return shape[3]
+
+
+def _value_heads(m: Match) -> gs.Tensor | None:
+    """``V`` as ``[B, H, T, Dv]``: the 4-D value, or the heads split from the 3-D one."""
+    return m["value"] if m["value"] is not None else m.node("v_heads").outputs[0]
+
+
+def nan_guard_keeps_rows(m: Match) -> MatchResult:
+    """Whether the optional NaN guard is ``Where(IsNaN(p), 0, p)`` with a zero that cannot broadcast ``p``
+    to another shape."""
+    if not m.has_node("nan_guard"):
+        return m.ok()
+    fill = m.value("nan_fill")
+    if fill is None or fill.size != 1 or fill.ndim > 4 or fill.dtype.kind != "f" or float(fill.reshape(-1)[0]) != 0:
+        return m.fail(f"'{m.node('nan_guard').name}' does not put a scalar 0 in place of NaN")
+    return m.ok()
+
+
+def transposed_through_matrices(m: Match) -> MatchResult:
+    """Whether ``Reshape(Transpose(Reshape(K, [-1, T, D]), [0, 2, 1]), [B, H, D, T])`` is ``Kᵀ``.
+
+    Inferred shapes decide: the first Reshape must keep ``K``'s last two dimensions (so it only merges
+    the leading ones, keeping every ``[T, D]`` matrix whole and in order), and the last must give
+    ``K``'s own leading dimensions followed by ``D`` and ``T`` (so it splits the merged one back).
+    """
+    if not m.has_node("k_flat"):
+        return m.ok()
+    heads = m.node("k_flat").inputs[0].shape
+    flat = m.node("k_flat").outputs[0].shape
+    unflat = m.node("k_unflat").outputs[0].shape
+    if heads is None or flat is None or unflat is None or len(heads) != 4 or len(flat) != 3 or len(unflat) != 4:
+        return m.fail("the keys' transpose through 3-D reshapes has no known shapes")
+    if not (_named_same_dim(flat[1], heads[2]) and _named_same_dim(flat[2], heads[3])):
+        return m.fail(f"'{m.node('k_flat').name}' does not keep the keys' last two dimensions")
+    expected = [heads[0], heads[1], heads[3], heads[2]]
+    if not all(_named_same_dim(got, want) for got, want in zip(unflat, expected)):
+        return m.fail(f"'{m.node('k_unflat').name}' of shape {list(unflat)} does not restore the keys' dimensions")
+    return m.ok()
+
+
+def heads_view_keeps_shape(m: Match) -> MatchResult:
+    """Whether the optional Reshape of the attended heads is known, from inferred shapes, to give the shape
+    it is given: then it changes nothing."""
+    if not m.has_node("heads_view"):
+        return m.ok()
+    node = m.node("heads_view")
+    given, made = node.inputs[0].shape, node.outputs[0].shape
+    if given is None or made is None or len(given) != len(made) \
+            or not all(_named_same_dim(a, b) for a, b in zip(given, made)):
+        return m.fail(f"'{node.name}' is not known to keep the shape of the attended heads")
+    return m.ok()
+
+
+def read_only_inside(m: Match) -> MatchResult:
+    """Whether every value made inside the match is read only inside it, or else only by ``Shape`` nodes.
+
+    The dynamo exporter reads the shape of ``K`` to transpose it through 3-D reshapes: those ``Shape``
+    nodes die with the match, and with them the last reader of ``K``'s own head split.
+    """
+    matched = {id(node) for node in m.nodes}
+    for node in m.nodes:
+        if node is m.root:
+            continue
+        for tensor in node.outputs:
+            if ir.is_graph_output(m.graph, tensor):
+                return m.fail(f"'{tensor.name}' inside the pattern is a graph output")
+            if any(id(reader) not in matched and reader.op != "Shape" for reader in tensor.outputs):
+                return m.fail(f"'{tensor.name}' inside the pattern has other readers")
+    return m.ok()
 
 
 def _softmax_over_last_axis(m: Match) -> bool:
@@ -243,6 +344,10 @@ def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchRe
         return m.fail("the Softmax is not over the last axis")
     if not _cast_keeps_type(m, dtype):
         return m.fail("the Cast after the Softmax changes the type")
+    for found in (read_only_inside(m), nan_guard_keeps_rows(m), transposed_through_matrices(m),
+                  heads_view_keeps_shape(m)):
+        if not found:
+            return found
     scale = combined_scale(m)
     if isinstance(scale, str):
         return m.fail(scale)
@@ -254,13 +359,11 @@ def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchRe
     split = head_split(m, "q_split", "q")
     if isinstance(split, str):
         return m.fail(split)
-    keys_3d = m["k"] is not None
+    keys_3d = m["k"] is not None and m["v"] is not None
     if keys_3d:
         key_split = head_split(m, "k_split", "k")
         if isinstance(key_split, str):
             return m.fail(key_split)
-        if m["v"] is None:
-            return m.fail("the values are not split from a 3-D value like the keys")
         value_split = head_split(m, "v_split", "v")
         if isinstance(value_split, str):
             return m.fail(value_split)
@@ -268,14 +371,18 @@ def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchRe
             return m.fail(f"keys ({key_split}) or values ({value_split}) have other heads than the query ({split})")
         value_size = value_split.head_size
     else:
-        key_size, value_size = _heads_dims(m, "key", split.heads), _heads_dims(m, "value", split.heads)
+        if m["key"] is None:
+            return m.fail("the keys are split from a 3-D value, the values are 4-D")
+        value = _value_heads(m)
+        key_size, value_size = _heads_dims(m["key"], split.heads), _heads_dims(value, split.heads)
         for found in (key_size, value_size):
             if isinstance(found, str):
                 return m.fail(found)
         if key_size != split.head_size:
             return m.fail(f"keys have head size {key_size}, the query {split.head_size}")
     return Sdpa(split.heads, split.head_size, value_size, scale, m["q"], m.node("q_heads").outputs[0],
-                m["k"] if keys_3d else m["key"], m["v"] if keys_3d else m["value"], keys_3d, mask)
+                m["k"] if keys_3d else m["key"], m["v"] if keys_3d else value, keys_3d, mask,
+                m.has_node("nan_guard"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,11 +499,13 @@ class _SdpaRule(RewriteRule):
     """The attention match shared by the rules; subclasses build the replacement."""
 
     dtypes: ClassVar[tuple[np.dtype, ...]] = (np.dtype(np.float32),)
+    # Shape nodes may read values inside the match (the dynamo exporter's); check says which others may not.
+    allow_shared_intermediates = True
 
     def pattern(self, op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
-                divisor, mask, out_shape):
+                divisor, mask, nan_fill, out_shape):
         return sdpa_pattern(op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale,
-                            scale, divisor, mask, out_shape)
+                            scale, divisor, mask, nan_fill, out_shape)
 
     def check(self, m: Match) -> MatchResult:
         found = describe_attention(m, self.dtypes)
@@ -416,6 +525,16 @@ def lowest_spared(op, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | No
     lowest = np.array(np.finfo(dtype).min, dtype)
     masked_out = op.Equal(mask, op.const(lowest, "lowest"))
     return op.Where(masked_out, op.const(np.array(lowest / 2, dtype), "half_lowest"), mask)
+
+
+def zeros_for_nan(op, output: gs.Tensor) -> gs.Tensor:
+    """``output`` with NaN replaced by 0: the matched NaN guard, moved after MultiHeadAttention.
+
+    onnxruntime's MultiHeadAttention gives NaN for the heads of a query row whose keys are all masked out
+    with ``-inf`` (and numbers everywhere else), where the guarded original gives that row's ``0 · V = 0``.
+    """
+    zero = op.const(np.zeros((), np.dtype(output.dtype)), "zero")
+    return op.Where(op.IsNaN(output), zero, output)
 
 
 class SdpaToAttention(_SdpaRule):
@@ -452,7 +571,10 @@ class SdpaToMultiHeadAttention(_SdpaRule):
                                        num_heads=sdpa.heads, scale=sdpa.scale, _domain=ORT_DOMAIN,
                                        _name=m.node("attended").name)
         leading = list(sdpa.query.shape or [None, None])[:2]
-        typed(output, sdpa.query.dtype, [*leading, sdpa.heads * sdpa.value_head_size])
+        shape = [*leading, sdpa.heads * sdpa.value_head_size]
+        typed(output, sdpa.query.dtype, shape)
+        if sdpa.nan_guarded:
+            output = typed(zeros_for_nan(op, output), sdpa.query.dtype, shape)
         return merged(op, m, sdpa, output)
 
 

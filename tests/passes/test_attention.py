@@ -53,6 +53,17 @@ class Spec:
     # Concat(Shape(merge_ids)[0:1], Shape(merge_ids)[1:2], [-1]), followed by an Identity.
     split_from: tuple | None = None
     merge_from: tuple | None = None
+    # torch's scaled_dot_product_attention as exporters write it (transformers' default "sdpa"): the mask a
+    # Where(keep, 0, -inf) of a boolean input "keep" of the mask's shape; the probabilities guarded by
+    # Where(IsNaN(p), nan_fill, p); the dynamo exporter's Kᵀ: K [B, H, T, D] reshaped to [-1, T, D] (or to
+    # key_flat, as constants), transposed [0, 2, 1] and reshaped back to [B, H, D, T], the targets read from
+    # Shape(K); and its view of the attended heads, reshaped to heads_view (a constant target).
+    bool_mask: bool = False
+    nan_guard: bool = False
+    nan_fill: float = 0.0
+    key_through_matrices: bool = False
+    key_flat: tuple | None = None
+    heads_view: tuple | None = None
 
 
 def attention_model(spec: Spec) -> onnx.ModelProto:
@@ -91,15 +102,29 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
         inputs.append(value("ids", TensorProto.INT64, list(spec.split_from)))
     split = list(spec.split_target or (0, 0, -1, spec.head_size))
     query = node("Transpose", split_heads(q, split), perm=[0, 2, 1, 3])
+    def transposed_through_matrices(key: str) -> str:
+        shape = node("Shape", key)
+        leading, sequence, size = (node("Slice", shape, const([start], np.int64), const([end], np.int64))
+                                   for start, end in ((0, -2), (-2, -1), (-1, 4)))
+        flat_target = (const(list(spec.key_flat), np.int64) if spec.key_flat
+                       else node("Concat", const([-1], np.int64), sequence, size, axis=0))
+        flat = node("Transpose", node("Reshape", key, flat_target), perm=[0, 2, 1])
+        return node("Reshape", flat, node("Concat", leading, size, sequence, axis=0))
+
     if spec.cache:
         inputs += [value("k", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size]),
                    value("v", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size])]
-        key_t, values = node("Transpose", "k", perm=[0, 1, 3, 2]), "v"
+        key_t = (transposed_through_matrices("k") if spec.key_through_matrices
+                 else node("Transpose", "k", perm=[0, 1, 3, 2]))
+        values = "v"
     else:
         inputs += [value("k", elem, [spec.batch, spec.kv_seq, kv_hidden]),
                    value("v", elem, [spec.batch, spec.kv_seq, kv_hidden])]
         kv_split = [0, 0, -1, spec.head_size]
-        key_t = node("Transpose", split_heads("k", kv_split), perm=[0, 2, 3, 1])
+        if spec.key_through_matrices:
+            key_t = transposed_through_matrices(node("Transpose", split_heads("k", kv_split), perm=[0, 2, 1, 3]))
+        else:
+            key_t = node("Transpose", split_heads("k", kv_split), perm=[0, 2, 3, 1])
         values = node("Transpose", split_heads("v", kv_split), perm=[0, 2, 1, 3])
     if spec.scale_at == "both_heads":
         root = float(np.sqrt(spec.scale))
@@ -112,13 +137,21 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     elif spec.scale_at == "scores_input":
         inputs.append(value("scale", elem, []))
         scores = node("Mul", scores, "scale")
-    if spec.mask is not None:
+    if spec.bool_mask:
+        inputs.append(value("keep", TensorProto.BOOL, list(spec.mask)))
+        scores = node("Add", scores, node("Where", "keep", const(0.0), const(-np.inf)))
+    elif spec.mask is not None:
         inputs.append(value("mask", elem, list(spec.mask)))
         scores = node("Add", scores, "mask")
     probabilities = node("Softmax", scores, axis=spec.softmax_axis)
     if spec.cast_after_softmax:
         probabilities = node("Cast", probabilities, to=elem)
-    merged = node("Transpose", node("MatMul", probabilities, values), perm=[0, 2, 1, 3])
+    if spec.nan_guard:
+        probabilities = node("Where", node("IsNaN", probabilities), const(spec.nan_fill), probabilities)
+    attended = node("MatMul", probabilities, values)
+    if spec.heads_view is not None:
+        attended = node("Reshape", attended, const(list(spec.heads_view), np.int64))
+    merged = node("Transpose", attended, perm=[0, 2, 1, 3])
     allow_zero = {}
     if spec.merge_from_shape:
         shape = node("Shape", "q")
@@ -161,6 +194,8 @@ def feeds_for(model: onnx.ModelProto, spec: Spec, seed: int = 0) -> dict[str, np
         mask = rng.uniform(-1, 1, feeds["mask"].shape)
         mask[..., :1] = -1e4
         feeds["mask"] = mask.astype(spec.dtype)
+    if "keep" in feeds:
+        feeds["keep"][..., 1:] = True  # the first key masked out at random, no row masked out entirely
     return feeds
 
 
@@ -204,6 +239,15 @@ ORT_CASES = {
     "dynamo_split_from_inputs": Spec(batch="B", seq="S", kv_seq="S", split_from=("B", "S"), mask=("B", 1, "S", "S")),
     "dynamo_split_from_static_inputs": Spec(split_from=(2, 5)),
     "dynamo_merge_from_inputs": Spec(batch="B", seq="S", kv_seq="S", split_from=("B", "S"), merge_from=("B", "S")),
+    # transformers' default attention, torch's scaled_dot_product_attention with a boolean mask:
+    "sdpa_torchscript": Spec(scale_at="both_heads", scale=0.3, mask=(2, 1, 5, 5), bool_mask=True, nan_guard=True),
+    "sdpa_dynamo": Spec(scale_at="both_heads", scale=0.3, mask=(2, 1, 5, 5), bool_mask=True, nan_guard=True,
+                        key_through_matrices=True),
+    "sdpa_dynamo_cache": Spec(cache=True, kv_seq=7, scale_at="both_heads", scale=0.3, mask=(2, 1, 5, 7),
+                              bool_mask=True, nan_guard=True, key_through_matrices=True),
+    "sdpa_dynamo_dynamic": Spec(batch="B", seq="S", kv_seq="S", mask=("B", 1, "S", "S"), bool_mask=True,
+                                nan_guard=True, key_through_matrices=True),
+    "sdpa_dynamo_heads_view": Spec(key_through_matrices=True, heads_view=(-1, 3, 5, 4)),
 }
 
 
@@ -221,6 +265,10 @@ STANDARD_CASES = {
     "float16": Spec(opset=23, dtype=np.float16, mask=(2, 1, 5, 5)),
     "dynamic_merge": Spec(opset=23, batch="B", seq="S", kv_seq="S", merge_from_shape=True),
     "dynamo_split_from_inputs": Spec(opset=23, batch="B", seq="S", kv_seq="S", split_from=("B", "S")),
+    "sdpa_dynamo": Spec(opset=23, scale_at="both_heads", scale=0.3, mask=(2, 1, 5, 5), bool_mask=True,
+                        nan_guard=True, key_through_matrices=True),
+    "sdpa_dynamo_cache": Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7), bool_mask=True, nan_guard=True,
+                              key_through_matrices=True),
 }
 
 
@@ -251,15 +299,25 @@ def test_dynamo_merge_read_from_inputs(target, merge_dims):
 
 
 @pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
-def test_rows_masked_out_entirely(target):
-    # GPT-2 with left padding: padded queries see only padded keys, whose mask is the type's lowest value.
-    spec = Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7))
+@pytest.mark.parametrize("masked_with", ["lowest", "minus_infinity"])
+def test_rows_masked_out_entirely(target, masked_with):
+    # GPT-2 with left padding: padded queries see only padded keys. Eager attention masks them with the type's
+    # lowest value (the Softmax makes such a row uniform); torch's scaled_dot_product_attention with -inf, and
+    # its NaN guard makes the row's NaNs zeros: the standard operator gives zeros there by its definition,
+    # MultiHeadAttention NaN, which the guard moved after it turns into zeros too.
+    sdpa = masked_with == "minus_infinity"
+    spec = Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7), bool_mask=sdpa, nan_guard=sdpa,
+                key_through_matrices=sdpa)
     model = attention_model(spec)
     optimized, stats = attention(model, target)
     assert sum(stats.values()) == 1
     feeds = feeds_for(model, spec)
-    feeds["mask"][:, :, :2, :] = np.finfo(np.float32).min
+    if sdpa:
+        feeds["keep"][:, :, :2, :] = False
+    else:
+        feeds["mask"][:, :, :2, :] = np.finfo(np.float32).min
     want = run(model, feeds)
+    assert not np.isnan(want[0]).any()
     assert_close(want, run(optimized, feeds), 1e-4)
     if target == Target.GENERIC:
         assert_close(want, ReferenceEvaluator(optimized).run(None, feeds), 1e-4)
@@ -278,6 +336,13 @@ NOT_FUSED = {
                                    "nor is its output known to keep"),
     # [2, 5, 12] -> [1, 10, 3, 4] again, with the target read at run time.
     "split_from_input_mixes_batches": (Spec(split_from=(1, 10)), "nor is its output known to keep"),
+    # A guard that puts 1 in place of NaN: a row masked out entirely sums the values.
+    "nan_guard_fills_one": (Spec(mask=(2, 1, 5, 5), bool_mask=True, nan_guard=True, nan_fill=1.0),
+                            "does not put a scalar 0"),
+    # Each [T, D] = [5, 4] matrix of K read as [4, 5] before it is transposed: not Kᵀ.
+    "key_matrices_misread": (Spec(key_through_matrices=True, key_flat=(-1, 4, 5)), "keep the keys' last two"),
+    # The attended [2, 3, 5, 4] read as [2, 5, 3, 4]: heads and sequence mixed.
+    "heads_view_reshuffles": (Spec(heads_view=(2, 5, 3, 4)), "not known to keep the shape"),
 }
 
 
@@ -302,10 +367,14 @@ def test_standard_attention_needs_opset_23(target):
     assert op_counts(optimized) == op_counts(model)
 
 
-def test_intermediate_read_elsewhere_is_not_fused():
-    model = attention_model(Spec())
-    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
-    model.graph.output.append(value(softmax.output[0], TensorProto.FLOAT, [None] * 4))
+@pytest.mark.parametrize("read", ["probabilities", "keys"])
+def test_intermediate_read_elsewhere_is_not_fused(read):
+    # The Softmax's output, or the dynamo exporter's K (read by Shape nodes too, which alone would not stop it).
+    model = attention_model(Spec(key_through_matrices=True))
+    shape_read = [n.input[0] for n in model.graph.node if n.op_type == "Shape"]
+    name = next(n.output[0] for n in model.graph.node if n.op_type == "Softmax") if read == "probabilities" \
+        else shape_read[0]
+    model.graph.output.append(value(name, TensorProto.FLOAT, [None] * 4))
     optimized, stats = attention(model, Target.ORT)
     assert not any(stats.values())
     assert op_counts(optimized) == op_counts(model)
