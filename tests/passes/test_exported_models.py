@@ -1,10 +1,12 @@
 """End to end on tiny transformers exported by both of torch's exporters (TorchScript and dynamo).
 
 The fixtures in ``tests/fixtures/models`` (BERT, GPT-2 with its key/value cache, ViT, a Whisper encoder;
-random weights) are made by ``tests/fixtures/make_exported.py``, whose ``exported.json`` says what each
-is made of. Every model goes through the default pipeline of each target; the result must compute the
-original's outputs in onnxruntime (optimizations off), and the fusions must have found every layer norm,
-attention and Gelu of the model, whichever exporter wrote it.
+random weights; eager attention, and for the first three also transformers' default, torch's
+scaled_dot_product_attention: ``*_sdpa``) are made by ``tests/fixtures/make_exported.py``, whose
+``exported.json`` says what each is made of. Every model goes through the default pipeline of each target;
+the result must compute the original's outputs in onnxruntime (optimizations off), also where a query has
+no key to attend to, and the fusions must have found every layer norm, attention and Gelu of the model,
+whichever exporter wrote it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, op_counts
+from helpers import assert_same_outputs, op_counts, run
 
 import onnxopt
 
@@ -112,10 +114,31 @@ def test_fusions_of_exported_model(file, target):
     assert found == expected
 
 
+MASKED_MODELS = sorted(file for file, entry in MODELS.items()
+                       if any(spec["name"] == "attention_mask" for spec in entry["inputs"]))
+
+
+@pytest.mark.parametrize("target", ["generic", "ort"])
+@pytest.mark.parametrize("file", MASKED_MODELS)
+def test_rows_masked_out_entirely(file, target):
+    # The last batch row all padding (BERT), or left-padded over the cache and the first two new tokens (GPT-2):
+    # some queries have no key to attend to. Eager attention masks keys with the lowest float, so the Softmax
+    # makes those rows uniform; torch's scaled_dot_product_attention with -inf, and its guard makes them zeros.
+    entry = MODELS[file]
+    feeds = feeds_for(entry)
+    with_past = any(spec["name"].startswith("past_") for spec in entry["inputs"])
+    padded = feeds["attention_mask"].shape[1] - feeds["input_ids"].shape[1] + 2 if with_past else None
+    feeds["attention_mask"][-1, :padded] = 0
+    original = onnx.load(FIXTURES / file)
+    assert not any(np.isnan(output).any() for output in run(original, feeds))
+    assert_same_outputs(original, optimized(file, target), feeds, rtol=1e-4)
+
+
 def test_fixtures_are_small_and_listed():
     files = {path.name for path in FIXTURES.glob("*.onnx")}
     assert set(MODELS) <= files
     assert {(e["model"], e["exporter"]) for e in MODELS.values()} == {
-        (model, exporter) for model in ("bert", "gpt2_past", "vit", "whisper_encoder")
+        (model, exporter) for model in ("bert", "gpt2_past", "vit", "whisper_encoder", "bert_sdpa", "gpt2_past_sdpa",
+                                        "vit_sdpa")
         for exporter in ("torchscript", "dynamo")}
     assert sum((FIXTURES / file).stat().st_size for file in MODELS) < 3 * 2**20
