@@ -13,7 +13,11 @@ The scale may be a ``Mul`` or a ``Div`` of the scores, a ``Mul`` of ``q`` before
 ``Mul``s of ``Q`` and ``K'`` (the dynamo exporter's ``sqrt(scale)`` on each); the mask is any additive
 float tensor; a ``Cast`` of the probabilities to their own type may follow the Softmax. ``K'`` and ``V``
 may also be any ``[B, H, T, D]`` values with ``K' = Transpose(K, [0, 1, 3, 2])`` — a key/value cache
-concatenated with the new keys (GPT-2 with past).
+concatenated with the new keys (GPT-2 with past) — and then ``Q`` too may be any ``[B, H, S, D]`` value
+(Llama's, rotated by RotaryEmbedding). 4-D keys and values may have fewer heads, ``Hkv``, repeated by
+transformers' ``repeat_kv`` for grouped-query attention::
+
+    K = Reshape(Expand(Unsqueeze(K_kv, axis 2), [B, Hkv, H/Hkv, T, D]), [B, H, T, D])
 
 torch's ``scaled_dot_product_attention`` (transformers' default attention, ``attn_implementation="sdpa"``)
 is exported with three more steps, all matched: a guard ``P = Where(IsNaN(P), 0, P)`` after the Softmax
@@ -24,9 +28,11 @@ and a Reshape of the attended heads to the shape they have. Rules (stats keys in
 
 * ``sdpa_to_attention``: for the generic, OpenVINO and TensorRT targets on models of opset 23 or later,
   the standard ``Attention``: with ``q_num_heads``/``kv_num_heads`` on the 3-D ``q``, ``k``, ``v`` when
-  the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K``, ``V``;
+  the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K_kv``, ``V_kv`` (the repeat
+  goes: the operator groups ``H/Hkv`` query heads on each key/value head itself);
 * ``sdpa_to_multi_head_attention``: for onnxruntime, ``com.microsoft.MultiHeadAttention`` on the 3-D
-  ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` as its BNSH key and value), any model opset.
+  ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` as its BNSH key and value, repeated if they
+  were), any model opset.
 
 Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
 positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
@@ -34,8 +40,10 @@ would be ``1/sqrt(D)``), so only rounding differs. The splits must be provably t
 value whose last dimension ``H*D`` is known: a constant target ``[B|0, S|0, H, D]`` (one of the four
 may be ``-1``), or a target computed at run time (the dynamo exporter reads ``B`` and ``S`` from the
 graph inputs' shapes) whose output inferred shapes show to be ``[B, S, H, D]`` with the input's own
-``B`` and ``S``; ``K``/``V`` must have the query's ``H`` heads (MultiHeadAttention has no grouped
-heads). The merge keeps its own target, so the result has exactly the original's shape; only when the
+``B`` and ``S``. 4-D ``K``/``V`` must have the query's ``B`` (MatMul would broadcast another) and its
+``H`` heads, or ``Hkv`` heads each repeated ``H/Hkv`` times in a row, which is the standard operator's
+grouping: query head ``h`` reads key/value head ``h // (H/Hkv)`` (MultiHeadAttention has no grouped
+heads, and takes the repeated ones). The merge keeps its own target, so the result has exactly the original's shape; only when the
 target is ``[B|0, S|0, -1|H*Dv]`` is it dropped. Both operators want a mask whose last two dimensions
 are ``S`` and ``T``: a mask not known to have them is first expanded to ``[B, 1, S, T]`` with the
 dimensions read at run time (which is what the ``Add`` broadcast to). For the standard operator, the
@@ -56,6 +64,7 @@ NaN change.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -90,21 +99,43 @@ def query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale):
     return scaled_pattern(op, op.Transpose(split, perm=HEADS_FIRST, _tag="q_heads"), q_heads_scale, "q_heads_scale")
 
 
-def key_transposed_pattern(op, k, k_shape, key, k_scale):
-    """``Kᵀ`` of shape ``[B, H, D, T]``: split from a 3-D ``k``, or the transposed 4-D ``key``, or either's
-    ``[B, H, T, D]`` transposed matrix by matrix through 3-D reshapes (the dynamo exporter); maybe scaled."""
-    heads = op.either(op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=HEADS_FIRST, _tag="k_heads"), key)
+def repeated_heads_pattern(op, heads, tag: str):
+    """``heads``, or ``repeat_kv(heads)``: each ``[T, D]`` head of ``[B, Hkv, T, D]`` repeated ``n`` times in a
+    row, ``[B, Hkv * n, T, D]`` (an Unsqueeze at axis 2, an Expand to ``n`` there, a Reshape merging the two)."""
+    unsqueezed = op.Unsqueeze(heads, _allow_other_inputs=True, _tag=f"{tag}_unsqueeze")
+    expanded = op.Expand(unsqueezed, _allow_other_inputs=True, _tag=f"{tag}_expand")
+    return op.either(op.Reshape(expanded, _allow_other_inputs=True, _tag=f"{tag}_repeat"), heads)
+
+
+def transposed_through_matrices_pattern(op, heads):
+    """``Reshape(Transpose(Reshape(K, [-1, T, D]), [0, 2, 1]), [B, H, D, T])``, the dynamo exporter's ``Kᵀ``."""
     flattened = op.Reshape(heads, _allow_other_inputs=True, _tag="k_flat")
-    through_matrices = op.Reshape(op.Transpose(flattened, perm=MATRICES_TRANSPOSED, _tag="k_flat_transposed"),
-                                  _allow_other_inputs=True, _tag="k_unflat")
-    transposed = op.either(op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=KEYS_TRANSPOSED, _tag="k_heads"),
-                           op.Transpose(key, perm=LAST_TWO_SWAPPED, _tag="k_heads"), through_matrices)
+    return op.Reshape(op.Transpose(flattened, perm=MATRICES_TRANSPOSED, _tag="k_flat_transposed"),
+                      _allow_other_inputs=True, _tag="k_unflat")
+
+
+def heads_key_transposed_pattern(op, key, k_scale):
+    """``Kᵀ`` of shape ``[B, H, D, T]`` from the 4-D ``key`` (maybe repeated for grouped heads), transposed
+    directly or through 3-D reshapes; maybe scaled."""
+    heads = repeated_heads_pattern(op, key, "k")
+    transposed = op.either(op.Transpose(heads, perm=LAST_TWO_SWAPPED, _tag="k_heads"),
+                           transposed_through_matrices_pattern(op, heads))
     return scaled_pattern(op, transposed, k_scale, "k_scale")
 
 
+def key_transposed_pattern(op, k, k_shape, key, k_scale):
+    """``Kᵀ`` of shape ``[B, H, D, T]``: split from a 3-D ``k`` (and transposed directly or through 3-D
+    reshapes), or from the 4-D ``key``; maybe scaled."""
+    split = op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=HEADS_FIRST, _tag="k_heads")
+    from_split = op.either(op.Transpose(op.Reshape(k, k_shape, _tag="k_split"), perm=KEYS_TRANSPOSED, _tag="k_heads"),
+                           transposed_through_matrices_pattern(op, split))
+    return op.either(scaled_pattern(op, from_split, k_scale, "k_scale"), heads_key_transposed_pattern(op, key, k_scale))
+
+
 def value_heads_pattern(op, v, v_shape, value):
-    """``V`` of shape ``[B, H, T, Dv]``: split from a 3-D ``v``, or any 4-D ``value``."""
-    return op.either(op.Transpose(op.Reshape(v, v_shape, _tag="v_split"), perm=HEADS_FIRST, _tag="v_heads"), value)
+    """``V`` of shape ``[B, H, T, Dv]``: split from a 3-D ``v``, or any 4-D ``value`` (maybe repeated)."""
+    return op.either(op.Transpose(op.Reshape(v, v_shape, _tag="v_split"), perm=HEADS_FIRST, _tag="v_heads"),
+                     repeated_heads_pattern(op, value, "v"))
 
 
 def nan_guarded_pattern(op, probabilities, nan_fill):
@@ -123,12 +154,20 @@ def attention_core_pattern(op, query, key_transposed, value, scale, divisor, mas
     return op.MatMul(nan_guarded_pattern(op, cast, nan_fill), value, _tag="attended")
 
 
-def sdpa_pattern(op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
+def sdpa_pattern(op, q, k, v, query, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
                  divisor, mask, nan_fill, out_shape):
-    """The whole of multi-head attention, from the head splits to the merge (see the module docstring)."""
-    attended = attention_core_pattern(op, query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale),
-                                      key_transposed_pattern(op, k, k_shape, key, k_scale),
-                                      value_heads_pattern(op, v, v_shape, value), scale, divisor, mask, nan_fill)
+    """The whole of multi-head attention, from the head splits to the merge (see the module docstring).
+
+    The query is split from ``q``, or else any 4-D ``query`` (Llama's, rotated by RotaryEmbedding) with 4-D
+    keys and values: tried second, so that where both would fit the split's operands are taken.
+    """
+    split = attention_core_pattern(op, query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale),
+                                   key_transposed_pattern(op, k, k_shape, key, k_scale),
+                                   value_heads_pattern(op, v, v_shape, value), scale, divisor, mask, nan_fill)
+    heads = attention_core_pattern(op, scaled_pattern(op, query, q_heads_scale, "q_heads_scale"),
+                                   heads_key_transposed_pattern(op, key, k_scale),
+                                   repeated_heads_pattern(op, value, "v"), scale, divisor, mask, nan_fill)
+    attended = op.either(split, heads)
     # The dynamo exporter may reshape the heads to the shape they have (a view in torch).
     kept = op.either(op.Reshape(attended, _allow_other_inputs=True, _tag="heads_view"), attended)
     return op.Reshape(op.Transpose(kept, perm=HEADS_FIRST, _tag="merge_heads"), out_shape, _tag="merge")
@@ -148,16 +187,17 @@ class HeadSplit:
 
 @dataclass(frozen=True)
 class Sdpa:
-    """A matched attention: head count and sizes, the combined scale, and the operands in 3-D or 4-D form."""
+    """A matched attention: head counts and sizes, the combined scale, and the operands in 3-D or 4-D form."""
 
     heads: int
+    kv_heads: int  # fewer than heads for grouped-query attention (4-D keys and values only)
     head_size: int
     value_head_size: int
     scale: float
-    query: gs.Tensor  # [B, S, H*D]
+    query: gs.Tensor | None  # [B, S, H*D]; None when Q is no head split of a 3-D value
     query_heads: gs.Tensor  # [B, H, S, D], unscaled
-    key: gs.Tensor  # [B, T, H*D] when keys_3d, else [B, H, T, D]
-    value: gs.Tensor  # [B, T, H*Dv] when keys_3d, else [B, H, T, Dv]
+    key: gs.Tensor  # [B, T, H*D] when keys_3d, else [B, Hkv, T, D]
+    value: gs.Tensor  # [B, T, H*Dv] when keys_3d, else [B, Hkv, T, Dv]
     keys_3d: bool
     mask: gs.Tensor | None
     nan_guarded: bool  # Where(IsNaN(p), 0, p) after the Softmax: rows masked out entirely give zeros
@@ -244,19 +284,51 @@ def combined_scale(m: Match) -> float | str:
     return total
 
 
-def _heads_dims(tensor: gs.Tensor, heads: int) -> int | str:
-    """The head size of a 4-D ``[B, H, T, D]`` value with ``heads`` heads, or why it is not one."""
+def _heads_dims(tensor: gs.Tensor) -> tuple[int, int] | str:
+    """The head count and head size of a 4-D ``[B, H, T, D]`` value, or why they are not known."""
     shape = tensor.shape
     if shape is None or len(shape) != 4:
         return f"'{tensor.name}' is not known to be 4-D"
-    if shape[1] != heads or not isinstance(shape[3], int) or shape[3] <= 0:
-        return f"'{tensor.name}' of shape {list(shape)} does not have {heads} heads of a known size"
-    return shape[3]
+    if not all(isinstance(dim, int) and dim > 0 for dim in (shape[1], shape[3])):
+        return f"'{tensor.name}' of shape {list(shape)} does not have heads of a known count and size"
+    return shape[1], shape[3]
 
 
-def _value_heads(m: Match) -> gs.Tensor | None:
-    """``V`` as ``[B, H, T, Dv]``: the 4-D value, or the heads split from the 3-D one."""
+def _value_heads(m: Match) -> gs.Tensor:
+    """``V`` as ``[B, Hkv, T, Dv]``: the 4-D value, or the heads split from the 3-D one."""
     return m["value"] if m["value"] is not None else m.node("v_heads").outputs[0]
+
+
+def _query_heads(m: Match) -> gs.Tensor:
+    """``Q`` as ``[B, H, S, D]``, unscaled: the 4-D query, or the heads split from the 3-D one."""
+    return m["query"] if m["query"] is not None else m.node("q_heads").outputs[0]
+
+
+def head_repeats(m: Match, tag: str, heads: gs.Tensor) -> int | str:
+    """How many times in a row ``repeat_kv`` (tagged ``tag``) repeats each head of ``heads`` (1 without one),
+    or why it is not known to be such a repeat.
+
+    Inferred shapes decide, since all three operators move no element: the Unsqueeze must give
+    ``[B, Hkv, 1, T, D]``, the Expand ``[B, Hkv, n, T, D]`` (broadcasting the new axis alone) and the Reshape
+    ``[B, Hkv * n, T, D]``, so that head ``h`` of the result is head ``h // n`` of ``heads``: the grouping of
+    the attention operators' ``kv_num_heads``.
+    """
+    if not m.has_node(f"{tag}_repeat"):
+        return 1
+    node = m.node(f"{tag}_repeat")
+    source = heads.shape
+    shapes = [m.node(f"{tag}_{step}").outputs[0].shape for step in ("unsqueeze", "expand", "repeat")]
+    if source is None or any(shape is None for shape in shapes) or [len(source), *map(len, shapes)] != [4, 5, 5, 4]:
+        return f"the heads repeated by '{node.name}' have no known shapes"
+    batch, kv_heads, total, size = source
+    times = shapes[1][2]
+    if not (isinstance(kv_heads, int) and isinstance(times, int) and times > 0):
+        return f"'{node.name}' repeats heads a number of times not known"
+    expected = ([batch, kv_heads, 1, total, size], [batch, kv_heads, times, total, size],
+                [batch, kv_heads * times, total, size])
+    if not all(_named_same_dim(got, want) for shape, wanted in zip(shapes, expected) for got, want in zip(shape, wanted)):
+        return f"'{node.name}' is not known to repeat each head of '{heads.name}' in a row"
+    return times
 
 
 def nan_guard_keeps_rows(m: Match) -> MatchResult:
@@ -335,53 +407,84 @@ def _cast_keeps_type(m: Match, dtype: np.dtype) -> bool:
     return to is not None and onnx.helper.tensor_dtype_to_np_dtype(to) == dtype
 
 
+def _checked_mask(m: Match, dtype: np.dtype) -> MatchResult:
+    if m["mask"] is None:
+        return m.ok()
+    mask_shape = m.shape("mask")
+    if m.dtype("mask") != dtype or mask_shape is None or len(mask_shape) > 4:
+        return m.fail("the mask is not a float tensor of known rank up to 4 and the query's type")
+    return m.ok()
+
+
+def _query_split(m: Match) -> HeadSplit | str:
+    """The query's heads: from its split, or from the shape of the 4-D query."""
+    if m["query"] is None:
+        return head_split(m, "q_split", "q")
+    dims = _heads_dims(m["query"])
+    return dims if isinstance(dims, str) else HeadSplit(*dims)
+
+
+def _split_keys(m: Match, split: HeadSplit) -> int | str:
+    """The values' head size where keys and values are split from 3-D values, or why they are not
+    split into the query's heads."""
+    key_split, value_split = head_split(m, "k_split", "k"), head_split(m, "v_split", "v")
+    for found in (key_split, value_split):
+        if isinstance(found, str):
+            return found
+    if key_split != split or value_split.heads != split.heads:
+        return f"keys ({key_split}) or values ({value_split}) have other heads than the query ({split})"
+    return value_split.head_size
+
+
+def _heads_keys(m: Match, query: gs.Tensor, split: HeadSplit) -> tuple[int, int] | str:
+    """The key/value head count and the values' head size where keys and values are 4-D (each maybe
+    repeated for grouped heads), or why they do not fit the query's heads."""
+    if m["key"] is None:
+        return "the keys are split from a 3-D value, the values or the query are 4-D"
+    key, value = m["key"], _value_heads(m)
+    found = [_heads_dims(key), _heads_dims(value), head_repeats(m, "k", key), head_repeats(m, "v", value)]
+    for item in found:
+        if isinstance(item, str):
+            return item
+    (kv_heads, key_size), (value_heads, value_size), key_repeats, value_repeats = found
+    if key_size != split.head_size:
+        return f"keys have head size {key_size}, the query {split.head_size}"
+    if kv_heads != value_heads or key_repeats != value_repeats or kv_heads * key_repeats != split.heads:
+        return (f"keys ({kv_heads} heads, each {key_repeats} times) and values ({value_heads} heads, each "
+                f"{value_repeats} times) do not give the query's {split.heads} heads")
+    batch = (query.shape or [None])[0]
+    if not all(_same_dim(tensor.shape[0], batch) for tensor in (key, value)):
+        return f"keys '{key.name}' and values '{value.name}' are not known to have the query's batch"
+    return kv_heads, value_size
+
+
 def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchResult:
     """What a match of ``sdpa_pattern`` computes, or why it cannot be one attention operator."""
-    dtype = m.dtype("q")
+    query = _query_heads(m)
+    dtype = None if query.dtype is None else np.dtype(query.dtype)
     if dtype not in dtypes:
-        return m.fail(f"'{m['q'].name}' is {dtype}, not one of {', '.join(str(d) for d in dtypes)}")
+        return m.fail(f"'{query.name}' is {dtype}, not one of {', '.join(str(d) for d in dtypes)}")
     if not _softmax_over_last_axis(m):
         return m.fail("the Softmax is not over the last axis")
     if not _cast_keeps_type(m, dtype):
         return m.fail("the Cast after the Softmax changes the type")
     for found in (read_only_inside(m), nan_guard_keeps_rows(m), transposed_through_matrices(m),
-                  heads_view_keeps_shape(m)):
+                  heads_view_keeps_shape(m), _checked_mask(m, dtype)):
         if not found:
             return found
     scale = combined_scale(m)
     if isinstance(scale, str):
         return m.fail(scale)
-    mask = m["mask"]
-    if mask is not None:
-        mask_shape = m.shape("mask")
-        if m.dtype("mask") != dtype or mask_shape is None or len(mask_shape) > 4:
-            return m.fail("the mask is not a float tensor of known rank up to 4 and the query's type")
-    split = head_split(m, "q_split", "q")
+    split = _query_split(m)
     if isinstance(split, str):
         return m.fail(split)
-    keys_3d = m["k"] is not None and m["v"] is not None
-    if keys_3d:
-        key_split = head_split(m, "k_split", "k")
-        if isinstance(key_split, str):
-            return m.fail(key_split)
-        value_split = head_split(m, "v_split", "v")
-        if isinstance(value_split, str):
-            return m.fail(value_split)
-        if key_split != split or value_split.heads != split.heads:
-            return m.fail(f"keys ({key_split}) or values ({value_split}) have other heads than the query ({split})")
-        value_size = value_split.head_size
-    else:
-        if m["key"] is None:
-            return m.fail("the keys are split from a 3-D value, the values are 4-D")
-        value = _value_heads(m)
-        key_size, value_size = _heads_dims(m["key"], split.heads), _heads_dims(value, split.heads)
-        for found in (key_size, value_size):
-            if isinstance(found, str):
-                return m.fail(found)
-        if key_size != split.head_size:
-            return m.fail(f"keys have head size {key_size}, the query {split.head_size}")
-    return Sdpa(split.heads, split.head_size, value_size, scale, m["q"], m.node("q_heads").outputs[0],
-                m["k"] if keys_3d else m["key"], m["v"] if keys_3d else value, keys_3d, mask,
+    keys_3d = m["query"] is None and m["k"] is not None and m["v"] is not None
+    keys = _split_keys(m, split) if keys_3d else _heads_keys(m, query, split)
+    if isinstance(keys, str):
+        return m.fail(keys)
+    kv_heads, value_size = (split.heads, keys) if keys_3d else keys
+    return Sdpa(split.heads, kv_heads, split.head_size, value_size, scale, m["q"], query,
+                m["k"] if keys_3d else m["key"], m["v"] if keys_3d else _value_heads(m), keys_3d, m["mask"],
                 m.has_node("nan_guard"))
 
 
@@ -389,15 +492,28 @@ def describe_attention(m: Match, dtypes: tuple[np.dtype, ...]) -> Sdpa | MatchRe
 # Building the replacement
 
 
+_SUM_OF_PRODUCTS = re.compile(r"[\w\s+*]+")
+
+
+def _canonical(dim):
+    """A symbolic dimension with the terms of its sums and the factors of its products sorted: onnxruntime's
+    symbolic inference writes ``past_sequence + sequence`` in one place, ``sequence + past_sequence`` in
+    another. Anything but sums of products of symbols and numbers is kept as written."""
+    if not isinstance(dim, str) or not _SUM_OF_PRODUCTS.fullmatch(dim):
+        return dim
+    terms = ("*".join(sorted(factor.strip() for factor in term.split("*"))) for term in dim.split("+"))
+    return " + ".join(sorted(terms))
+
+
 def _same_dim(a, b) -> bool:
-    """Whether two inferred dimensions are provably equal (the same number or the same symbol)."""
-    return a is not None and a == b and not (isinstance(a, int) and a < 0)
+    """Whether two inferred dimensions are provably equal (the same number, or the same symbolic sum)."""
+    return a is not None and _canonical(a) == _canonical(b) and not (isinstance(a, int) and a < 0)
 
 
 def _named_same_dim(a, b) -> bool:
     """Like ``_same_dim``, but never on a symbol onnx's inference made up (``unk__N``): each engine numbers
     its own, so two of them with one name need not be one size."""
-    return _same_dim(a, b) and not (isinstance(a, str) and a.startswith("unk__"))
+    return _same_dim(a, b) and not (isinstance(a, str) and "unk__" in a)
 
 
 def _dim(op, tensor: gs.Tensor, axis: int, opset: int) -> gs.Tensor:
@@ -433,26 +549,35 @@ def leading_dims_source(tensor: gs.Tensor) -> gs.Tensor:
     return tensor
 
 
+def _batch_and_sequence(sdpa: Sdpa) -> tuple[gs.Tensor, int, int]:
+    """Where to read the query's ``B`` and ``S`` at run time: a value and the two axes."""
+    if sdpa.query is not None:
+        return leading_dims_source(sdpa.query), 0, 1
+    return sdpa.query_heads, 0, 2
+
+
 def mask_for(op, m: Match, sdpa: Sdpa) -> gs.Tensor | None:
     """The mask with its last two dimensions ``S`` and ``T``: as it is when known to have them, else expanded.
 
-    ``B`` and ``S`` are the query's dimensions 0 and 1; ``T`` is the keys' sequence dimension. The Add
-    broadcast the mask to ``[B, H, S, T]``; expanding it to ``[B, 1, S, T]`` broadcasts it the same way
+    ``B`` and ``S`` are the query's batch and sequence dimensions; ``T`` is the keys' sequence dimension. The
+    Add broadcast the mask to ``[B, H, S, T]``; expanding it to ``[B, 1, S, T]`` broadcasts it the same way
     but for the heads, which both operators broadcast themselves.
     """
     if sdpa.mask is None:
         return None
     mask_shape = m.shape("mask")
-    query_shape, key_shape = sdpa.query.shape or [None] * 3, sdpa.key.shape or [None] * 4
-    sequence, total = query_shape[1], key_shape[1] if sdpa.keys_3d else key_shape[2]
+    source, batch_axis, sequence_axis = _batch_and_sequence(sdpa)
+    query_shape, key_shape = source.shape or [None] * 4, sdpa.key.shape or [None] * 4
+    batch, sequence = query_shape[batch_axis], query_shape[sequence_axis]
+    total = key_shape[1] if sdpa.keys_3d else key_shape[2]
     if len(mask_shape) == 4 and _same_dim(mask_shape[2], sequence) and _same_dim(mask_shape[3], total) \
-            and (mask_shape[0] == 1 or _same_dim(mask_shape[0], query_shape[0])) and mask_shape[1] in (1, sdpa.heads):
+            and (mask_shape[0] == 1 or _same_dim(mask_shape[0], batch)) and mask_shape[1] in (1, sdpa.heads):
         return sdpa.mask
     opset = m.opset() or 0
-    query = leading_dims_source(sdpa.query)
     keys = leading_dims_source(sdpa.key) if sdpa.keys_3d else sdpa.key
-    target = op.Concat(_dim(op, query, 0, opset), op.const(np.array([1], np.int64), "one"),
-                       _dim(op, query, 1, opset), _dim(op, keys, 1 if sdpa.keys_3d else 2, opset), axis=0)
+    target = op.Concat(_dim(op, source, batch_axis, opset), op.const(np.array([1], np.int64), "one"),
+                       _dim(op, source, sequence_axis, opset), _dim(op, keys, 1 if sdpa.keys_3d else 2, opset),
+                       axis=0)
     return op.Expand(sdpa.mask, target)
 
 
@@ -502,14 +627,18 @@ class _SdpaRule(RewriteRule):
     # Shape nodes may read values inside the match (the dynamo exporter's); check says which others may not.
     allow_shared_intermediates = True
 
-    def pattern(self, op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
-                divisor, mask, nan_fill, out_shape):
-        return sdpa_pattern(op, q, k, v, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale,
-                            scale, divisor, mask, nan_fill, out_shape)
+    def pattern(self, op, q, k, v, query, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale,
+                scale, divisor, mask, nan_fill, out_shape):
+        return sdpa_pattern(op, q, k, v, query, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale,
+                            k_scale, scale, divisor, mask, nan_fill, out_shape)
 
     def check(self, m: Match) -> MatchResult:
         found = describe_attention(m, self.dtypes)
-        return found if isinstance(found, MatchResult) else m.ok()
+        return found if isinstance(found, MatchResult) else self.takes(found, m)
+
+    def takes(self, sdpa: Sdpa, m: Match) -> MatchResult:
+        """Whether the rule's operator takes this attention as it is."""
+        return m.ok()
 
 
 def lowest_spared(op, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | None:
@@ -547,12 +676,13 @@ class SdpaToAttention(_SdpaRule):
 
     def rewrite(self, op, m: Match):
         sdpa = describe_attention(m, self.dtypes)
-        mask = lowest_spared(op, mask_for(op, m, sdpa), np.dtype(sdpa.query.dtype))
+        mask = lowest_spared(op, mask_for(op, m, sdpa), np.dtype(sdpa.query_heads.dtype))
         if sdpa.keys_3d:
             output = op.Attention(sdpa.query, sdpa.key, sdpa.value, mask, q_num_heads=sdpa.heads,
                                   kv_num_heads=sdpa.heads, scale=sdpa.scale, _name=m.node("attended").name)
             return merged(op, m, sdpa, output)
-        # Attention wants Q, K and V of one rank: with a 4-D key/value cache, the 4-D heads of the query.
+        # Attention wants Q, K and V of one rank: with 4-D keys and values (a key/value cache, grouped heads),
+        # the 4-D heads of the query; their head counts are then the operator's.
         heads = op.Attention(sdpa.query_heads, sdpa.key, sdpa.value, mask, scale=sdpa.scale,
                              _name=m.node("attended").name)
         return op.Reshape(op.Transpose(heads, perm=HEADS_FIRST), m["out_shape"], **m.attrs("merge"))
@@ -564,6 +694,14 @@ class SdpaToMultiHeadAttention(_SdpaRule):
     name = "sdpa_to_multi_head_attention"
     domain = ORT_DOMAIN
     targets = frozenset({Target.ORT})
+
+    def takes(self, sdpa: Sdpa, m: Match) -> MatchResult:
+        if sdpa.query is None:
+            return m.fail("MultiHeadAttention takes the query as [B, S, H*D], and it is no head split of one")
+        if sdpa.kv_heads != sdpa.heads:
+            return m.fail(f"MultiHeadAttention has no grouped heads: keys and values have {sdpa.kv_heads} heads, "
+                          f"the query {sdpa.heads}")
+        return m.ok()
 
     def rewrite(self, op, m: Match):
         sdpa = describe_attention(m, self.dtypes)

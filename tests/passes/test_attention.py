@@ -37,6 +37,7 @@ class Spec:
     heads: int = 3
     head_size: int = 4
     kv_heads: int | None = None  # fewer key/value heads: grouped-query attention
+    kv_batch: int | str | None = None  # the keys' and values' batch, when not the query's
     scale: float = 0.5
     scale_at: str = "scores_mul"  # scores_mul, scores_div, scores_input (a graph input), query, both_heads, none
     mask: tuple | None = None  # the mask's shape, an input of the graph
@@ -64,6 +65,11 @@ class Spec:
     key_through_matrices: bool = False
     key_flat: tuple | None = None
     heads_view: tuple | None = None
+    # Llama: the query a 4-D input [B, H, S, D] (as rotated by RotaryEmbedding), and with a cache of kv_heads
+    # heads, transformers' repeat_kv: Unsqueeze at axis 2, Expand to H / kv_heads there, Reshape to H heads
+    # ("consecutive"); or, wrongly for grouped heads, at axis 1 ("tiled": heads 0, 1, 0, 1).
+    query_4d: bool = False
+    repeat_kv: str | None = None
 
 
 def attention_model(spec: Spec) -> onnx.ModelProto:
@@ -88,7 +94,8 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     def scaled(x: str, factor: float) -> str:
         return node("Mul", x, const(factor))
 
-    inputs = [value("q", elem, [spec.batch, spec.seq, hidden])]
+    q_shape = [spec.batch, spec.heads, spec.seq, spec.head_size] if spec.query_4d else [spec.batch, spec.seq, hidden]
+    inputs = [value("q", elem, q_shape)]
     q = scaled("q", spec.scale) if spec.scale_at == "query" else "q"
 
     def split_heads(x: str, constant_target: list) -> str:
@@ -101,7 +108,17 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     if spec.split_from is not None:
         inputs.append(value("ids", TensorProto.INT64, list(spec.split_from)))
     split = list(spec.split_target or (0, 0, -1, spec.head_size))
-    query = node("Transpose", split_heads(q, split), perm=[0, 2, 1, 3])
+    query = q if spec.query_4d else node("Transpose", split_heads(q, split), perm=[0, 2, 1, 3])
+
+    def repeated(heads: str) -> str:
+        if spec.repeat_kv is None:
+            return heads
+        axis, times = (2 if spec.repeat_kv == "consecutive" else 1), spec.heads // kv_heads
+        expand_to = [1, 1, 1, 1, 1]
+        expand_to[axis] = times
+        expanded = node("Expand", node("Unsqueeze", heads, const([axis], np.int64)), const(expand_to, np.int64))
+        return node("Reshape", expanded, const([0, spec.heads, -1, spec.head_size], np.int64))
+
     def transposed_through_matrices(key: str) -> str:
         shape = node("Shape", key)
         leading, sequence, size = (node("Slice", shape, const([start], np.int64), const([end], np.int64))
@@ -112,11 +129,12 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
         return node("Reshape", flat, node("Concat", leading, size, sequence, axis=0))
 
     if spec.cache:
-        inputs += [value("k", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size]),
-                   value("v", elem, [spec.batch, kv_heads, spec.kv_seq, spec.head_size])]
-        key_t = (transposed_through_matrices("k") if spec.key_through_matrices
-                 else node("Transpose", "k", perm=[0, 1, 3, 2]))
-        values = "v"
+        kv_batch = spec.kv_batch or spec.batch
+        inputs += [value("k", elem, [kv_batch, kv_heads, spec.kv_seq, spec.head_size]),
+                   value("v", elem, [kv_batch, kv_heads, spec.kv_seq, spec.head_size])]
+        keys, values = repeated("k"), repeated("v")
+        key_t = (transposed_through_matrices(keys) if spec.key_through_matrices
+                 else node("Transpose", keys, perm=[0, 1, 3, 2]))
     else:
         inputs += [value("k", elem, [spec.batch, spec.kv_seq, kv_hidden]),
                    value("v", elem, [spec.batch, spec.kv_seq, kv_hidden])]
@@ -248,6 +266,8 @@ ORT_CASES = {
     "sdpa_dynamo_dynamic": Spec(batch="B", seq="S", kv_seq="S", mask=("B", 1, "S", "S"), bool_mask=True,
                                 nan_guard=True, key_through_matrices=True),
     "sdpa_dynamo_heads_view": Spec(key_through_matrices=True, heads_view=(-1, 3, 5, 4)),
+    # Grouped heads repeated by repeat_kv: MultiHeadAttention reads the repeated keys and values.
+    "repeated_kv": Spec(cache=True, kv_seq=7, heads=4, kv_heads=2, repeat_kv="consecutive", mask=(2, 1, 5, 7)),
 }
 
 
@@ -269,6 +289,18 @@ STANDARD_CASES = {
                         nan_guard=True, key_through_matrices=True),
     "sdpa_dynamo_cache": Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7), bool_mask=True, nan_guard=True,
                               key_through_matrices=True),
+    # Llama: a rotated 4-D query, keys and values of fewer heads repeated by repeat_kv (which goes).
+    "llama_grouped": Spec(opset=23, query_4d=True, cache=True, kv_seq=7, heads=4, kv_heads=2,
+                          repeat_kv="consecutive", mask=(2, 1, 5, 7)),
+    "llama_grouped_dynamic": Spec(opset=23, query_4d=True, cache=True, batch="B", seq="S", kv_seq="T", heads=4,
+                                  kv_heads=2, repeat_kv="consecutive", mask=("B", 1, "S", "T")),
+    "llama_sdpa_dynamo": Spec(opset=23, query_4d=True, cache=True, kv_seq=7, heads=4, kv_heads=1,
+                              repeat_kv="consecutive", key_through_matrices=True, bool_mask=True, nan_guard=True,
+                              mask=(2, 1, 5, 7), scale_at="both_heads", scale=0.3),
+    "grouped_split_query": Spec(opset=23, cache=True, kv_seq=7, heads=4, kv_heads=2, repeat_kv="consecutive",
+                                mask=(2, 1, 5, 7)),
+    # Heads repeated in turn (0, 1, 0, 1) are no grouping of the operator's: the repeated keys are read as they are.
+    "tiled_repeat_kept": Spec(opset=23, query_4d=True, cache=True, kv_seq=7, heads=4, kv_heads=2, repeat_kv="tiled"),
 }
 
 
@@ -282,6 +314,17 @@ def test_standard_attention_at_opset_23(case, target):
     rtol = 1e-4 if spec.dtype == np.float32 else 1e-2
     reference = ReferenceEvaluator(optimized).run(None, feeds)
     assert_close(run(model, feeds), reference, rtol)
+
+
+@pytest.mark.parametrize("repeat", ["consecutive", "tiled"])
+def test_repeated_heads_become_grouped_heads(repeat):
+    # Query head h reads key/value head h // 2 only when repeat_kv repeats each head in a row: then the operator
+    # reads the 2 heads themselves (its grouping), else the 4 repeated ones.
+    spec = STANDARD_CASES["llama_grouped" if repeat == "consecutive" else "tiled_repeat_kept"]
+    optimized = check_fires(spec, Target.GENERIC, "Attention")
+    (fused,) = [n for n in optimized.graph.node if n.op_type == "Attention"]
+    assert (list(fused.input[1:3]) == ["k", "v"]) == (repeat == "consecutive")
+    assert op_counts(optimized).get("Expand", 0) == (0 if repeat == "consecutive" else 2)
 
 
 @pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
@@ -336,6 +379,11 @@ NOT_FUSED = {
                                    "nor is its output known to keep"),
     # [2, 5, 12] -> [1, 10, 3, 4] again, with the target read at run time.
     "split_from_input_mixes_batches": (Spec(split_from=(1, 10)), "nor is its output known to keep"),
+    # Keys and values of batch 1 broadcast against the query's batch of 2.
+    "keys_broadcast_over_batch": (Spec(cache=True, kv_batch=1), "query's batch"),
+    "query_4d_for_multi_head_attention": (Spec(query_4d=True, cache=True), "MultiHeadAttention takes the query"),
+    "grouped_heads_for_multi_head_attention": (Spec(query_4d=True, cache=True, heads=4, kv_heads=2,
+                                                    repeat_kv="consecutive"), "MultiHeadAttention"),
     # A guard that puts 1 in place of NaN: a row masked out entirely sums the values.
     "nan_guard_fills_one": (Spec(mask=(2, 1, 5, 5), bool_mask=True, nan_guard=True, nan_fill=1.0),
                             "does not put a scalar 0"),
