@@ -32,7 +32,11 @@ and a Reshape of the attended heads to the shape they have. Rules (stats keys in
   goes: the operator groups ``H/Hkv`` query heads on each key/value head itself);
 * ``sdpa_to_multi_head_attention``: for onnxruntime, ``com.microsoft.MultiHeadAttention`` on the 3-D
   ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` as its BNSH key and value, repeated if they
-  were), any model opset.
+  were), any model opset;
+* ``grouped_sdpa_to_attention``: for onnxruntime on models of opset 23 or later, the standard ``Attention``
+  where MultiHeadAttention does not fit: grouped heads, or a query that is no split of a 3-D value
+  (Llama's). onnxruntime's GroupQueryAttention is not used: on CPU it does not compute a batch of more
+  than one with a key/value cache as the original does.
 
 Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
 positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
@@ -716,13 +720,35 @@ class SdpaToMultiHeadAttention(_SdpaRule):
         return merged(op, m, sdpa, output)
 
 
+class GroupedSdpaToAttention(SdpaToAttention):
+    """Replaces attention that MultiHeadAttention does not take (grouped heads, a query that is no head split
+    of a 3-D value, as Llama's) with the standard Attention operator, for onnxruntime (opset 23).
+
+    onnxruntime 1.32's CPU kernel (one thread) ran Llama-sized grouped attention (32 query heads on 8, head size
+    64) 2.8x faster than the unfused graph when decoding one token after 512 and 8% faster on a 128-token
+    prompt; MultiHeadAttention on the repeated keys and values, with the query transposed back to 3-D, ran no
+    faster than the unfused graph, and slower on the prompt.
+    """
+
+    name = "grouped_sdpa_to_attention"
+    targets = frozenset({Target.ORT})
+    dtypes = (np.dtype(np.float32),)
+
+    def takes(self, sdpa: Sdpa, m: Match) -> MatchResult:
+        if sdpa.query is not None and sdpa.kv_heads == sdpa.heads:
+            return m.fail("MultiHeadAttention takes this attention")
+        return m.ok()
+
+
 def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
     """Makes the model import ``domain`` (unused imports are dropped when the model is written)."""
     if ir.opset_version(graph, domain) is None:
         graph.import_domains = [*(graph.import_domains or []), onnx.helper.make_opsetid(domain, version)]
 
 
-RULES = (SdpaToAttention(), SdpaToMultiHeadAttention())
+# For onnxruntime the grouped rule goes first: MultiHeadAttention would also take grouped heads, on the keys and
+# values as repeated, but runs them no faster than the unfused graph.
+RULES = (SdpaToAttention(), GroupedSdpaToAttention(), SdpaToMultiHeadAttention())
 
 
 @dataclass(frozen=True)

@@ -342,15 +342,17 @@ def test_dynamo_merge_read_from_inputs(target, merge_dims):
 
 
 @pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
+@pytest.mark.parametrize("grouped", [False, True], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("masked_with", ["lowest", "minus_infinity"])
-def test_rows_masked_out_entirely(target, masked_with):
-    # GPT-2 with left padding: padded queries see only padded keys. Eager attention masks them with the type's
-    # lowest value (the Softmax makes such a row uniform); torch's scaled_dot_product_attention with -inf, and
-    # its NaN guard makes the row's NaNs zeros: the standard operator gives zeros there by its definition,
+def test_rows_masked_out_entirely(target, grouped, masked_with):
+    # GPT-2 or Llama with left padding: padded queries see only padded keys. Eager attention masks them with the
+    # type's lowest value (the Softmax makes such a row uniform); torch's scaled_dot_product_attention with -inf,
+    # and its NaN guard makes the row's NaNs zeros: the standard operator gives zeros there by its definition,
     # MultiHeadAttention NaN, which the guard moved after it turns into zeros too.
     sdpa = masked_with == "minus_infinity"
+    llama = {"query_4d": True, "heads": 4, "kv_heads": 2, "repeat_kv": "consecutive"} if grouped else {}
     spec = Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7), bool_mask=sdpa, nan_guard=sdpa,
-                key_through_matrices=sdpa)
+                key_through_matrices=sdpa, **llama)
     model = attention_model(spec)
     optimized, stats = attention(model, target)
     assert sum(stats.values()) == 1
@@ -364,6 +366,16 @@ def test_rows_masked_out_entirely(target, masked_with):
     assert_close(want, run(optimized, feeds), 1e-4)
     if target == Target.GENERIC:
         assert_close(want, ReferenceEvaluator(optimized).run(None, feeds), 1e-4)
+
+
+@pytest.mark.parametrize("case", ["llama_grouped", "llama_grouped_dynamic", "llama_sdpa_dynamo", "grouped_split_query"])
+def test_standard_attention_for_onnxruntime_where_multi_head_attention_does_not_fit(case):
+    check_fires(STANDARD_CASES[case], Target.ORT, "Attention")
+
+
+def test_multi_head_attention_for_onnxruntime_where_it_fits_at_opset_23():
+    optimized = check_fires(STANDARD_CASES["bert"], Target.ORT, "MultiHeadAttention")
+    assert "Attention" not in op_counts(optimized)
 
 
 NOT_FUSED = {
@@ -452,7 +464,7 @@ def test_golden_bert_block():
         }
     """)
     optimized, stats = attention(model, Target.ORT)
-    assert stats == {"sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1}
+    assert stats == {"sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1, "grouped_sdpa_to_attention": 0}
     (fused,) = [n for n in optimized.graph.node if n.op_type != "Constant"]
     assert (fused.op_type, fused.domain, list(fused.input)) == ("MultiHeadAttention", "com.microsoft",
                                                                ["q", "k", "v", "", "", "mask"])
