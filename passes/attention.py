@@ -308,30 +308,41 @@ def _query_heads(m: Match) -> gs.Tensor:
     return m["query"] if m["query"] is not None else m.node("q_heads").outputs[0]
 
 
-def head_repeats(m: Match, tag: str, heads: gs.Tensor) -> int | str:
-    """How many times in a row ``repeat_kv`` (tagged ``tag``) repeats each head of ``heads`` (1 without one),
-    or why it is not known to be such a repeat.
+def _unsqueeze_axes(node: gs.Node) -> list[int] | None:
+    """The axes an Unsqueeze inserts: its constant second input (opset 13 on), or its attribute."""
+    if len(node.inputs) > 1:
+        axes = ir.constant_value(node.inputs[1])
+        return None if axes is None else [int(axis) for axis in axes.reshape(-1)]
+    axes = node.attrs.get("axes")
+    return None if axes is None else [int(axis) for axis in axes]
 
-    Inferred shapes decide, since all three operators move no element: the Unsqueeze must give
-    ``[B, Hkv, 1, T, D]``, the Expand ``[B, Hkv, n, T, D]`` (broadcasting the new axis alone) and the Reshape
-    ``[B, Hkv * n, T, D]``, so that head ``h`` of the result is head ``h // n`` of ``heads``: the grouping of
-    the attention operators' ``kv_num_heads``.
+
+def head_repeats(m: Match, tag: str) -> int | str:
+    """How many times in a row ``repeat_kv`` (tagged ``tag``) repeats each key/value head (1 without one), or
+    why it is not known to be such a repeat.
+
+    All three operators keep the order of elements: the Unsqueeze must insert axis 2 (``[B, Hkv, 1, T, D]``),
+    inferred shapes must show the Expand to broadcast that axis alone (``[B, Hkv, n, T, D]``) and the Reshape
+    to merge it with the heads (``[B, Hkv * n, T, D]``), so that head ``h`` of the result is head ``h // n``:
+    the attention operators' grouping of query heads on ``kv_num_heads``.
     """
     if not m.has_node(f"{tag}_repeat"):
         return 1
     node = m.node(f"{tag}_repeat")
-    source = heads.shape
-    shapes = [m.node(f"{tag}_{step}").outputs[0].shape for step in ("unsqueeze", "expand", "repeat")]
-    if source is None or any(shape is None for shape in shapes) or [len(source), *map(len, shapes)] != [4, 5, 5, 4]:
+    if _unsqueeze_axes(m.node(f"{tag}_unsqueeze")) not in ([2], [-3]):
+        return f"the heads repeated by '{node.name}' are not unsqueezed at axis 2"
+    unsqueezed, expanded, repeated = (m.node(f"{tag}_{step}").outputs[0].shape
+                                      for step in ("unsqueeze", "expand", "repeat"))
+    if any(shape is None for shape in (unsqueezed, expanded, repeated)) \
+            or [len(unsqueezed), len(expanded), len(repeated)] != [5, 5, 4]:
         return f"the heads repeated by '{node.name}' have no known shapes"
-    batch, kv_heads, total, size = source
-    times = shapes[1][2]
+    batch, kv_heads, times, total, size = expanded
     if not (isinstance(kv_heads, int) and isinstance(times, int) and times > 0):
         return f"'{node.name}' repeats heads a number of times not known"
-    expected = ([batch, kv_heads, 1, total, size], [batch, kv_heads, times, total, size],
-                [batch, kv_heads * times, total, size])
-    if not all(_named_same_dim(got, want) for shape, wanted in zip(shapes, expected) for got, want in zip(shape, wanted)):
-        return f"'{node.name}' is not known to repeat each head of '{heads.name}' in a row"
+    kept = all(_named_same_dim(unsqueezed[axis], expanded[axis]) for axis in (0, 1, 3, 4))
+    merged_heads = [batch, kv_heads * times, total, size]
+    if not kept or not all(_named_same_dim(got, want) for got, want in zip(repeated, merged_heads)):
+        return f"'{node.name}' is not known to repeat each key/value head in a row"
     return times
 
 
@@ -446,7 +457,7 @@ def _heads_keys(m: Match, query: gs.Tensor, split: HeadSplit) -> tuple[int, int]
     if m["key"] is None:
         return "the keys are split from a 3-D value, the values or the query are 4-D"
     key, value = m["key"], _value_heads(m)
-    found = [_heads_dims(key), _heads_dims(value), head_repeats(m, "k", key), head_repeats(m, "v", value)]
+    found = [_heads_dims(key), _heads_dims(value), head_repeats(m, "k"), head_repeats(m, "v")]
     for item in found:
         if isinstance(item, str):
             return item

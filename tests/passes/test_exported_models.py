@@ -134,6 +134,47 @@ def test_rows_masked_out_entirely(file, target):
     assert_same_outputs(original, optimized(file, target), feeds, rtol=1e-4)
 
 
+# The tiny Llama exports of tests/fixtures/make_llama.py (2 layers; 4 query heads on 2 key/value heads, head size
+# 16; the ``past`` ones with a key/value cache of 3 tokens), upgraded to opset 23 for every target.
+LLAMA_FIXTURES = ["llama_tiny_torchscript17.onnx", "llama_tiny_dynamo18.onnx", "llama_tiny_past_torchscript17.onnx",
+                  "llama_tiny_past_dynamo18.onnx"]
+LLAMA = {"layers": 2, "batch": 2, "sequence": 5, "past": 3, "kv_heads": 2, "head_size": 16}
+
+
+def llama_feeds(model: onnx.ModelProto, padding: int) -> dict[str, np.ndarray]:
+    """Ids, positions and a random cache; the last row's first ``padding`` keys are padding (left-padded)."""
+    rng = np.random.default_rng(0)
+    batch, sequence, past = LLAMA["batch"], LLAMA["sequence"], LLAMA["past"]
+    names = [vi.name for vi in model.graph.input]
+    total = past + sequence if "position_ids" in names else sequence
+    feeds = {"input_ids": rng.integers(0, 64, (batch, sequence)).astype(np.int64),
+             "attention_mask": np.ones((batch, total), np.int64)}
+    feeds["attention_mask"][-1, :padding] = 0
+    for name in names:
+        if name == "position_ids":
+            feeds[name] = np.tile(np.arange(past, total, dtype=np.int64), (batch, 1))
+        elif name.startswith("past_"):
+            feeds[name] = rng.standard_normal((batch, LLAMA["kv_heads"], past, LLAMA["head_size"])).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("file", LLAMA_FIXTURES)
+def test_llama_attention_with_grouped_heads(file, target):
+    # One standard Attention per layer, reading the 2 key/value heads themselves (repeat_kv goes), for every
+    # target: onnxruntime gets it where MultiHeadAttention does not fit. Two padded keys leave the first
+    # queries of the last row without a key to attend to (eager attention masks with the lowest float).
+    original = onnx.load(FIXTURES / file)
+    result = onnxopt.optimize(original, target=target, verify=False, upgrade_opset=GENERIC_OPSET)
+    counts = op_counts(result)
+    assert (counts.get("Attention", 0), counts.get("Softmax", 0)) == (LLAMA["layers"], 0), counts
+    producers = {output: node.op_type for node in result.graph.node for output in node.output}
+    for node in (n for n in result.graph.node if n.op_type == "Attention"):
+        assert producers.get(node.input[1]) != "Reshape" and producers.get(node.input[2]) != "Reshape"
+    for padding in (0, 2):
+        assert_same_outputs(original, result, llama_feeds(original, padding), rtol=1e-4)
+
+
 def test_fixtures_are_small_and_listed():
     files = {path.name for path in FIXTURES.glob("*.onnx")}
     assert set(MODELS) <= files
