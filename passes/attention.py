@@ -33,10 +33,11 @@ and a Reshape of the attended heads to the shape they have. Rules (stats keys in
 * ``sdpa_to_multi_head_attention``: for onnxruntime, ``com.microsoft.MultiHeadAttention`` on the 3-D
   ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` as its BNSH key and value, repeated if they
   were), any model opset;
-* ``grouped_sdpa_to_attention``: for onnxruntime on models of opset 23 or later, the standard ``Attention``
-  where MultiHeadAttention does not fit: grouped heads, or a query that is no split of a 3-D value
-  (Llama's). onnxruntime's GroupQueryAttention is not used: on CPU it does not compute a batch of more
-  than one with a key/value cache as the original does.
+* ``sdpa_to_attention_for_ort``: for onnxruntime on models of opset 23 or later, the standard ``Attention``
+  where MultiHeadAttention does not fit: grouped heads (MultiHeadAttention would read them as repeat_kv
+  repeated them, no faster than the unfused graph), or a query that is no split of a 3-D value (Llama's).
+  onnxruntime's GroupQueryAttention is not used: on CPU it does not compute a batch of more than one with
+  a key/value cache as the original does.
 
 Exactness. Both operators compute ``softmax(scale * Q·Kᵀ + mask)·V`` per head; every scale factor is a
 positive scalar constant, multiplied into the operator's ``scale`` (always written out: the default
@@ -159,19 +160,21 @@ def attention_core_pattern(op, query, key_transposed, value, scale, divisor, mas
 
 
 def sdpa_pattern(op, q, k, v, query, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale, scale,
-                 divisor, mask, nan_fill, out_shape):
+                 divisor, mask, nan_fill, out_shape, any_query: bool = True):
     """The whole of multi-head attention, from the head splits to the merge (see the module docstring).
 
-    The query is split from ``q``, or else any 4-D ``query`` (Llama's, rotated by RotaryEmbedding) with 4-D
-    keys and values: tried second, so that where both would fit the split's operands are taken.
+    The query is split from ``q``, or else (with ``any_query``) any 4-D ``query`` (Llama's, rotated by
+    RotaryEmbedding) with 4-D keys and values: tried second, so that where both fit the split's operands are
+    taken.
     """
-    split = attention_core_pattern(op, query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale),
-                                   key_transposed_pattern(op, k, k_shape, key, k_scale),
-                                   value_heads_pattern(op, v, v_shape, value), scale, divisor, mask, nan_fill)
-    heads = attention_core_pattern(op, scaled_pattern(op, query, q_heads_scale, "q_heads_scale"),
-                                   heads_key_transposed_pattern(op, key, k_scale),
-                                   repeated_heads_pattern(op, value, "v"), scale, divisor, mask, nan_fill)
-    attended = op.either(split, heads)
+    attended = attention_core_pattern(op, query_heads_pattern(op, q, q_shape, q_scale, q_heads_scale),
+                                      key_transposed_pattern(op, k, k_shape, key, k_scale),
+                                      value_heads_pattern(op, v, v_shape, value), scale, divisor, mask, nan_fill)
+    if any_query:
+        heads = attention_core_pattern(op, scaled_pattern(op, query, q_heads_scale, "q_heads_scale"),
+                                       heads_key_transposed_pattern(op, key, k_scale),
+                                       repeated_heads_pattern(op, value, "v"), scale, divisor, mask, nan_fill)
+        attended = op.either(attended, heads)
     # The dynamo exporter may reshape the heads to the shape they have (a view in torch).
     kept = op.either(op.Reshape(attended, _allow_other_inputs=True, _tag="heads_view"), attended)
     return op.Reshape(op.Transpose(kept, perm=HEADS_FIRST, _tag="merge_heads"), out_shape, _tag="merge")
@@ -639,13 +642,14 @@ class _SdpaRule(RewriteRule):
     """The attention match shared by the rules; subclasses build the replacement."""
 
     dtypes: ClassVar[tuple[np.dtype, ...]] = (np.dtype(np.float32),)
+    any_query: ClassVar[bool] = True  # whether the operator takes any 4-D query, or only one split from 3-D
     # Shape nodes may read values inside the match (the dynamo exporter's); check says which others may not.
     allow_shared_intermediates = True
 
     def pattern(self, op, q, k, v, query, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale, k_scale,
                 scale, divisor, mask, nan_fill, out_shape):
         return sdpa_pattern(op, q, k, v, query, key, value, q_shape, k_shape, v_shape, q_scale, q_heads_scale,
-                            k_scale, scale, divisor, mask, nan_fill, out_shape)
+                            k_scale, scale, divisor, mask, nan_fill, out_shape, any_query=self.any_query)
 
     def check(self, m: Match) -> MatchResult:
         found = describe_attention(m, self.dtypes)
@@ -669,6 +673,16 @@ def lowest_spared(op, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | No
     lowest = np.array(np.finfo(dtype).min, dtype)
     masked_out = op.Equal(mask, op.const(lowest, "lowest"))
     return op.Where(masked_out, op.const(np.array(lowest / 2, dtype), "half_lowest"), mask)
+
+
+def _made_by_repeat_kv(tensor: gs.Tensor) -> bool:
+    """Whether ``tensor`` is a Reshape of an Expand of an Unsqueeze: transformers' ``repeat_kv``."""
+    chain = ["Reshape", "Expand", "Unsqueeze"]
+    while chain:
+        if len(tensor.inputs) != 1 or tensor.inputs[0].op != chain.pop(0):
+            return False
+        tensor = tensor.inputs[0].inputs[0]
+    return True
 
 
 def zeros_for_nan(op, output: gs.Tensor) -> gs.Tensor:
@@ -709,13 +723,15 @@ class SdpaToMultiHeadAttention(_SdpaRule):
     name = "sdpa_to_multi_head_attention"
     domain = ORT_DOMAIN
     targets = frozenset({Target.ORT})
+    any_query = False
 
     def takes(self, sdpa: Sdpa, m: Match) -> MatchResult:
-        if sdpa.query is None:
-            return m.fail("MultiHeadAttention takes the query as [B, S, H*D], and it is no head split of one")
         if sdpa.kv_heads != sdpa.heads:
             return m.fail(f"MultiHeadAttention has no grouped heads: keys and values have {sdpa.kv_heads} heads, "
                           f"the query {sdpa.heads}")
+        if not sdpa.keys_3d and any(_made_by_repeat_kv(tensor) for tensor in (sdpa.key, sdpa.value)):
+            # Measured: no faster than the unfused graph (see OrtSdpaToAttention), which keeps the grouping.
+            return m.fail("MultiHeadAttention would read the heads repeat_kv repeated for grouped heads")
         return m.ok()
 
     def rewrite(self, op, m: Match):
@@ -731,24 +747,18 @@ class SdpaToMultiHeadAttention(_SdpaRule):
         return merged(op, m, sdpa, output)
 
 
-class GroupedSdpaToAttention(SdpaToAttention):
-    """Replaces attention that MultiHeadAttention does not take (grouped heads, a query that is no head split
-    of a 3-D value, as Llama's) with the standard Attention operator, for onnxruntime (opset 23).
+class OrtSdpaToAttention(SdpaToAttention):
+    """Replaces attention that MultiHeadAttention does not take (tried after it: grouped heads, a query that is
+    no head split of a 3-D value, as Llama's) with the standard Attention operator, for onnxruntime (opset 23).
 
     onnxruntime 1.32's CPU kernel (one thread) ran Llama-sized grouped attention (32 query heads on 8, head size
     64) 2.8x faster than the unfused graph when decoding one token after 512 and 8% faster on a 128-token
-    prompt; MultiHeadAttention on the repeated keys and values, with the query transposed back to 3-D, ran no
-    faster than the unfused graph, and slower on the prompt.
+    prompt; MultiHeadAttention on the repeated keys and values ran no faster than the unfused graph.
     """
 
-    name = "grouped_sdpa_to_attention"
+    name = "sdpa_to_attention_for_ort"
     targets = frozenset({Target.ORT})
     dtypes = (np.dtype(np.float32),)
-
-    def takes(self, sdpa: Sdpa, m: Match) -> MatchResult:
-        if sdpa.query is not None and sdpa.kv_heads == sdpa.heads:
-            return m.fail("MultiHeadAttention takes this attention")
-        return m.ok()
 
 
 def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
@@ -757,9 +767,8 @@ def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
         graph.import_domains = [*(graph.import_domains or []), onnx.helper.make_opsetid(domain, version)]
 
 
-# For onnxruntime the grouped rule goes first: MultiHeadAttention would also take grouped heads, on the keys and
-# values as repeated, but runs them no faster than the unfused graph.
-RULES = (SdpaToAttention(), GroupedSdpaToAttention(), SdpaToMultiHeadAttention())
+# For onnxruntime, MultiHeadAttention first: the standard operator takes what it leaves.
+RULES = (SdpaToAttention(), SdpaToMultiHeadAttention(), OrtSdpaToAttention())
 
 
 @dataclass(frozen=True)

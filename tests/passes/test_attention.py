@@ -266,8 +266,6 @@ ORT_CASES = {
     "sdpa_dynamo_dynamic": Spec(batch="B", seq="S", kv_seq="S", mask=("B", 1, "S", "S"), bool_mask=True,
                                 nan_guard=True, key_through_matrices=True),
     "sdpa_dynamo_heads_view": Spec(key_through_matrices=True, heads_view=(-1, 3, 5, 4)),
-    # Grouped heads repeated by repeat_kv: MultiHeadAttention reads the repeated keys and values.
-    "repeated_kv": Spec(cache=True, kv_seq=7, heads=4, kv_heads=2, repeat_kv="consecutive", mask=(2, 1, 5, 7)),
 }
 
 
@@ -373,8 +371,9 @@ def test_standard_attention_for_onnxruntime_where_multi_head_attention_does_not_
     check_fires(STANDARD_CASES[case], Target.ORT, "Attention")
 
 
-def test_multi_head_attention_for_onnxruntime_where_it_fits_at_opset_23():
-    optimized = check_fires(STANDARD_CASES["bert"], Target.ORT, "MultiHeadAttention")
+@pytest.mark.parametrize("case", ["bert", "gpt2_cache", "sdpa_dynamo_cache"])
+def test_multi_head_attention_for_onnxruntime_where_it_fits_at_opset_23(case):
+    optimized = check_fires(STANDARD_CASES[case], Target.ORT, "MultiHeadAttention")
     assert "Attention" not in op_counts(optimized)
 
 
@@ -393,9 +392,11 @@ NOT_FUSED = {
     "split_from_input_mixes_batches": (Spec(split_from=(1, 10)), "nor is its output known to keep"),
     # Keys and values of batch 1 broadcast against the query's batch of 2.
     "keys_broadcast_over_batch": (Spec(cache=True, kv_batch=1), "query's batch"),
-    "query_4d_for_multi_head_attention": (Spec(query_4d=True, cache=True), "MultiHeadAttention takes the query"),
-    "grouped_heads_for_multi_head_attention": (Spec(query_4d=True, cache=True, heads=4, kv_heads=2,
-                                                    repeat_kv="consecutive"), "MultiHeadAttention"),
+    # MultiHeadAttention takes the query as [B, S, H*D]: a 4-D one (Llama's) is no match.
+    "query_4d_for_multi_head_attention": (Spec(query_4d=True, cache=True), "'q' is not produced by a node"),
+    # Grouped heads before opset 23: MultiHeadAttention would read them repeated, no faster than unfused.
+    "repeated_heads_for_multi_head_attention": (Spec(cache=True, heads=4, kv_heads=2, repeat_kv="consecutive"),
+                                                "repeat_kv repeated"),
     # A guard that puts 1 in place of NaN: a row masked out entirely sums the values.
     "nan_guard_fills_one": (Spec(mask=(2, 1, 5, 5), bool_mask=True, nan_guard=True, nan_fill=1.0),
                             "does not put a scalar 0"),
@@ -464,7 +465,7 @@ def test_golden_bert_block():
         }
     """)
     optimized, stats = attention(model, Target.ORT)
-    assert stats == {"sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1, "grouped_sdpa_to_attention": 0}
+    assert stats == {"sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1, "sdpa_to_attention_for_ort": 0}
     (fused,) = [n for n in optimized.graph.node if n.op_type != "Constant"]
     assert (fused.op_type, fused.domain, list(fused.input)) == ("MultiHeadAttention", "com.microsoft",
                                                                ["q", "k", "v", "", "", "mask"])
