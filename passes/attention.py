@@ -31,8 +31,8 @@ and a Reshape of the attended heads to the shape they have. Rules (stats keys in
   the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K_kv``, ``V_kv`` (the repeat
   goes: the operator groups ``H/Hkv`` query heads on each key/value head itself);
 * ``sdpa_to_multi_head_attention``: for onnxruntime, ``com.microsoft.MultiHeadAttention`` on the 3-D
-  ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` as its BNSH key and value, repeated if they
-  were), any model opset;
+  ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` of the query's heads as its BNSH key and
+  value), any model opset;
 * ``sdpa_to_attention_for_ort``: for onnxruntime on models of opset 23 or later, the standard ``Attention``
   where MultiHeadAttention does not fit: grouped heads (MultiHeadAttention would read them as repeat_kv
   repeated them, no faster than the unfused graph), or a query that is no split of a 3-D value (Llama's).
@@ -47,9 +47,9 @@ may be ``-1``), or a target computed at run time (the dynamo exporter reads ``B`
 graph inputs' shapes) whose output inferred shapes show to be ``[B, S, H, D]`` with the input's own
 ``B`` and ``S``. 4-D ``K``/``V`` must have the query's ``B`` (MatMul would broadcast another) and its
 ``H`` heads, or ``Hkv`` heads each repeated ``H/Hkv`` times in a row, which is the standard operator's
-grouping: query head ``h`` reads key/value head ``h // (H/Hkv)`` (MultiHeadAttention has no grouped
-heads, and takes the repeated ones). The merge keeps its own target, so the result has exactly the original's shape; only when the
-target is ``[B|0, S|0, -1|H*Dv]`` is it dropped. Both operators want a mask whose last two dimensions
+grouping: query head ``h`` reads key/value head ``h // (H/Hkv)`` (MultiHeadAttention has none). The
+merge keeps its own target, so the result has exactly the original's shape; only when the target is
+``[B|0, S|0, -1|H*Dv]`` is it dropped. Both operators want a mask whose last two dimensions
 are ``S`` and ``T``: a mask not known to have them is first expanded to ``[B, 1, S, T]`` with the
 dimensions read at run time (which is what the ``Add`` broadcast to). For the standard operator, the
 mask's lowest value (exporters' "masked out") becomes half of it, the same by the specification, because
