@@ -1,9 +1,12 @@
 """Tests of the ``attention`` pass: multi-head attention as exporters write it, recovered into one operator.
 
-The graphs are written the way TorchScript exports transformers' SDPA attention (BERT, ViT, GPT-2 with a
-key/value cache, Whisper's pre-scaled query) and the way the dynamo exporter scales both Q and K. Every
-rewrite is checked in onnxruntime with graph optimizations off (MultiHeadAttention, and the standard
-Attention of opset 23), and the standard operator also in onnx's reference evaluator.
+The graphs are written the way both torch exporters write transformers' eager attention (BERT, ViT, GPT-2
+with a key/value cache, Whisper's pre-scaled query, the dynamo exporter's scale on both Q and K), torch's
+scaled_dot_product_attention (transformers' default: a -inf mask and a NaN guard after the Softmax, the
+dynamo exporter's Kᵀ through 3-D reshapes), and Llama's (a rotated 4-D query, grouped key/value heads
+repeated by repeat_kv). Every rewrite is checked in onnxruntime with graph optimizations off
+(MultiHeadAttention, and the standard Attention of opset 23), and the standard operator also in onnx's
+reference evaluator, also where a query has no key to attend to.
 """
 
 from __future__ import annotations
