@@ -79,7 +79,8 @@ ABSORBERS: dict[str, dict[str, int]] = {
 # Runtime-graph node types of OpenVINO's CPU plugin that are no fusion: graph ends, constants, layout
 # and precision conversions, and single ONNX operators under the plugin's own names.
 _OPENVINO_PLAIN = frozenset({"Input", "Output", "Const", "Reorder", "Convert", "Convolution", "Deconvolution",
-                             "Pooling", "Eltwise", "Concatenation", "Broadcast", "Reduce", "ShapeOf"})
+                             "Pooling", "Eltwise", "Concatenation", "Broadcast", "Reduce", "ShapeOf",
+                             "StridedSlice", "Select", "Interpolate"})
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 

@@ -113,6 +113,8 @@ def test_openvino_runtime_graph():
     # The CPU plugin runs LayerNormalization as its MVN node (then scale and shift).
     assert rows["MVN"].original == rows["MVN"].ours == 1
     assert not is_fused("", "Reorder", "openvino") and is_fused("", "FullyConnected", "openvino")
+    # OpenVINO's names for Slice, Where and Resize: one ONNX operator each, no fusion.
+    assert not any(is_fused("", op, "openvino") for op in ("StridedSlice", "Select", "Interpolate"))
 
 
 
