@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -635,6 +635,138 @@ def merged(op, m: Match, sdpa: Sdpa, output: gs.Tensor) -> gs.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rows the Softmax makes NaN
+
+
+NON_FINITE = frozenset({"-inf", "+inf", "nan"})
+# Operators whose output holds only values of their first input (or of every input, for Concat).
+_MOVES_DATA = frozenset({"Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Identity", "Flatten", "Slice",
+                         "Gather", "GatherElements", "GatherND", "Tile", "Concat"})
+_PROOF_DEPTH = 16
+
+
+def _kinds_in(values: np.ndarray) -> frozenset[str]:
+    kinds = {"nan"} if np.isnan(values).any() else set()
+    if np.isposinf(values).any():
+        kinds.add("+inf")
+    if np.isneginf(values).any():
+        kinds.add("-inf")
+    return frozenset(kinds)
+
+
+def _cast_keeps_finite(node: gs.Node) -> bool:
+    """Whether a Cast makes a float of a bool or of an integer type whose every value the float holds."""
+    source = node.inputs[0].dtype
+    to = node.attrs.get("to")
+    if source is None or to is None:
+        return False
+    source, target = np.dtype(source), np.dtype(onnx.helper.tensor_dtype_to_np_dtype(to))
+    if target.kind != "f":
+        return False
+    return source == np.bool_ or (source.kind in "iu" and np.iinfo(source).max <= np.finfo(target).max)
+
+
+def non_finite_kinds(tensor: gs.Tensor, depth: int = _PROOF_DEPTH) -> frozenset[str]:
+    """Which of ``-inf``, ``+inf`` and ``nan`` the values of ``tensor`` may be: those of a constant; those of the
+    data a ``Where`` picks from or an operator only moves; none for integers cast to a float that holds them;
+    all three where nothing is proven. transformers' masks are ``Where(keep, 0, lowest)`` (none) and
+    ``Where(keep, 0, -inf)`` (``-inf``); ``(1 - m) * lowest`` proves nothing (``m = -1`` gives ``-inf``)."""
+    value = ir.constant_value(tensor)
+    if value is not None:
+        return _kinds_in(value) if value.dtype.kind == "f" else frozenset()
+    if depth == 0 or len(tensor.inputs) != 1 or tensor.inputs[0].domain not in ("", None):
+        return NON_FINITE
+    node = tensor.inputs[0]
+    if node.op == "Where":
+        return non_finite_kinds(node.inputs[1], depth - 1) | non_finite_kinds(node.inputs[2], depth - 1)
+    if node.op == "Cast":
+        return frozenset() if _cast_keeps_finite(node) else NON_FINITE
+    if node.op in _MOVES_DATA:
+        data = node.inputs if node.op == "Concat" else node.inputs[:1]
+        return frozenset().union(*(non_finite_kinds(input_, depth - 1) for input_ in data))
+    return NON_FINITE
+
+
+def _same_input(a: gs.Tensor, b: gs.Tensor) -> bool:
+    if a is b:
+        return True
+    if not (ir.is_constant(a) and ir.is_constant(b)):
+        return False
+    x, y = ir.constant_value(a, max_size=64), ir.constant_value(b, max_size=64)
+    return x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def reused(op, m: Match, op_type: str, *inputs: gs.Tensor, **attrs) -> gs.Tensor:
+    """The output of a node computing ``op_type(*inputs, **attrs)`` already, in the graph (built for the attention
+    of another layer that reads the same mask) or in this replacement, else of a new node: what is made of a
+    mask is made once."""
+    for node in inputs[0].outputs:
+        if node.op == op_type and node.domain in ("", None) and node.attrs == attrs and len(node.outputs) == 1 \
+                and len(node.inputs) == len(inputs) and all(map(_same_input, node.inputs, inputs)) \
+                and (ir.is_local(m.graph, node) or any(built is node for built in op.nodes)):
+            return node.outputs[0]
+    return getattr(op, op_type)(*inputs, **attrs)
+
+
+def _axes(op, *axes: int) -> gs.Tensor:
+    return op.const(np.array(axes, np.int64), "axes")
+
+
+def _mask_4d(op, m: Match, mask: gs.Tensor) -> gs.Tensor:
+    """The mask with leading axes of 1 up to 4-D (it broadcasts as before): ``[Bm, Hm, Sm, Tm]``."""
+    rank = len(m.shape("mask"))
+    return mask if rank == 4 else reused(op, m, "Unsqueeze", mask, _axes(op, *range(4 - rank)))
+
+
+def _mask_heads(m: Match):
+    """The mask's dimension that meets the heads (of its 4-D form)."""
+    return ([1] * 4 + list(m.shape("mask")))[-3]
+
+
+def softmax_sums(op, m: Match, mask: gs.Tensor) -> gs.Tensor:
+    """``ReduceSum(Softmax(mask), keys)`` of the 4-D mask, ``[Bm, Hm, Sm, 1]``: NaN on exactly the rows where
+    the Softmax of finite scores plus the mask is NaN (keys all ``-inf``, or one ``+inf`` or NaN), near 1
+    elsewhere. Both Softmaxes run on the same engine, which decides alike for both."""
+    probabilities = reused(op, m, "Softmax", _mask_4d(op, m, mask), axis=-1)
+    return reused(op, m, "ReduceSum", probabilities, _axes(op, -1), keepdims=1)
+
+
+def zero_or_nan_rows(op, m: Match, mask: gs.Tensor) -> gs.Tensor:
+    """``[Bm, Hm, Sm, 1]``: NaN on the rows the Softmax makes NaN, 0 on the others (``sum - sum``)."""
+    sums = softmax_sums(op, m, mask)
+    return reused(op, m, "Sub", sums, sums)
+
+
+def masked_out_where_nan(op, m: Match, mask: gs.Tensor, dtype: np.dtype) -> gs.Tensor:
+    """The mask with the rows the Softmax makes NaN set to ``-inf`` throughout: the standard operator gives them
+    zeros, as the NaN guard does."""
+    minus_infinity = op.const(np.array(-np.inf, dtype), "minus_infinity")
+    return reused(op, m, "Where", reused(op, m, "IsNaN", softmax_sums(op, m, mask)), minus_infinity,
+                  _mask_4d(op, m, mask))
+
+
+def rows_of_merged_heads(op, m: Match, sdpa: Sdpa, rows: gs.Tensor) -> gs.Tensor:
+    """``rows`` (``[Bm, Hm, Sm, 1]``, per head and query) laid out for the merged heads ``[B, S, H*Dv]``: the head
+    axis dropped where the mask has none, else each head's flag repeated over its ``Dv`` columns."""
+    if _mask_heads(m) == 1:
+        return reused(op, m, "Squeeze", rows, _axes(op, 1))
+    per_column = reused(op, m, "Expand", rows, op.const(np.array([1, sdpa.heads, 1, sdpa.value_head_size],
+                                                                 np.int64), "per_column"))
+    by_query = reused(op, m, "Transpose", per_column, perm=HEADS_FIRST)
+    merged_width = np.array([0, 0, sdpa.heads * sdpa.value_head_size], np.int64)
+    return reused(op, m, "Reshape", by_query, op.const(merged_width, "merged_width"))
+
+
+@dataclass(frozen=True)
+class NanRows:
+    """How a rule makes its operator exact on the rows the Softmax makes NaN: the mask it gives the operator,
+    and, if any, the ``[Bm, Hm, Sm, 1]`` zeros-or-NaN to add to the operator's heads."""
+
+    mask: gs.Tensor | None
+    added: gs.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------
 # Rules
 
 
@@ -660,7 +792,7 @@ class _SdpaRule(RewriteRule):
         return m.ok()
 
 
-def lowest_spared(op, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | None:
+def lowest_spared(op, m: Match, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | None:
     """The mask with its type's lowest value, exporters' "masked out", replaced by half of it.
 
     Both add nothing to a score that survives the Softmax, and both make a row that is masked out
@@ -671,8 +803,8 @@ def lowest_spared(op, mask: gs.Tensor | None, dtype: np.dtype) -> gs.Tensor | No
     if mask is None:
         return None
     lowest = np.array(np.finfo(dtype).min, dtype)
-    masked_out = op.Equal(mask, op.const(lowest, "lowest"))
-    return op.Where(masked_out, op.const(np.array(lowest / 2, dtype), "half_lowest"), mask)
+    masked_out = reused(op, m, "Equal", mask, op.const(lowest, "lowest"))
+    return reused(op, m, "Where", masked_out, op.const(np.array(lowest / 2, dtype), "half_lowest"), mask)
 
 
 def _made_by_repeat_kv(tensor: gs.Tensor) -> bool:
@@ -702,18 +834,44 @@ class SdpaToAttention(_SdpaRule):
     min_opset = 23
     targets = frozenset({Target.GENERIC, Target.OPENVINO, Target.TENSORRT})
     dtypes = (np.dtype(np.float32), np.dtype(np.float16))
+    # Whether the engine's operator gives NaN for a row of NaN in its mask (onnxruntime's does): then the rows
+    # the Softmax makes NaN are made NaN through the mask. OpenVINO's ONNX frontend replaces every NaN the
+    # operator gives with 0, so for the generic, OpenVINO and TensorRT targets the NaN is added to its result.
+    nan_through_mask: ClassVar[bool] = False
+
+    def nan_rows(self, op, m: Match, sdpa: Sdpa, dtype: np.dtype) -> NanRows:
+        """The mask for the operator, and what to add to its heads, so that the rows the Softmax makes NaN come
+        out as in the original (see "Rows the Softmax makes NaN" in the module docstring)."""
+        kinds = frozenset() if sdpa.mask is None else non_finite_kinds(sdpa.mask)
+        if sdpa.nan_guarded:
+            # The guard's zeros: the operator gives them for rows of -inf, onnxruntime's NaN for one with +inf or NaN.
+            masked_out = kinds & {"+inf", "nan"}
+            return NanRows(masked_out_where_nan(op, m, sdpa.mask, dtype) if masked_out else sdpa.mask)
+        # The original's NaN: onnxruntime's operator gives zeros for a row of -inf, OpenVINO's for any such row.
+        if not kinds & ({"-inf"} if self.nan_through_mask else NON_FINITE):
+            return NanRows(sdpa.mask)
+        rows = zero_or_nan_rows(op, m, sdpa.mask)
+        if self.nan_through_mask:
+            return NanRows(reused(op, m, "Add", _mask_4d(op, m, sdpa.mask), rows))
+        return NanRows(sdpa.mask, rows)
 
     def rewrite(self, op, m: Match):
         sdpa = describe_attention(m, self.dtypes)
-        mask = lowest_spared(op, mask_for(op, m, sdpa), np.dtype(sdpa.query_heads.dtype))
+        dtype = np.dtype(sdpa.query_heads.dtype)
+        nan_rows = self.nan_rows(op, m, sdpa, dtype)
+        mask = lowest_spared(op, m, mask_for(op, m, replace(sdpa, mask=nan_rows.mask)), dtype)
         if sdpa.keys_3d:
             output = op.Attention(sdpa.query, sdpa.key, sdpa.value, mask, q_num_heads=sdpa.heads,
                                   kv_num_heads=sdpa.heads, scale=sdpa.scale, _name=m.node("attended").name)
+            if nan_rows.added is not None:
+                output = op.Add(output, rows_of_merged_heads(op, m, sdpa, nan_rows.added))
             return merged(op, m, sdpa, output)
         # Attention wants Q, K and V of one rank: with 4-D keys and values (a key/value cache, grouped heads),
         # the 4-D heads of the query; their head counts are then the operator's.
         heads = op.Attention(sdpa.query_heads, sdpa.key, sdpa.value, mask, scale=sdpa.scale,
                              _name=m.node("attended").name)
+        if nan_rows.added is not None:
+            heads = op.Add(heads, nan_rows.added)
         return op.Reshape(op.Transpose(heads, perm=HEADS_FIRST), m["out_shape"], **m.attrs("merge"))
 
 
@@ -759,6 +917,7 @@ class OrtSdpaToAttention(SdpaToAttention):
     name = "sdpa_to_attention_for_ort"
     targets = frozenset({Target.ORT})
     dtypes = (np.dtype(np.float32),)
+    nan_through_mask = True
 
 
 def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:

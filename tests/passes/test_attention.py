@@ -63,6 +63,10 @@ class Spec:
     # key_flat, as constants), transposed [0, 2, 1] and reshaped back to [B, H, D, T], the targets read from
     # Shape(K); and its view of the attended heads, reshaped to heads_view (a constant target).
     bool_mask: bool = False
+    masked_with: float = -np.inf  # what Where(keep, 0, ·) puts on the keys masked out
+    # transformers' older eager mask, (1 - m) * lowest of an int64 input "attention_mask" [B, T] as [B, 1, 1, T]:
+    # m = -1 gives -inf, m = 3 gives +inf.
+    hf_mask: bool = False
     nan_guard: bool = False
     nan_fill: float = 0.0
     key_through_matrices: bool = False
@@ -158,9 +162,17 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     elif spec.scale_at == "scores_input":
         inputs.append(value("scale", elem, []))
         scores = node("Mul", scores, "scale")
+    # The mask is always the value named "mask" (see softmaxes_over_scores).
     if spec.bool_mask:
         inputs.append(value("keep", TensorProto.BOOL, list(spec.mask)))
-        scores = node("Add", scores, node("Where", "keep", const(0.0), const(-np.inf)))
+        nodes.append(helper.make_node("Where", ["keep", const(0.0), const(spec.masked_with)], ["mask"]))
+        scores = node("Add", scores, "mask")
+    elif spec.hf_mask:
+        inputs.append(value("attention_mask", TensorProto.INT64, [spec.batch, spec.kv_seq]))
+        ones = node("Cast", node("Unsqueeze", "attention_mask", const([1, 2], np.int64)), to=elem)
+        lowest = const(np.finfo(spec.dtype).min)
+        nodes.append(helper.make_node("Mul", [node("Sub", const(1.0), ones), lowest], ["mask"]))
+        scores = node("Add", scores, "mask")
     elif spec.mask is not None:
         inputs.append(value("mask", elem, list(spec.mask)))
         scores = node("Add", scores, "mask")
@@ -223,8 +235,20 @@ def feeds_for(model: onnx.ModelProto, spec: Spec, seed: int = 0) -> dict[str, np
 def assert_close(want: list[np.ndarray], got: list[np.ndarray], rtol: float) -> None:
     for expected, actual in zip(want, got):
         assert expected.shape == actual.shape and expected.dtype == actual.dtype
-        scale = max(float(np.abs(expected).max()), 1.0)
+        finite = np.abs(expected[np.isfinite(expected)])
+        scale = max(float(finite.max()) if finite.size else 0.0, 1.0)
         np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale)
+
+
+def softmaxes_over_scores(model: onnx.ModelProto) -> list[str]:
+    """The Softmax nodes left but the one over the mask (or its 4-D form) that finds the rows it makes NaN."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def over_mask(name: str) -> bool:
+        made_by = producers.get(name)
+        return name == "mask" or (made_by is not None and made_by.op_type == "Unsqueeze" and made_by.input[0] == "mask")
+
+    return [node.output[0] for node in model.graph.node if node.op_type == "Softmax" and not over_mask(node.input[0])]
 
 
 def check_fires(spec: Spec, target: Target, fused_op: str) -> onnx.ModelProto:
@@ -232,7 +256,7 @@ def check_fires(spec: Spec, target: Target, fused_op: str) -> onnx.ModelProto:
     optimized, stats = attention(model, target)
     assert sum(stats.values()) == 1, stats
     counts = op_counts(optimized)
-    assert counts.get(fused_op) == 1 and "Softmax" not in counts and "MatMul" not in counts, counts
+    assert counts.get(fused_op) == 1 and "MatMul" not in counts and not softmaxes_over_scores(optimized), counts
     feeds = feeds_for(model, spec)
     rtol = 1e-4 if spec.dtype == np.float32 else 1e-2
     assert_close(run(model, feeds), run(optimized, feeds), rtol)
@@ -367,6 +391,175 @@ def test_rows_masked_out_entirely(target, grouped, masked_with):
     assert_close(want, run(optimized, feeds), 1e-4)
     if target == Target.GENERIC:
         assert_close(want, ReferenceEvaluator(optimized).run(None, feeds), 1e-4)
+
+
+# Rows the Softmax makes NaN: a query whose keys are all -inf, or one of them +inf or NaN. Eager attention gives NaN
+# there and the operators must too; the NaN guard of torch's scaled_dot_product_attention makes them zeros.
+NAN_ROW_CASES = {
+    "bert": Spec(opset=23, mask=(2, 1, 5, 5)),
+    "padding_mask": Spec(opset=23, mask=(2, 1, 1, 5)),
+    "mask_2d": Spec(opset=23, mask=(5, 5)),
+    "mask_per_head": Spec(opset=23, mask=(2, 3, 5, 5)),
+    "dynamic": Spec(opset=23, batch="B", seq="S", kv_seq="S", mask=("B", 1, "S", "S")),
+    "gpt2_cache": Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7)),
+    "llama_grouped": Spec(opset=23, query_4d=True, cache=True, kv_seq=7, heads=4, kv_heads=2, repeat_kv="consecutive",
+                          mask=(2, 1, 5, 7)),
+    "float16": Spec(opset=23, dtype=np.float16, mask=(2, 1, 5, 5)),
+    "eager_minus_infinity": Spec(opset=23, mask=(2, 1, 5, 5), bool_mask=True),
+    "guarded": Spec(opset=23, mask=(2, 1, 5, 5), nan_guard=True),
+    "guarded_mask_2d": Spec(opset=23, mask=(5, 5), nan_guard=True),
+    "guarded_llama": Spec(opset=23, query_4d=True, cache=True, kv_seq=7, heads=4, kv_heads=2,
+                          repeat_kv="consecutive", mask=(2, 1, 5, 7), nan_guard=True),
+}
+
+
+def special_rows(feeds: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
+    """The feeds with the mask's rows made, in turn: all -inf, partly -inf, all +inf, one +inf, one NaN, all the
+    lowest float (not in float16, see below), -inf and +inf, finite. A boolean mask gets rows of keys all masked
+    out, or some.
+
+    A float16 row of the lowest float is uniform in the original only because ``score - 65504`` rounds the scores
+    away; with half of it (``lowest_spared``) onnx's reference evaluator keeps some of them (onnxruntime and
+    OpenVINO agree with the original): not a row the Softmax makes NaN, left out here.
+    """
+    feeds = dict(feeds)
+    if "keep" in feeds:
+        keep = feeds["keep"].reshape(-1, feeds["keep"].shape[-1]).copy()
+        keep[0::2], keep[1::2, 1:] = False, True
+        feeds["keep"] = keep.reshape(feeds["keep"].shape)
+        return feeds
+    mask = feeds["mask"].reshape(-1, feeds["mask"].shape[-1]).copy()
+    rows = [np.full(mask.shape[1], -np.inf), np.r_[np.full(2, -np.inf), mask[0, 2:]], np.full(mask.shape[1], np.inf),
+            np.r_[mask[0, :1], np.inf, mask[0, 2:]], np.r_[mask[0, :1], np.nan, mask[0, 2:]],
+            np.full(mask.shape[1], np.finfo(dtype).min if dtype == np.float32 else -np.inf),
+            np.r_[-np.inf, np.inf, np.full(mask.shape[1] - 2, -np.inf)]]
+    for index in range(mask.shape[0]):
+        if index % (len(rows) + 1) < len(rows):
+            mask[index] = rows[index % (len(rows) + 1)]
+    feeds["mask"] = mask.reshape(feeds["mask"].shape).astype(dtype)
+    return feeds
+
+
+def openvino_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The model's outputs in OpenVINO's CPU plugin, in float32 (by default it may compute in bfloat16)."""
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32"})
+    results = compiled(feeds)
+    return [results[output] for output in compiled.outputs]
+
+
+def assert_same_nan_rows(spec: Spec, target: Target, feeds: dict[str, np.ndarray]) -> None:
+    """The optimized model computes the original's outputs, NaNs in the same places: in onnxruntime; for the
+    standard operator also in onnx's reference evaluator and OpenVINO (when installed)."""
+    model = attention_model(spec)
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 1, stats
+    rtol = 1e-4 if spec.dtype == np.float32 else 1e-2
+    want = run(model, feeds)
+    assert np.isnan(want[0]).any() != spec.nan_guard
+    assert_close(want, run(optimized, feeds), rtol)
+    if target != Target.ORT:
+        assert_close(want, ReferenceEvaluator(optimized).run(None, feeds), rtol)
+        assert_close(want, openvino_outputs(optimized, feeds), rtol)
+
+
+@pytest.mark.parametrize("case, target", [(case, target) for case, spec in NAN_ROW_CASES.items()
+                                           for target in (Target.GENERIC, Target.OPENVINO, Target.ORT)
+                                           if spec.dtype == np.float32 or target != Target.ORT])  # ORT: float32 only
+def test_rows_the_softmax_makes_nan(case, target):
+    spec = NAN_ROW_CASES[case]
+    model = attention_model(spec)
+    assert_same_nan_rows(spec, target, special_rows(feeds_for(model, spec), spec.dtype))
+
+
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.OPENVINO, Target.ORT])
+@pytest.mark.parametrize("cache", [False, True], ids=["bert", "gpt2"])
+@pytest.mark.parametrize("attention_mask", [[[1, -1, 0, 2, 1, 1, 1], [-1] * 7], [[1, 1, 1, 3, 1, 1, 1], [1, 0] * 3 + [1]]],
+                         ids=["minus_one", "three"])
+def test_transformers_mask_of_odd_values(target, cache, attention_mask):
+    # (1 - m) * lowest: m = -1 gives -inf (a batch row of -1 masks every key out), m = 3 gives +inf; 0 the lowest.
+    spec = Spec(opset=23, hf_mask=True, cache=cache, kv_seq=7 if cache else 5)
+    model = attention_model(spec)
+    feeds = feeds_for(model, spec)
+    feeds["attention_mask"] = np.array(attention_mask, np.int64)[:, :spec.kv_seq]
+    assert_same_nan_rows(spec, target, feeds)
+
+
+def two_layers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The attention twice, the second on a query of its own ("q_2", giving "y_2"): keys, values and mask shared."""
+    graph = model.graph
+    shared = {vi.name for vi in graph.input} - {"q"}
+
+    def renamed(name: str) -> str:
+        return name if name in shared or not name else f"{name}_2"
+
+    second = onnx.GraphProto()
+    second.CopyFrom(graph)
+    for node in second.node:
+        node.input[:] = [renamed(name) for name in node.input]
+        node.output[:] = [renamed(name) for name in node.output]
+    for initializer in second.initializer:
+        initializer.name = renamed(initializer.name)
+    for vi in [*second.input, *second.output]:
+        vi.name = renamed(vi.name)
+    graph.node.extend(second.node)
+    graph.initializer.extend(second.initializer)
+    graph.input.extend(vi for vi in second.input if vi.name not in shared)
+    graph.output.extend(second.output)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("target, case, made_once", [
+    (Target.GENERIC, "bert", {"Softmax": 1, "ReduceSum": 1, "Sub": 1, "Squeeze": 1}),
+    (Target.GENERIC, "mask_per_head", {"Softmax": 1, "ReduceSum": 1, "Sub": 1, "Expand": 1, "Transpose": 1}),
+    (Target.GENERIC, "mask_2d", {"Unsqueeze": 1, "Softmax": 1, "ReduceSum": 1, "Sub": 1, "Squeeze": 1}),
+    (Target.GENERIC, "gpt2_cache", {"Softmax": 1, "ReduceSum": 1, "Sub": 1}),
+    (Target.ORT, "llama_grouped", {"Softmax": 1, "ReduceSum": 1, "Sub": 1}),
+    (Target.GENERIC, "guarded_mask_2d", {"Unsqueeze": 1, "Softmax": 1, "ReduceSum": 1, "IsNaN": 1}),
+    # The mask's rows of the lowest float halved (lowest_spared) once too: an Equal and a Where.
+    (Target.GENERIC, "guarded", {"Softmax": 1, "ReduceSum": 1, "IsNaN": 1, "Equal": 1, "Where": 2}),
+])
+def test_nan_rows_found_once_per_mask(target, case, made_once):
+    # Two layers reading one mask share the correction: each node of it is made once. The generic target adds it
+    # to each operator's result (an Add per layer); for onnxruntime's standard operator it goes into the mask.
+    spec = NAN_ROW_CASES[case]
+    model = two_layers(attention_model(spec))
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 2, stats
+    counts = op_counts(optimized)
+    assert {op: counts.get(op, 0) for op in made_once} == made_once, counts
+    per_layer_adds = 2 if target == Target.GENERIC and not spec.nan_guard else 0
+    assert counts.get("Add", 0) == per_layer_adds + (1 if target == Target.ORT else 0), counts
+    feeds = special_rows(feeds_for(model, spec), spec.dtype)
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-4)
+
+
+PROVEN_MASKS = {
+    "eager_lowest": Spec(opset=23, mask=(2, 1, 5, 7), cache=True, kv_seq=7, bool_mask=True,
+                         masked_with=float(np.finfo(np.float32).min)),
+    "sdpa_minus_infinity": Spec(opset=23, mask=(2, 1, 5, 7), cache=True, kv_seq=7, bool_mask=True, nan_guard=True),
+    "llama_eager_lowest": Spec(opset=23, query_4d=True, cache=True, kv_seq=7, heads=4, kv_heads=2,
+                               repeat_kv="consecutive", mask=(2, 1, 5, 7), bool_mask=True,
+                               masked_with=float(np.finfo(np.float32).min)),
+}
+
+
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
+@pytest.mark.parametrize("case", PROVEN_MASKS, ids=list(PROVEN_MASKS))
+def test_no_correction_where_the_mask_cannot_make_nan_rows(case, target):
+    # transformers' masks, Where(keep, 0, lowest) (never a NaN row) and the guarded Where(keep, 0, -inf) (rows of
+    # -inf, which the operator gives zeros as the guard does): nothing is added, rows masked out entirely included.
+    spec = PROVEN_MASKS[case]
+    model = attention_model(spec)
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 1, stats
+    counts = op_counts(optimized)
+    assert not {"Softmax", "ReduceSum", "Sub"} & set(counts), counts
+    feeds = special_rows(feeds_for(model, spec), spec.dtype)
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-4)
 
 
 @pytest.mark.parametrize("case", ["llama_grouped", "llama_grouped_dynamic", "llama_sdpa_dynamo", "grouped_split_query"])
