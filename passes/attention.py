@@ -53,17 +53,38 @@ merge keeps its own target, so the result has exactly the original's shape; only
 are ``S`` and ``T``: a mask not known to have them is first expanded to ``[B, 1, S, T]`` with the
 dimensions read at run time (which is what the ``Add`` broadcast to). For the standard operator, the
 mask's lowest value (exporters' "masked out") becomes half of it, the same by the specification, because
-onnxruntime's kernel returns zeros for a row that holds only the lowest value. Only float32 (and, for
+onnxruntime's kernel returns zeros for a row that holds only the lowest value (in float16, where the original's
+``score - 65504`` rounds the scores away on such a row, onnx's reference evaluator keeps some of them against
+half of it; onnxruntime and OpenVINO agree with the original). Only float32 (and, for
 the standard operator, float16) attention is rewritten; the Softmax must run over the last axis.
 
-The NaN guard. With finite ``q``, ``k``, ``v`` the Softmax gives NaN exactly on the rows whose mask is
-``-inf`` for every key (``exp(-inf - -inf)``), and the guard makes their output ``0·V = 0``. The standard
-operator's definition (the opset 23 errata: "a fully-masked query row produces a zero output row") gives
-that too, so it needs nothing more (onnxruntime 1.32, OpenVINO 2026.4 and onnx's reference agree);
-onnxruntime's MultiHeadAttention gives NaN on those rows (and its Attention, which ``ort_fuse`` makes of it,
-zeros), so for it the guard moves after the operator as ``Where(IsNaN(y), 0, y)``: exact either way. Without
-the guard, such a row is NaN in the original and zeros in the standard operator: only outputs that were
-NaN change.
+Rows the Softmax makes NaN. With finite ``q``, ``k``, ``v`` the Softmax gives NaN exactly on the rows whose mask
+is ``-inf`` for every key, or ``+inf`` or NaN for one (``exp(x - max)`` meets ``inf - inf`` or NaN): eager
+attention's output is NaN there, and the guard makes it ``0·V = 0``. The operators differ on those rows
+(measured: onnxruntime 1.32 CPU, OpenVINO 2026.4 CPU, whose ONNX frontend follows the operator with
+``Select(IsNaN(y), 0, y)``, and onnx 1.23's reference evaluator)::
+
+    mask row              original  guarded  MultiHeadAttention,     standard Attention:
+                                             ort_fuse's Attention    onnxruntime, reference   OpenVINO
+    all -inf              NaN       0        NaN                     0                        0
+    one +inf, one NaN     NaN       0        NaN                     NaN                      0
+    all NaN               NaN       0        NaN                     NaN                      0
+
+So, with ``s = ReduceSum(Softmax(mask))`` over the keys (NaN on exactly those rows, near 1 on the others: the
+mask's Softmax runs on the engine that runs the original's) and ``s - s`` (NaN there, 0 elsewhere):
+
+* MultiHeadAttention needs nothing; under the guard, the guard moves after it as ``Where(IsNaN(y), 0, y)``;
+* the standard operator without the guard: for onnxruntime (``sdpa_to_attention_for_ort``) the mask becomes
+  ``mask + (s - s)``, and a row of NaN gives NaN; for the other targets, whose engine may be OpenVINO,
+  ``s - s`` is added to the operator's result, per head and query (one ``Add`` per layer);
+* the standard operator under the guard: the mask becomes ``Where(IsNaN(s), -inf, mask)``, whose rows of
+  ``-inf`` every engine gives zeros.
+
+What is made of the mask is made once, shared by the layers that read it, and only where the mask may hold
+what it corrects: ``non_finite_kinds`` proves the values of a ``Where`` of constants, so transformers' masks
+(``Where(keep, 0, lowest)``: never a NaN row; ``Where(keep, 0, -inf)`` under the guard: rows of ``-inf``
+only) get nothing; ``(1 - m) * lowest`` proves nothing (``m = -1`` gives ``-inf``, ``m = 3`` ``+inf``).
+Scores large enough for ``score + mask`` to overflow (``1e31`` in float32) are beyond this.
 """
 
 from __future__ import annotations

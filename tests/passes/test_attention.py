@@ -6,7 +6,9 @@ scaled_dot_product_attention (transformers' default: a -inf mask and a NaN guard
 dynamo exporter's Kᵀ through 3-D reshapes), and Llama's (a rotated 4-D query, grouped key/value heads
 repeated by repeat_kv). Every rewrite is checked in onnxruntime with graph optimizations off
 (MultiHeadAttention, and the standard Attention of opset 23), and the standard operator also in onnx's
-reference evaluator, also where a query has no key to attend to.
+reference evaluator, also where a query has no key to attend to. Masks whose rows the Softmax makes NaN (all
+-inf, one +inf or NaN; transformers' older ``(1 - m) * lowest`` of odd ``m``) must give NaN in the same places
+there, and in OpenVINO when it is installed.
 """
 
 from __future__ import annotations
@@ -476,8 +478,8 @@ def test_rows_the_softmax_makes_nan(case, target):
 
 @pytest.mark.parametrize("target", [Target.GENERIC, Target.OPENVINO, Target.ORT])
 @pytest.mark.parametrize("cache", [False, True], ids=["bert", "gpt2"])
-@pytest.mark.parametrize("attention_mask", [[[1, -1, 0, 2, 1, 1, 1], [-1] * 7], [[1, 1, 1, 3, 1, 1, 1], [1, 0] * 3 + [1]]],
-                         ids=["minus_one", "three"])
+@pytest.mark.parametrize("attention_mask", [[[1, -1, 0, 2, 1, 1, 1], [-1] * 7],
+                                            [[1, 1, 1, 3, 1, 1, 1], [1, 0] * 3 + [1]]], ids=["minus_one", "three"])
 def test_transformers_mask_of_odd_values(target, cache, attention_mask):
     # (1 - m) * lowest: m = -1 gives -inf (a batch row of -1 masks every key out), m = 3 gives +inf; 0 the lowest.
     spec = Spec(opset=23, hf_mask=True, cache=cache, kv_seq=7 if cache else 5)
