@@ -13,6 +13,7 @@ there, and in OpenVINO when it is installed.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -442,9 +443,13 @@ def special_rows(feeds: dict[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
     return feeds
 
 
+OPENVINO_INSTALLED = importlib.util.find_spec("openvino") is not None
+
+
 def openvino_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The model's outputs in OpenVINO's CPU plugin, in float32 (by default it may compute in bfloat16)."""
-    ov = pytest.importorskip("openvino")
+    import openvino as ov
+
     core = ov.Core()
     compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32"})
@@ -464,7 +469,8 @@ def assert_same_nan_rows(spec: Spec, target: Target, feeds: dict[str, np.ndarray
     assert_close(want, run(optimized, feeds), rtol)
     if target != Target.ORT:
         assert_close(want, ReferenceEvaluator(optimized).run(None, feeds), rtol)
-        assert_close(want, openvino_outputs(optimized, feeds), rtol)
+        if OPENVINO_INSTALLED:
+            assert_close(want, openvino_outputs(optimized, feeds), rtol)
 
 
 @pytest.mark.parametrize("case, target", [(case, target) for case, spec in NAN_ROW_CASES.items()
