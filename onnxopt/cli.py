@@ -20,11 +20,11 @@ from rich.table import Table
 
 from onnxopt import ir
 from onnxopt.api import default_output_path, optimize_model
+from onnxopt.bisect import BisectResult, bisect
+from onnxopt.census import TARGETS, fusion_census, is_fused, runtime_graph
 from onnxopt.errors import OnnxoptError, UserError, VerificationError
 from onnxopt.manager import PassRecord, Report
 from onnxopt.pass_infra import Pass, Target
-from onnxopt.bisect import BisectResult, bisect
-from onnxopt.census import TARGETS, fusion_census, is_fused, runtime_graph
 from onnxopt.passes import PRESETS, default_pipeline
 from onnxopt.registry import default_registry
 from onnxopt.verify import load_inputs, parse_input_shapes

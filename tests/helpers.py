@@ -13,7 +13,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import ir
-from onnxopt.pass_infra import Pass, PassContext
+from onnxopt.contracts import IOSignature, check_graph
+from onnxopt.pass_infra import Pass, PassContext, Target
 
 OPSET = 17
 
@@ -82,6 +83,17 @@ def apply(pass_: Pass, model: onnx.ModelProto, ctx: PassContext | None = None):
     graph = ir.import_model(model)
     result = pass_(graph, ctx or PassContext(original=model))
     return ir.export_model(graph, model), result
+
+
+def apply_checked(pass_: Pass, model: onnx.ModelProto, target: Target = Target.GENERIC):
+    """Like ``apply``, and checks the pass contracts and onnx.checker on the result."""
+    graph = ir.import_model(model)
+    signature = IOSignature.of(graph)
+    result = pass_(graph, PassContext(original=model, target=target))
+    assert check_graph(graph, signature) == []
+    optimized = ir.export_model(graph, model)
+    onnx.checker.check_model(optimized, full_check=True)
+    return optimized, result
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

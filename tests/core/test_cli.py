@@ -13,9 +13,8 @@ import pytest
 from cli_harness import TINY_CNN, cli_env, copy_tiny_cnn, run_cli, snapshot
 from helpers import assert_same_outputs
 
-from onnxopt.passes import DEFAULT_PIPELINE
-
 from onnxopt import default_registry
+from onnxopt.passes import DEFAULT_PIPELINE
 
 
 def test_run_writes_default_output_prints_table_and_report(tmp_path):

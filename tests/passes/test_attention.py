@@ -22,12 +22,12 @@ import pytest
 from helpers import op_counts, random_feeds, run, tensor, value
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
-from onnxopt.passes.attention import Attention
 
 from onnxopt import ir
 from onnxopt.census import fusion_census
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext, Target
+from onnxopt.passes.attention import Attention
 from onnxopt.pattern import explain
 
 ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}

@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt

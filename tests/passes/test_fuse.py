@@ -8,27 +8,18 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from helpers import assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
+from helpers import apply_checked, assert_same_outputs, make_model, op_counts, random_feeds, run, tensor, value
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from onnxopt import ir
-from onnxopt.contracts import IOSignature, check_graph
-from onnxopt.pass_infra import PassContext
 from onnxopt.passes.fuse import Fuse
 from onnxopt.passes.fusions.affine import fold_batchnorm
 
 
 def fuse(model: onnx.ModelProto):
     """Runs fuse once; checks the pass contracts and onnx.checker on the result."""
-    graph = ir.import_model(model)
-    signature = IOSignature.of(graph)
-    result = Fuse()(graph, PassContext(original=model))
-    assert check_graph(graph, signature) == []
-    optimized = ir.export_model(graph, model)
-    onnx.checker.check_model(optimized, full_check=True)
-    return optimized, result
+    return apply_checked(Fuse(), model)
 
 
 def symbolic(name: str, elem: int, rank: int) -> onnx.ValueInfoProto:

@@ -10,13 +10,13 @@ import onnx
 import pytest
 from helpers import assert_same_outputs, make_model, op_counts, tensor, value
 from onnx import TensorProto, helper
-from onnxopt.passes.dce import DeadCodeElimination
-from onnxopt.passes.fuse import Fuse
-from onnxopt.passes.fusions import horizontal
 
 from onnxopt import ir
 from onnxopt.contracts import IOSignature, check_graph
 from onnxopt.pass_infra import PassContext, Target
+from onnxopt.passes.dce import DeadCodeElimination
+from onnxopt.passes.fuse import Fuse
+from onnxopt.passes.fusions import horizontal
 
 RULE = "parallel_matmuls_to_split"
 

@@ -12,27 +12,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, make_model, op_counts, run, tensor, value
+from helpers import apply_checked, assert_same_outputs, make_model, op_counts, run, tensor, value
 from onnx import TensorProto, helper
-from onnxopt.passes.fuse import Fuse
 
 import onnxopt
-from onnxopt import ir
-from onnxopt.contracts import IOSignature, check_graph
-from onnxopt.pass_infra import PassContext, Target
+from onnxopt.pass_infra import Target
+from onnxopt.passes.fuse import Fuse
 
 ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, np.float64: TensorProto.DOUBLE}
 
 
 def fuse(model: onnx.ModelProto, target: Target = Target.GENERIC):
     """Runs fuse once; checks the pass contracts and onnx.checker on the result."""
-    graph = ir.import_model(model)
-    signature = IOSignature.of(graph)
-    result = Fuse()(graph, PassContext(original=model, target=target))
-    assert check_graph(graph, signature) == []
-    optimized = ir.export_model(graph, model)
-    onnx.checker.check_model(optimized, full_check=True)
-    return optimized, result
+    return apply_checked(Fuse(), model, target)
 
 
 class Builder:

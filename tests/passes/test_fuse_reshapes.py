@@ -8,6 +8,10 @@ import onnx
 import onnx.parser
 import pytest
 from helpers import assert_same_outputs, op_counts
+from test_fuse_norm import fuse
+
+from onnxopt import ir
+from onnxopt.pass_infra import PassContext
 from onnxopt.passes.dce import DeadCodeElimination
 from onnxopt.passes.fusions.reshapes import (
     InputDim,
@@ -15,10 +19,6 @@ from onnxopt.passes.fusions.reshapes import (
     reshape_target,
     through,
 )
-from test_fuse_norm import fuse
-
-from onnxopt import ir
-from onnxopt.pass_infra import PassContext
 
 
 def parse(text: str, opset: int = 17) -> onnx.ModelProto:

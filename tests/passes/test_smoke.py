@@ -1,7 +1,7 @@
 from helpers import assert_same_outputs
 
-from onnxopt.passes import DEFAULT_PIPELINE
 import onnxopt
+from onnxopt.passes import DEFAULT_PIPELINE
 
 
 def test_default_pipeline_on_tiny_cnn_is_exact(tmp_path):

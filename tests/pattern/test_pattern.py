@@ -12,7 +12,6 @@ from onnxopt import ir
 from onnxopt.pass_infra import PassContext
 from onnxopt.pattern import Explanation, RewritePass, RewriteRule, RuleSet, explain, rule_pass
 
-
 # ---------------------------------------------------------------------------------------------------
 # Rules used by the tests
 
