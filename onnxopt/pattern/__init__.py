@@ -37,6 +37,12 @@ attributes (``_tag="name"`` tells apart two nodes of one type), ``m.is_constant(
 ``m.value("w")`` read constants, ``m.has_node("Div")`` tells which alternative matched. A rule's
 ``targets`` (``None``: all) names the engines it runs for; ``min_opset``/``max_opset`` its opsets.
 
+A rewrite may replace more than the root's outputs by returning ``Replacement(outputs, inner={label:
+value}, found=[(old, new)])``: outputs of the inner nodes the rule lists in ``also_replaces`` (which may
+then be read outside the pattern or be graph outputs; a listed node that matched must get a value), and,
+in a rule with ``replaces_found_values``, values outside the match the rule found itself. It still
+counts as one rewrite.
+
 The driver (``RuleSet.apply``) asks ``ctx.allow(rule_name, site)`` before every rewrite, keeps the
 names of replaced values (graph outputs stay outputs), removes matched nodes left unused, works in
 subgraph bodies and repeats until no rule fires; it refuses replacements whose operator the model's
@@ -46,7 +52,14 @@ node; ``python -m onnxopt.pattern MODEL --pass fuse [--plugin FILE] [--rule NAME
 
 from onnxopt.pattern._driver import Attempt, Explanation, RewritePass, RuleSet, explain, rule_pass
 from onnxopt.pattern._pattern import COMMUTATIVE_OPS, PatternBuilder
-from onnxopt.pattern._rule import Match, MatchResult, ReplacementBuilder, RewriteRefused, RewriteRule
+from onnxopt.pattern._rule import (
+    Match,
+    MatchResult,
+    Replacement,
+    ReplacementBuilder,
+    RewriteRefused,
+    RewriteRule,
+)
 
 __all__ = [
     "COMMUTATIVE_OPS",
@@ -55,6 +68,7 @@ __all__ = [
     "Match",
     "MatchResult",
     "PatternBuilder",
+    "Replacement",
     "ReplacementBuilder",
     "RewritePass",
     "RewriteRefused",

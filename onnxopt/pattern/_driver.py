@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -18,7 +18,15 @@ import onnx_graphsurgeon as gs
 from onnxopt import ir
 from onnxopt.pass_infra import Pass, PassContext, PassResult
 from onnxopt.pattern._pattern import Bindings, Matcher, _same_domain
-from onnxopt.pattern._rule import CompiledPattern, Match, ReplacementBuilder, RewriteRefused, RewriteRule, _Namer
+from onnxopt.pattern._rule import (
+    CompiledPattern,
+    Match,
+    Replacement,
+    ReplacementBuilder,
+    RewriteRefused,
+    RewriteRule,
+    _Namer,
+)
 
 __all__ = ["Attempt", "Explanation", "RewritePass", "RuleSet", "explain", "rule_pass"]
 
@@ -172,7 +180,7 @@ class _RunState:
         matcher = Matcher(sub, commute=rule.commute, is_member=self.is_member)
         last: tuple[str, str] | None = None
         for bound in (bound for root in roots for bound in matcher.match_root(root, node)):
-            shared = _containment(compiled, bound, sub, node, rule.allow_shared_intermediates)
+            shared = _containment(compiled, bound, sub, node, rule.allow_shared_intermediates, rule.also_replaces)
             if shared is not None:
                 last = ("shared", shared)
                 continue
@@ -201,20 +209,25 @@ class _RunState:
         except Exception as error:  # any failure in a rule's code: name the rule and the node
             raise RuntimeError(f"rule '{rule.name}' failed rewriting node '{_site(node)}': "
                                f"{type(error).__name__}: {error}") from error
-        values = list(replacement) if isinstance(replacement, (tuple, list)) else [replacement]
-        if len(values) != len(compiled.outputs) or not all(isinstance(v, gs.Tensor) for v in values):
-            raise TypeError(f"rule '{rule.name}': rewrite() must return {len(compiled.outputs)} value(s), "
-                            f"got {replacement!r}")
+        result = replacement if isinstance(replacement, Replacement) else Replacement(replacement)
+        pairs = _root_pairs(rule, compiled, result.outputs, node)
+        inner = _inner_pairs(rule, compiled, result.inner, bound, sub)
+        found = _found_pairs(rule, result.found, bound, self.is_member)
+        _check_replacements(rule, pairs, inner + found, builder.nodes)
         if not self.ctx.allow(rule.name, _site(node)):
             self.note(rule, sub, node, "denied", "switched off (bisection)")
             return False
         site = _site(node)
-        _splice(sub, node, compiled, values, builder.nodes, bound, self)
+        also = [old.name for old, new in inner + found if new is not old]
+        found_producers = [old.inputs[0] for old, _ in found]  # read now: splicing detaches them
+        _splice(sub, node, pairs + inner + found, builder.nodes, bound, found_producers, self)
         if self.explain is not None:
             made = ", ".join(f"{n.op} '{_site(n)}'" for n in builder.nodes)
             scope = "" if sub is self.graph else (sub.name or "subgraph")
-            self.explain.record(Attempt(rule.name, scope, site, "rewritten", f"made {made}" if made else
-                                        "replaced by an existing value"))
+            reason = f"made {made}" if made else "replaced by an existing value"
+            if also:
+                reason += f"; also replaced {', '.join(repr(name) for name in also)}"
+            self.explain.record(Attempt(rule.name, scope, site, "rewritten", reason))
         self.ctx.log.debug("%s rewrote '%s'", rule.name, _site(node))
         return True
 
@@ -224,12 +237,13 @@ def _site(node: gs.Node) -> str:
 
 
 def _containment(compiled: CompiledPattern, bound: Bindings, sub: gs.Graph, root: gs.Node,
-                 allow_shared: bool) -> str | None:
+                 allow_shared: bool, replaceable: Sequence[str]) -> str | None:
     """Why this match would lose or duplicate a value, or ``None``.
 
     Outputs of the root that the pattern does not replace must be unused; values made inside the
     pattern must have no reader outside it and must not be graph outputs (unless the rule allows
-    shared intermediates: those nodes then stay).
+    shared intermediates: those nodes then stay), except outputs of the inner nodes labelled in
+    ``replaceable`` (the rule's ``also_replaces``), which the rewrite replaces.
     """
     matched = {id(n) for n in bound.nodes.values()}
     replaced = {o.index for o in compiled.outputs}
@@ -238,14 +252,117 @@ def _containment(compiled: CompiledPattern, bound: Bindings, sub: gs.Graph, root
             return f"output '{tensor.name}' of '{_site(root)}' is used, but the rule does not replace it"
     if allow_shared:
         return None
-    for node in bound.nodes.values():
-        if node is root:
+    labels = compiled.labels()
+    for pattern_id, node in bound.nodes.items():
+        if node is root or labels[pattern_id] in replaceable:
             continue
         for tensor in node.outputs:
             if ir.is_graph_output(sub, tensor):
                 return f"'{tensor.name}' inside the pattern is a graph output"
-            if any(id(reader) not in matched for reader in tensor.outputs):
+            if _read_outside(tensor, matched):
                 return f"'{tensor.name}' inside the pattern has other readers"
+    return None
+
+
+def _read_outside(tensor: gs.Tensor, matched: set[int]) -> bool:
+    return any(id(reader) not in matched for reader in tensor.outputs)
+
+
+def _root_pairs(rule: RewriteRule, compiled: CompiledPattern, outputs, root: gs.Node) -> list[tuple[gs.Tensor, gs.Tensor]]:
+    """The root's replaced outputs, each with its new value."""
+    values = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
+    if len(values) != len(compiled.outputs) or not all(isinstance(v, gs.Tensor) for v in values):
+        raise TypeError(f"rule '{rule.name}': rewrite() must return {len(compiled.outputs)} value(s), "
+                        f"got {outputs!r}")
+    # Read all replaced values first: taking one over detaches it from the root, shifting the others.
+    return [(root.outputs[pattern_output.index], new) for pattern_output, new in zip(compiled.outputs, values)]
+
+
+def _inner_pairs(rule: RewriteRule, compiled: CompiledPattern, given: Mapping, bound: Bindings,
+                 sub: gs.Graph) -> list[tuple[gs.Tensor, gs.Tensor]]:
+    """Outputs of the matched nodes the rule lists in ``also_replaces``, each with the value ``rewrite`` gave."""
+    unlisted = [label for label in given if label not in rule.also_replaces]
+    if unlisted:
+        raise TypeError(f"rule '{rule.name}': rewrite() replaces {', '.join(repr(u) for u in unlisted)}, "
+                        "which the rule's also_replaces does not list")
+    labels = compiled.labels()
+    matched = {id(n) for n in bound.nodes.values()}
+    pairs = []
+    for label in rule.also_replaces:
+        nodes = [node for pattern_id, node in bound.nodes.items() if labels[pattern_id] == label]
+        if not nodes:  # in an alternative of op.either that did not match
+            if given.get(label) is not None:
+                raise TypeError(f"rule '{rule.name}': rewrite() replaces '{label}', which did not match here")
+            continue
+        if len(nodes) > 1:
+            raise TypeError(f"rule '{rule.name}': '{label}' in also_replaces names {len(nodes)} matched nodes; "
+                            "tell them apart with _tag")
+        if label not in given:
+            raise TypeError(f"rule '{rule.name}': rewrite() gives no value for '{label}', which the rule's "
+                            "also_replaces lists (return a Replacement with inner={...})")
+        node = nodes[0]
+        values = list(given[label]) if isinstance(given[label], (tuple, list)) else [given[label]]
+        if len(values) > len(node.outputs) or not all(v is None or isinstance(v, gs.Tensor) for v in values):
+            raise TypeError(f"rule '{rule.name}': the value for '{label}' must be one value or one per output "
+                            f"of its node ({len(node.outputs)}), got {given[label]!r}")
+        for index, old in enumerate(node.outputs):
+            new = values[index] if index < len(values) else None
+            if new is not None:
+                pairs.append((old, new))
+            elif ir.is_graph_output(sub, old) or _read_outside(old, matched):
+                raise TypeError(f"rule '{rule.name}': rewrite() gives no value for '{old.name}' (output {index} "
+                                f"of '{label}'), which is used outside the pattern")
+    return pairs
+
+
+def _found_pairs(rule: RewriteRule, found: Sequence, bound: Bindings,
+                 is_member: Callable[[gs.Node], bool]) -> list[tuple[gs.Tensor, gs.Tensor]]:
+    """Values outside the match the rule replaces (``Replacement.found``), checked."""
+    pairs = [tuple(pair) for pair in found]
+    if pairs and not rule.replaces_found_values:
+        raise TypeError(f"rule '{rule.name}': rewrite() replaces found values, but the rule does not set "
+                        "replaces_found_values")
+    matched = {id(n) for n in bound.nodes.values()}
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(v, gs.Tensor) for v in pair):
+            raise TypeError(f"rule '{rule.name}': Replacement.found holds (old value, new value) pairs, "
+                            f"got {pair!r}")
+        old = pair[0]
+        if len(old.inputs) != 1 or not is_member(old.inputs[0]):
+            raise TypeError(f"rule '{rule.name}': found value '{old.name}' is not made by a node of this graph")
+        if id(old.inputs[0]) in matched:
+            raise TypeError(f"rule '{rule.name}': found value '{old.name}' is made by a matched node "
+                            "(list its label in also_replaces instead)")
+    return pairs
+
+
+def _check_replacements(rule: RewriteRule, root_pairs: list, extra_pairs: list, new_nodes: list[gs.Node]) -> None:
+    """Refuses a value replaced twice, or a replacement that reads a value it replaces (a cycle)."""
+    olds = [id(old) for old, _ in root_pairs + extra_pairs]
+    if len(set(olds)) != len(olds):
+        raise TypeError(f"rule '{rule.name}': rewrite() replaces one value twice")
+    replaced = {id(old): old for old, new in extra_pairs if new is not old}
+    if not replaced:
+        return  # the root's outputs: nothing the replacement reads can depend on them
+    starts = [t for node in new_nodes for t in node.inputs] + [new for _, new in extra_pairs]
+    read = _first_ancestor_in(starts, replaced)
+    if read is not None:
+        raise TypeError(f"rule '{rule.name}': the replacement reads '{read.name}', which it replaces")
+
+
+def _first_ancestor_in(starts: list[gs.Tensor], targets: dict[int, gs.Tensor]) -> gs.Tensor | None:
+    """A value of ``targets`` among ``starts`` and the values they are computed from, or ``None``."""
+    seen: set[int] = set()
+    stack = list(starts)
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in targets:
+            return tensor
+        for producer in tensor.inputs:
+            stack.extend(producer.inputs)
     return None
 
 
@@ -261,12 +378,14 @@ def _make_match(compiled: CompiledPattern, bound: Bindings, sub: gs.Graph, graph
     return Match(sub, graph, values, nodes, root)
 
 
-def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: list[gs.Tensor],
-            new_nodes: list[gs.Node], bound: Bindings, state: _RunState) -> None:
-    """Puts the replacement in place of the root's outputs and removes matched nodes left unused.
+def _splice(sub: gs.Graph, root: gs.Node, pairs: list[tuple[gs.Tensor, gs.Tensor]], new_nodes: list[gs.Node],
+            bound: Bindings, found_producers: list[gs.Node], state: _RunState) -> None:
+    """Puts each new value of ``pairs`` in place of its old value and removes the nodes left unused.
 
     A replacement value made by a new node takes over the old value itself (its name, and its place
     as a graph output); an existing value replaces the old one through ``ir.replace_all_uses``.
+    Matched nodes left unused are removed, and so are the makers of replaced found values with what
+    only they read.
     """
     named = {new.name for new in new_nodes if new.name}
     if new_nodes and not new_nodes[0].name and root.name not in named:
@@ -275,9 +394,7 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
     state.members.update((id(n), n) for n in new_nodes)
     producers = {id(t): n for n in new_nodes for t in n.outputs}
     taken_over: dict[int, gs.Tensor] = {}  # id of a new value -> the old value now standing for it
-    # Read all replaced values first: taking one over detaches it from the root, shifting the others.
-    olds = [root.outputs[pattern_output.index] for pattern_output in compiled.outputs]
-    for old, new in zip(olds, values):
+    for old, new in pairs:
         new = taken_over.get(id(new), new)  # one new value returned for two outputs
         if new is old:
             continue
@@ -295,13 +412,19 @@ def _splice(sub: gs.Graph, root: gs.Node, compiled: CompiledPattern, values: lis
                 old.dtype = new.dtype
         else:
             ir.replace_all_uses(sub, old, new)
-    candidates = [root] + [n for n in bound.nodes.values() if n is not root]
+    candidates = [root] + [n for n in bound.nodes.values() if n is not root] + found_producers
+    walk_back = {id(n) for n in found_producers}  # outside the match: what only they read is found by walking
     gone: set[int] = set()
     removed = True
     while removed:
         removed = False
         for node in candidates:
             if id(node) not in gone and not any(t.outputs or ir.is_graph_output(sub, t) for t in node.outputs):
+                if id(node) in walk_back:
+                    for producer in (p for t in node.inputs for p in t.inputs if state.is_member(p)):
+                        if id(producer) not in walk_back:
+                            walk_back.add(id(producer))
+                            candidates.append(producer)
                 # Detached now, dropped from the node list when the sweep of this graph ends.
                 node.inputs.clear()
                 node.outputs.clear()

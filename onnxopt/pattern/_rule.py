@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -14,7 +15,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import ir
 from onnxopt.pattern._pattern import Either, NodeOutput, NodePattern, PatternBuilder, ValuePattern, Var
 
-__all__ = ["Match", "MatchResult", "ReplacementBuilder", "RewriteRule"]
+__all__ = ["Match", "MatchResult", "Replacement", "ReplacementBuilder", "RewriteRule"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,23 @@ class Match:
         return MatchResult(False, reason)
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """What ``rewrite`` returns when it replaces more than the root's outputs.
+
+    ``outputs`` is what ``rewrite`` would return otherwise (one value, or a tuple, one per pattern
+    output). ``inner`` maps each label the rule lists in ``also_replaces`` to the new value of that
+    matched node's output (or a tuple, one per output; an output left out or ``None`` must be unused
+    outside the pattern). ``found`` pairs values outside the match that the rule found itself (in a rule
+    with ``replaces_found_values``) with their new values. Every replaced value keeps its name and its
+    place among the graph outputs, and nodes left unused are removed, as for the root's outputs.
+    """
+
+    outputs: gs.Tensor | Sequence[gs.Tensor]
+    inner: Mapping[str, gs.Tensor | Sequence[gs.Tensor | None]] = field(default_factory=dict)
+    found: Sequence[tuple[gs.Tensor, gs.Tensor]] = ()
+
+
 class RewriteRefused(Exception):
     """Raised by the replacement builder for a replacement the model cannot hold (an unknown operator)."""
 
@@ -223,7 +241,8 @@ class RewriteRule:
 
     Subclasses define ``pattern(self, op, <variables>)`` (the parameters after ``op`` become the
     pattern's variables), optionally ``check(self, match) -> MatchResult`` and ``rewrite(self, op,
-    match)`` returning the replacement value (or a tuple, one per pattern output). Class attributes:
+    match)`` returning the replacement value (or a tuple, one per pattern output, or a ``Replacement``
+    that replaces more). Class attributes:
 
     * ``name``: how statistics, ``ctx.allow`` and ``explain`` name the rule (default: the class name in
       snake case); read as "source to target";
@@ -233,6 +252,12 @@ class RewriteRule:
       replacement an engine cannot run or would run slower leaves that target out;
     * ``allow_shared_intermediates``: match even when a value inside the pattern has readers outside
       it (those nodes are then kept); off by default, so that a fusion never duplicates work;
+    * ``also_replaces``: labels (``_tag`` or operator type) of inner nodes of the pattern whose outputs
+      ``rewrite`` replaces too, through ``Replacement.inner``: those may have readers outside the pattern
+      or be graph outputs (a value computed anyway by the replacement, e.g. a KV cache's ``present``);
+      a listed node that matched must be given a value;
+    * ``replaces_found_values``: ``rewrite`` may also replace values outside the match that the rule
+      found in the graph (``Replacement.found``), for a rule that makes several values in one rewrite;
     * ``commute``: also try swapped operands of commutative binary operators (default on).
     """
 
@@ -243,6 +268,8 @@ class RewriteRule:
     targets: ClassVar[frozenset[str] | None] = None
     allow_shared_intermediates: ClassVar[bool] = False
     commute: ClassVar[bool] = True
+    also_replaces: ClassVar[tuple[str, ...]] = ()
+    replaces_found_values: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -314,14 +341,28 @@ class CompiledPattern:
             alternatives = _flatten(result)
             if not all(isinstance(a, NodeOutput) and a.index == 0 for a in alternatives):
                 raise TypeError(f"rule '{rule.name}': every alternative a pattern returns must be an op call")
-            return cls(alternatives[0].node, [alternatives[0]], builder.nodes, names, [a.node for a in alternatives])
+            return cls(alternatives[0].node, [alternatives[0]], builder.nodes, names,
+                       [a.node for a in alternatives]).checked_inner_labels(rule)
         outputs = list(result) if isinstance(result, (tuple, list)) else [result]
         if not outputs or not all(isinstance(o, NodeOutput) for o in outputs):
             raise TypeError(f"rule '{rule.name}': pattern() must return the output of an op call")
         root = outputs[0].node
         if any(o.node is not root for o in outputs):
             raise TypeError(f"rule '{rule.name}': every output a pattern returns must come from its root node")
-        return cls(root, outputs, builder.nodes, names)
+        return cls(root, outputs, builder.nodes, names).checked_inner_labels(rule)
+
+    def checked_inner_labels(self, rule: RewriteRule) -> CompiledPattern:
+        """Itself, once every label in ``rule.also_replaces`` is known to name an inner node of the pattern."""
+        inner = {n.label for n in self.nodes if all(n is not root for root in self.roots)}
+        roots = {root.label for root in self.roots}
+        for label in rule.also_replaces:
+            if label in roots:
+                raise TypeError(f"rule '{rule.name}': also_replaces names the root '{label}', whose outputs "
+                                "rewrite() replaces anyway")
+            if label not in inner:
+                raise TypeError(f"rule '{rule.name}': also_replaces names '{label}', which is no node of the "
+                                f"pattern (its inner nodes: {', '.join(sorted(inner)) or 'none'})")
+        return self
 
     def labels(self) -> dict[int, str]:
         return {id(n): n.label for n in self.nodes}
