@@ -15,11 +15,10 @@ product's rank; a projection without a bias gets zeros. The fused product is a G
 Gemm (``x`` is then 2-D), else a MatMul and, if any projection has a bias, an Add. Opset 11 or later
 (Split's negative axis). Each projection's result keeps its name, now as an output of the Split.
 
-The pattern API rewrites one root at a time, so the rule works in two steps at one name: at the first
-projection the driver visits it builds the packed projection (its Split has an output for every
-member) and takes that projection's place; at each other member it finds its columns in the packed
-weight (and bias) and replaces the member by that output of the Split. Until every member is replaced
-the graph computes them twice, never differently; the statistic counts one rewrite per projection.
+The pattern matches one projection; its rewrite builds the packed projection and replaces every member
+at once: the matched one as the root's output, the others as values the rule found
+(``Replacement.found``), whose nodes the driver then removes. The statistic counts one rewrite per
+packing.
 
 Targets: generic only. Not ``ort``: ``ort_fuse``'s ``packed_attention`` packs the three
 projections into ``com.microsoft.Attention`` itself and needs them apart, and onnxruntime's own
@@ -40,7 +39,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import Target
-from onnxopt.pattern import Match, MatchResult, RewriteRule
+from onnxopt.pattern import Match, MatchResult, Replacement, RewriteRule
 
 # Types whose constants are concatenated exactly and that MatMul multiplies.
 PRODUCT_TYPES = frozenset(np.dtype(t) for t in ("float16", "float32", "float64", "int32", "int64", "uint32", "uint64"))
@@ -182,20 +181,6 @@ def packing_split(projection: Projection, graph: gs.Graph) -> gs.Node | None:
     return split if axis == -1 or (rank is not None and axis == rank - 1) else None
 
 
-def split_sizes(split: gs.Node, total: int) -> list[int] | None:
-    """The sizes of a Split's outputs along its axis of ``total`` elements, or ``None`` when not known."""
-    sizes = split.attrs.get("split")
-    if sizes is None and len(split.inputs) > 1 and split.inputs[1].name:
-        sizes = ir.constant_value(split.inputs[1])
-        if sizes is None:
-            return None
-    if sizes is None:
-        parts = len(split.outputs)
-        return [total // parts] * parts if total % parts == 0 else None
-    sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
-    return sizes if sum(sizes) == total and len(sizes) == len(split.outputs) else None
-
-
 def readers(x: gs.Tensor, graph: gs.Graph) -> list[gs.Node]:
     """The nodes of ``graph`` reading ``x``, each once, in order."""
     seen: dict[int, gs.Node] = {}
@@ -203,27 +188,6 @@ def readers(x: gs.Tensor, graph: gs.Graph) -> list[gs.Node]:
         if ir.is_local(graph, node):
             seen.setdefault(id(node), node)
     return list(seen.values())
-
-
-def packed_output(member: Projection, x: gs.Tensor, graph: gs.Graph) -> gs.Tensor | None:
-    """The output of a packed projection of ``x`` that computes exactly ``member``'s value, or ``None``."""
-    for node in readers(x, graph):
-        packed = projection_of(node, x, graph)
-        if (isinstance(packed, str) or packed.product is member.product or packed.dtype != member.dtype
-                or packed.shape[0] != member.shape[0]):
-            continue
-        split = packing_split(packed, graph)
-        sizes = None if split is None else split_sizes(split, packed.columns)
-        if sizes is None:
-            continue
-        offset = 0
-        for size, output in zip(sizes, split.outputs):
-            block = slice(offset, offset + size)
-            offset += size
-            if (size == member.columns and np.array_equal(packed.weight[:, block], member.weight)
-                    and np.array_equal(packed.bias_or_zeros()[block], member.bias_or_zeros())):
-                return output
-    return None
 
 
 def siblings(member: Projection, x: gs.Tensor, graph: gs.Graph) -> list[Projection]:
@@ -239,11 +203,12 @@ def siblings(member: Projection, x: gs.Tensor, graph: gs.Graph) -> list[Projecti
 
 
 class ParallelMatMulsToSplit(RewriteRule):
-    """Packs MatMul(x, W_i) (+ b_i) of one x into one MatMul (+ Add) and a Split, one projection at a time."""
+    """Packs MatMul(x, W_i) (+ b_i) of one x into one MatMul (+ Add) and a Split, all members in one rewrite."""
 
     name = "parallel_matmuls_to_split"
     min_opset = 11  # Split along axis -1
     targets = frozenset({Target.GENERIC})
+    replaces_found_values = True  # the other members: projections of x outside the matched one
 
     def pattern(self, op, x, w, b):
         return op.either(op.Add(op.MatMul(x, w, _tag="product"), b, _tag="bias"), op.MatMul(x, w, _tag="product"),
@@ -266,18 +231,13 @@ class ParallelMatMulsToSplit(RewriteRule):
         member = self.member(m)
         if isinstance(member, str):
             return m.fail(member)
-        if packed_output(member, m["x"], m.graph) is not None:
-            return m.ok()
         if len(siblings(member, m["x"], m.graph)) < 2:
             return m.fail("no other projection of the same input with the same type")
         return m.ok()
 
-    def rewrite(self, op, m: Match):
+    def rewrite(self, op, m: Match) -> Replacement:
         member = self.member(m)
         x = m["x"]
-        existing = packed_output(member, x, m.graph)
-        if existing is not None:
-            return existing
         members = siblings(member, x, m.graph)
         weight = np.concatenate([p.weight for p in members], axis=1)
         with_bias = any(p.bias is not None for p in members)
@@ -295,7 +255,9 @@ class ParallelMatMulsToSplit(RewriteRule):
                                _outputs=len(members))
         else:
             outputs = op.Split(packed, axis=-1, split=sizes, _outputs=len(members))
-        return outputs[next(i for i, p in enumerate(members) if p.product is member.product)]
+        mine = next(i for i, p in enumerate(members) if p.product is member.product)
+        others = [(p.result, output) for i, (p, output) in enumerate(zip(members, outputs)) if i != mine]
+        return Replacement(outputs[mine], found=others)
 
 
 RULES = (ParallelMatMulsToSplit(),)

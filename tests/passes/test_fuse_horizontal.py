@@ -8,7 +8,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_same_outputs, make_model, op_counts, tensor, value
+from helpers import apply_rules, assert_same_outputs, make_model, op_counts, tensor, value
 from onnx import TensorProto, helper
 
 from onnxopt import ir
@@ -17,6 +17,7 @@ from onnxopt.pass_infra import PassContext, Target
 from onnxopt.passes.dce import DeadCodeElimination
 from onnxopt.passes.fuse import Fuse
 from onnxopt.passes.fusions import horizontal
+from onnxopt.pattern import Explanation
 
 RULE = "parallel_matmuls_to_split"
 
@@ -101,7 +102,7 @@ def test_query_key_value_become_one_matmul_add_and_split(opset):
     model = graph.model(opset)
     optimized, result = optimize(model)
     assert computing_ops(optimized) == {"MatMul": 1, "Add": 1, "Split": 1}
-    assert result.stats[RULE] == 3  # one rewrite per projection
+    assert result.stats[RULE] == 1  # one rewrite per packing
     split = split_node(optimized)
     assert list(split.output) == ["q", "k", "v"]  # each result keeps its name
     sizes = next((a.ints for a in split.attribute if a.name == "split"), None) if opset < 13 else None
@@ -132,7 +133,7 @@ def test_projections_without_any_bias_pack_into_matmul_and_split():
     model = graph.model()
     optimized, result = optimize(model)
     assert computing_ops(optimized) == {"MatMul": 1, "Split": 1}
-    assert result.stats[RULE] == 2
+    assert result.stats[RULE] == 1
     assert_same_outputs(model, optimized)
 
 
@@ -156,7 +157,21 @@ def test_four_projections_and_a_non_projection_reader():
     model = graph.model()
     optimized, result = optimize(model)
     assert computing_ops(optimized) == {"Gemm": 1, "Split": 1, "Relu": 1}  # 2-D x: MatMul + Add -> Gemm
-    assert result.stats[RULE] == 4
+    assert result.stats[RULE] == 1
+    assert_same_outputs(model, optimized)
+
+
+def test_one_rewrite_replaces_every_member_and_leaves_no_copy():
+    graph = Projections([2, 5, 8])
+    for name in ("q", "k", "v"):
+        graph.project(name, 8)
+    model = graph.model()
+    explanation = Explanation()
+    optimized, counts = apply_rules(model, *horizontal.RULES, explanation=explanation)  # no dce afterwards
+    assert counts == {RULE: 1}
+    assert computing_ops(optimized) == {"MatMul": 1, "Add": 1, "Split": 1}
+    (rewritten,) = [a for a in explanation.attempts if a.outcome == "rewritten"]
+    assert rewritten.node == "q" and rewritten.reason.endswith("also replaced 'k', 'v'")
     assert_same_outputs(model, optimized)
 
 
