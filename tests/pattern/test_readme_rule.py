@@ -110,3 +110,34 @@ def test_readme_gelu_rule_stays_off_tensorrt_old_opsets_and_constants_with_axes(
         assert_same_outputs(model, optimized)
     explanation = explain(gelu_model("half-last", half=[[[0.5]]]), [readme_example()["ErfToGelu"]()])
     assert [a.reason for a in explanation.misses() if a.node == "y"] == ["a constant has axes"]
+
+
+def softmax_model(second_axis: int) -> onnx.ModelProto:
+    """x read by two Softmax nodes (the second along ``second_axis``), each result a graph output."""
+    make = onnx.helper.make_node
+    graph = onnx.helper.make_graph(
+        [make("Softmax", ["x"], ["a"], axis=-1), make("Softmax", ["x"], ["b"], axis=second_axis),
+         make("Abs", ["a"], ["p"])],
+        "softmaxes", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 4])],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [3, 4]) for name in ("b", "p")])
+    result = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    result.ir_version = 8
+    return result
+
+
+def test_readme_found_values_rule_replaces_the_copies_in_one_rewrite():
+    readme_pass = rule_pass("readme-softmax", [readme_example()["RepeatedSoftmaxToOne"]()])
+    original = softmax_model(-1)
+    graph = ir.import_model(original)
+    result = readme_pass()(graph, PassContext())
+    assert result.stats == {"repeated_softmax_to_one": 1}
+    optimized = ir.export_model(graph, original)
+    onnx.checker.check_model(optimized, full_check=True)
+    assert op_counts(optimized) == {"Softmax": 1, "Abs": 1}
+    assert [o.name for o in optimized.graph.output] == ["b", "p"]
+    assert_same_outputs(original, optimized)
+
+    other_axis = softmax_model(0)
+    graph = ir.import_model(other_axis)
+    assert not readme_pass()(graph, PassContext()).modified
+    assert_same_outputs(other_axis, ir.export_model(graph, other_axis))
