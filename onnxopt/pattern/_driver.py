@@ -318,13 +318,13 @@ def _inner_pairs(rule: RewriteRule, compiled: CompiledPattern, given: Mapping, b
 def _found_pairs(rule: RewriteRule, found: Sequence, bound: Bindings,
                  is_member: Callable[[gs.Node], bool]) -> list[tuple[gs.Tensor, gs.Tensor]]:
     """Values outside the match the rule replaces (``Replacement.found``), checked."""
-    pairs = [tuple(pair) for pair in found]
+    pairs = list(found)
     if pairs and not rule.replaces_found_values:
         raise TypeError(f"rule '{rule.name}': rewrite() replaces found values, but the rule does not set "
                         "replaces_found_values")
     matched = {id(n) for n in bound.nodes.values()}
     for pair in pairs:
-        if len(pair) != 2 or not all(isinstance(v, gs.Tensor) for v in pair):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not all(isinstance(v, gs.Tensor) for v in pair):
             raise TypeError(f"rule '{rule.name}': Replacement.found holds (old value, new value) pairs, "
                             f"got {pair!r}")
         old = pair[0]
@@ -333,7 +333,7 @@ def _found_pairs(rule: RewriteRule, found: Sequence, bound: Bindings,
         if id(old.inputs[0]) in matched:
             raise TypeError(f"rule '{rule.name}': found value '{old.name}' is made by a matched node "
                             "(list its label in also_replaces instead)")
-    return pairs
+    return [(old, new) for old, new in pairs]
 
 
 def _check_replacements(rule: RewriteRule, root_pairs: list, extra_pairs: list, new_nodes: list[gs.Node]) -> None:
