@@ -151,9 +151,12 @@ def test_attention_mask_of_odd_values(file, target):
 
 
 # The tiny Llama exports of tests/fixtures/make_llama.py (2 layers; 4 query heads on 2 key/value heads, head size
-# 16; the ``past`` ones with a key/value cache of 3 tokens), upgraded to opset 23 for every target.
-LLAMA_FIXTURES = ["llama_tiny_torchscript17.onnx", "llama_tiny_dynamo18.onnx", "llama_tiny_past_torchscript17.onnx",
-                  "llama_tiny_past_dynamo18.onnx"]
+# 16; the ``past`` ones with a key/value cache of 3 tokens; eager attention, and transformers' default, torch's
+# scaled_dot_product_attention: ``*_sdpa``), upgraded to opset 23 for every target.
+LLAMA_FIXTURES = ["llama_tiny_torchscript17.onnx", "llama_tiny_dynamo18.onnx",
+                  "llama_tiny_past_torchscript17.onnx", "llama_tiny_past_dynamo18.onnx",
+                  "llama_tiny_sdpa_torchscript17.onnx", "llama_tiny_sdpa_dynamo18.onnx",
+                  "llama_tiny_past_sdpa_torchscript17.onnx", "llama_tiny_past_sdpa_dynamo18.onnx"]
 LLAMA = {"layers": 2, "batch": 2, "sequence": 5, "past": 3, "kv_heads": 2, "head_size": 16}
 
 
@@ -179,7 +182,9 @@ def llama_feeds(model: onnx.ModelProto, padding: int) -> dict[str, np.ndarray]:
 def test_llama_attention_with_grouped_heads(file, target):
     # One standard Attention per layer, reading the 2 key/value heads themselves (repeat_kv goes), for every
     # target: onnxruntime gets it where MultiHeadAttention does not fit. Two padded keys leave the first
-    # queries of the last row without a key to attend to (eager attention masks with the lowest float).
+    # queries of the last row of the models without a cache with no key to attend to (eager attention masks
+    # with the lowest float; sdpa's boolean mask is exported as -inf by TorchScript, the lowest float by dynamo,
+    # with a NaN guard after the Softmax).
     original = onnx.load(FIXTURES / file)
     result = onnxopt.optimize(original, target=target, verify=False, upgrade_opset=GENERIC_OPSET)
     counts = op_counts(result)
@@ -199,3 +204,4 @@ def test_fixtures_are_small_and_listed():
                                         "vit_sdpa")
         for exporter in ("torchscript", "dynamo")}
     assert sum((FIXTURES / file).stat().st_size for file in MODELS) < 3 * 2**20
+    assert all((FIXTURES / file).stat().st_size < 600 * 2**10 for file in LLAMA_FIXTURES)

@@ -375,12 +375,15 @@ def test_openvino_computes_the_fused_model_as_onnxruntime_does():
 
 
 # ---------------------------------------------------------------------------------------------------
-# The tiny Llama exports (tests/fixtures/make_llama.py): 2 layers, q and k rotated in each
+# The tiny Llama exports (tests/fixtures/make_llama.py): 2 layers, q and k rotated in each; eager attention and
+# transformers' default (``*_sdpa``), whose rotation is the same
 
 
 LLAMA_LAYERS = 2
 LLAMA_FIXTURES = ["llama_tiny_torchscript17.onnx", "llama_tiny_dynamo18.onnx",
-                  "llama_tiny_past_torchscript17.onnx", "llama_tiny_past_dynamo18.onnx"]
+                  "llama_tiny_past_torchscript17.onnx", "llama_tiny_past_dynamo18.onnx",
+                  "llama_tiny_sdpa_torchscript17.onnx", "llama_tiny_sdpa_dynamo18.onnx",
+                  "llama_tiny_past_sdpa_torchscript17.onnx", "llama_tiny_past_sdpa_dynamo18.onnx"]
 
 
 def llama_feeds(model: onnx.ModelProto, batch: int = 2, seq: int = 5, past: int = 3) -> dict[str, np.ndarray]:
