@@ -100,7 +100,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext, Target
-from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
+from onnxopt.pattern import Match, MatchResult, Replacement, RewritePass, RewriteRule
 
 ORT_DOMAIN = "com.microsoft"
 
@@ -595,7 +595,75 @@ def _batch_and_sequence(sdpa: Sdpa) -> tuple[gs.Tensor, int, int]:
     return sdpa.query_heads, 0, 2
 
 
-def mask_for(op, m: Match, sdpa: Sdpa) -> gs.Tensor | None:
+@dataclass(frozen=True)
+class KvCache:
+    """Keys and values each a ``Concat(past, new)`` along the keys' axis (GPT-2's and Llama's cache): the
+    standard operator's ``past_key``/``past_value`` inputs, and its ``present_key``/``present_value`` outputs in
+    place of the Concats' results."""
+
+    past_key: gs.Tensor
+    new_key: gs.Tensor
+    past_value: gs.Tensor
+    new_value: gs.Tensor
+    present_key: gs.Tensor
+    present_value: gs.Tensor
+
+
+def _cache_concat(m: Match, tensor: gs.Tensor) -> list[gs.Tensor] | None:
+    """``[past, new]`` where ``tensor`` (4-D ``[B, Hkv, T, D]``) is their Concat along axis 2 in this graph."""
+    if len(tensor.inputs) != 1:
+        return None
+    node = tensor.inputs[0]
+    if node.op != "Concat" or node.domain not in ("", None) or len(node.inputs) != 2 \
+            or not ir.is_local(m.graph, node) or int(node.attrs.get("axis", 0)) not in (2, -2):
+        return None
+    return list(node.inputs)
+
+
+def _computed_from(tensors: list[gs.Tensor], sources: list[gs.Tensor]) -> bool:
+    """Whether any of ``tensors`` is computed from one of ``sources`` (walking back through their producers)."""
+    wanted, seen, pending = {id(s) for s in sources}, set(), list(tensors)
+    while pending:
+        tensor = pending.pop()
+        if id(tensor) in wanted:
+            return True
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            pending.extend(t for node in tensor.inputs for t in node.inputs)
+    return False
+
+
+def kv_cache(m: Match, sdpa: Sdpa) -> KvCache | None:
+    """The key/value cache the standard operator can take in, if the 4-D keys and values are one.
+
+    By the opset-23 specification, ``present_key = Concat(past_key, K, axis=2)`` with ``past_key`` of shape
+    ``[B, Hkv, P, D]``, the attention runs over those ``P + S`` keys, and the mask covers them (its last
+    dimension is ``P + S``, as it was against the Concat). Concat on axis 2 of 4-D values already makes
+    ``past`` and ``new`` of one layout. The operator's other operands must not be computed from the Concats'
+    results, which become its own outputs.
+    """
+    if sdpa.keys_3d:
+        return None
+    keys, values = _cache_concat(m, sdpa.key), _cache_concat(m, sdpa.value)
+    if keys is None or values is None:
+        return None
+    operands = [sdpa.query_heads, keys[1], values[1], *([sdpa.mask] if sdpa.mask is not None else [])]
+    if _computed_from(operands, [sdpa.key, sdpa.value]):
+        return None
+    return KvCache(keys[0], keys[1], values[0], values[1], sdpa.key, sdpa.value)
+
+
+def _total_keys(op, m: Match, sdpa: Sdpa, cache: KvCache | None) -> gs.Tensor:
+    """``T``, the number of keys, at run time: from the keys, or ``P + S`` from an absorbed cache (whose
+    Concat the operator replaces, so it cannot be read)."""
+    opset = m.opset() or 0
+    if cache is not None:
+        return op.Add(_dim(op, cache.past_key, 2, opset), _dim(op, cache.new_key, 2, opset))
+    keys = leading_dims_source(sdpa.key) if sdpa.keys_3d else sdpa.key
+    return _dim(op, keys, 1 if sdpa.keys_3d else 2, opset)
+
+
+def mask_for(op, m: Match, sdpa: Sdpa, cache: KvCache | None = None) -> gs.Tensor | None:
     """The mask with its last two dimensions ``S`` and ``T``: as it is when known to have them, else expanded.
 
     ``B`` and ``S`` are the query's batch and sequence dimensions; ``T`` is the keys' sequence dimension. The
@@ -613,10 +681,8 @@ def mask_for(op, m: Match, sdpa: Sdpa) -> gs.Tensor | None:
             and (mask_shape[0] == 1 or _same_dim(mask_shape[0], batch)) and mask_shape[1] in (1, sdpa.heads):
         return sdpa.mask
     opset = m.opset() or 0
-    keys = leading_dims_source(sdpa.key) if sdpa.keys_3d else sdpa.key
     target = op.Concat(_dim(op, source, batch_axis, opset), op.const(np.array([1], np.int64), "one"),
-                       _dim(op, source, sequence_axis, opset), _dim(op, keys, 1 if sdpa.keys_3d else 2, opset),
-                       axis=0)
+                       _dim(op, source, sequence_axis, opset), _total_keys(op, m, sdpa, cache), axis=0)
     return op.Expand(sdpa.mask, target)
 
 
@@ -859,6 +925,8 @@ class SdpaToAttention(_SdpaRule):
     # the Softmax makes NaN are made NaN through the mask. OpenVINO's ONNX frontend replaces every NaN the
     # operator gives with 0, so for the generic, OpenVINO and TensorRT targets the NaN is added to its result.
     nan_through_mask: ClassVar[bool] = False
+    # A key/value cache's Concats become the operator's present_key/present_value outputs (see kv_cache).
+    replaces_found_values = True
 
     def nan_rows(self, op, m: Match, sdpa: Sdpa, dtype: np.dtype) -> NanRows:
         """The mask for the operator, and what to add to its heads, so that the rows the Softmax makes NaN come
@@ -880,8 +948,8 @@ class SdpaToAttention(_SdpaRule):
         sdpa = describe_attention(m, self.dtypes)
         dtype = np.dtype(sdpa.query_heads.dtype)
         nan_rows = self.nan_rows(op, m, sdpa, dtype)
-        mask = lowest_spared(op, m, mask_for(op, m, replace(sdpa, mask=nan_rows.mask)), dtype)
         if sdpa.keys_3d:
+            mask = lowest_spared(op, m, mask_for(op, m, replace(sdpa, mask=nan_rows.mask)), dtype)
             output = op.Attention(sdpa.query, sdpa.key, sdpa.value, mask, q_num_heads=sdpa.heads,
                                   kv_num_heads=sdpa.heads, scale=sdpa.scale, _name=m.node("attended").name)
             if nan_rows.added is not None:
@@ -889,11 +957,21 @@ class SdpaToAttention(_SdpaRule):
             return merged(op, m, sdpa, output)
         # Attention wants Q, K and V of one rank: with 4-D keys and values (a key/value cache, grouped heads),
         # the 4-D heads of the query; their head counts are then the operator's.
-        heads = op.Attention(sdpa.query_heads, sdpa.key, sdpa.value, mask, scale=sdpa.scale,
-                             _name=m.node("attended").name)
+        cache = kv_cache(m, sdpa)
+        mask = lowest_spared(op, m, mask_for(op, m, replace(sdpa, mask=nan_rows.mask), cache), dtype)
+        if cache is None:
+            heads = op.Attention(sdpa.query_heads, sdpa.key, sdpa.value, mask, scale=sdpa.scale,
+                                 _name=m.node("attended").name)
+            presents = []
+        else:
+            heads, present_key, present_value = op.Attention(
+                sdpa.query_heads, cache.new_key, cache.new_value, mask, cache.past_key, cache.past_value,
+                scale=sdpa.scale, _outputs=3, _name=m.node("attended").name)
+            presents = [(cache.present_key, present_key), (cache.present_value, present_value)]
         if nan_rows.added is not None:
             heads = op.Add(heads, nan_rows.added)
-        return op.Reshape(op.Transpose(heads, perm=HEADS_FIRST), m["out_shape"], **m.attrs("merge"))
+        output = op.Reshape(op.Transpose(heads, perm=HEADS_FIRST), m["out_shape"], **m.attrs("merge"))
+        return Replacement(output, found=presents)
 
 
 class SdpaToMultiHeadAttention(_SdpaRule):

@@ -687,3 +687,107 @@ def test_census_counts_the_attention_and_no_lost_fusion():
     rows = {row.label: row for row in census.rows}
     assert rows["com.microsoft.MultiHeadAttention"].change == 1
     assert census.regressions == [], census.to_dict()  # onnxruntime's FusedMatMul of Q·Kᵀ is taken in
+
+
+def cache_model(axis: int = -2, heads_concat: bool = False, present_read: bool = False,
+                mask_from_present: bool = False) -> onnx.ModelProto:
+    """GPT-2's attention over a key/value cache: ``present = Concat(past, new, axis)`` for keys and values (both
+    graph outputs), a 4-D query, 3 heads of size 4, batch B, 5 new tokens after P, a mask ``[B, 1, 5, P + 5]``.
+
+    ``heads_concat``: the cache is one head concatenated with two (axis 1), not earlier tokens; ``present_read``:
+    the keys' present is also read by a Neg; ``mask_from_present``: the mask adds ``0 * ReduceSum(present_key)``.
+    """
+    past_heads, new_heads, past = (1, 2, "T") if heads_concat else (3, 3, "P")
+    new_len = "T" if heads_concat else 5
+    nodes = [helper.make_node("Concat", ["past_key", "key"], ["present_key"], axis=1 if heads_concat else axis),
+             helper.make_node("Concat", ["past_value", "value"], ["present_value"], axis=1 if heads_concat else axis),
+             helper.make_node("Transpose", ["present_key"], ["keys_t"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["query", "keys_t"], ["scores"]),
+             helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+             helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+             helper.make_node("Softmax", ["masked"], ["probabilities"], axis=-1),
+             helper.make_node("MatMul", ["probabilities", "present_value"], ["heads"]),
+             helper.make_node("Transpose", ["heads"], ["by_query"], perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["by_query", "merge"], ["y"])]
+    initializers = [tensor("scale", np.array(0.5, np.float32)), tensor("merge", np.array([0, 0, -1], np.int64))]
+    if mask_from_present:
+        nodes[5:6] = [helper.make_node("ReduceSum", ["present_key"], ["key_sum"], keepdims=1),
+                      helper.make_node("Mul", ["key_sum", "zero"], ["no_change"]),
+                      helper.make_node("Add", ["given_mask", "no_change"], ["mask"]),
+                      helper.make_node("Add", ["scaled", "mask"], ["masked"])]
+        initializers.append(tensor("zero", np.array(0, np.float32)))
+    outputs = [value("y", TensorProto.FLOAT, ["B", 5, 12]), value("present_key", TensorProto.FLOAT, ["B", 3, "T", 4]),
+               value("present_value", TensorProto.FLOAT, ["B", 3, "T", 4])]
+    if present_read:
+        nodes.append(helper.make_node("Neg", ["present_key"], ["negated_keys"]))
+        outputs.append(value("negated_keys", TensorProto.FLOAT, ["B", 3, "T", 4]))
+    inputs = [value("query", TensorProto.FLOAT, ["B", 3, 5, 4]),
+              value("key", TensorProto.FLOAT, ["B", new_heads, new_len, 4]),
+              value("value", TensorProto.FLOAT, ["B", new_heads, new_len, 4]),
+              value("past_key", TensorProto.FLOAT, ["B", past_heads, past, 4]),
+              value("past_value", TensorProto.FLOAT, ["B", past_heads, past, 4]),
+              value("given_mask" if mask_from_present else "mask", TensorProto.FLOAT, ["B", 1, 5, "T"])]
+    graph = helper.make_graph(nodes, "cache", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10)
+
+
+def cache_feeds(past: int, padding: int = 2, heads_concat: bool = False) -> dict[str, np.ndarray]:
+    """Batch 2, 5 new tokens after ``past``; the second row's first ``padding`` keys are left padding."""
+    rng = np.random.default_rng(past)
+    total = 5 if heads_concat else past + 5
+    past_shape, new_shape = ((2, 1, total, 4), (2, 2, total, 4)) if heads_concat else ((2, 3, past, 4), (2, 3, 5, 4))
+    mask = np.zeros((2, 1, 5, total), np.float32)
+    mask[1, :, :, :padding] = np.finfo(np.float32).min
+    return {"query": rng.standard_normal((2, 3, 5, 4), np.float32),
+            "key": rng.standard_normal(new_shape, np.float32), "value": rng.standard_normal(new_shape, np.float32),
+            "past_key": rng.standard_normal(past_shape, np.float32),
+            "past_value": rng.standard_normal(past_shape, np.float32), "mask": mask}
+
+
+def assert_cache_outputs_kept(model: onnx.ModelProto, optimized: onnx.ModelProto, target: Target, past: int) -> None:
+    """The outputs, presents included, on onnxruntime, and for the standard operator on OpenVINO when installed."""
+    feeds = cache_feeds(past)
+    want = run(model, feeds)
+    assert_close(want, run(optimized, feeds), 1e-5)
+    if target != Target.ORT and OPENVINO_INSTALLED:
+        assert_close(want, openvino_outputs(optimized, feeds), 1e-5)
+
+
+@pytest.mark.parametrize("past", [0, 3, 128])
+@pytest.mark.parametrize("axis", [2, -2])
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.OPENVINO, Target.ORT])
+def test_cache_concats_become_past_and_present(target, axis, past):
+    model = cache_model(axis)
+    optimized, stats = attention(model, target)
+    assert sum(stats.values()) == 1, stats
+    assert "Concat" not in op_counts(optimized)
+    (fused,) = [n for n in optimized.graph.node if n.op_type == "Attention"]
+    assert list(fused.input[1:3]) + list(fused.input[4:]) == ["key", "value", "past_key", "past_value"]
+    assert list(fused.output[1:]) == ["present_key", "present_value"]
+    assert_cache_outputs_kept(model, optimized, target, past)
+
+
+def test_present_read_by_other_nodes_is_replaced():
+    model = cache_model(present_read=True)
+    optimized, stats = attention(model, Target.GENERIC)
+    assert sum(stats.values()) == 1, stats
+    (fused,) = [n for n in optimized.graph.node if n.op_type == "Attention"]
+    assert list(fused.output[1:]) == ["present_key", "present_value"]
+    assert "Concat" not in op_counts(optimized)
+    assert_cache_outputs_kept(model, optimized, Target.GENERIC, 3)
+
+
+@pytest.mark.parametrize("case", ["heads_concat", "mask_from_present"])
+def test_cache_not_absorbed(case):
+    # Concat along the heads (not a cache of earlier tokens), or a mask computed from the present keys (the
+    # operator would read its own output): the attention is fused, the Concats stay.
+    model = cache_model(**{case: True})
+    optimized, stats = attention(model, Target.GENERIC)
+    assert sum(stats.values()) == 1, stats
+    assert op_counts(optimized)["Concat"] == 2
+    (fused,) = [n for n in optimized.graph.node if n.op_type == "Attention"]
+    assert len(fused.input) == 4 and len(fused.output) == 1
+    feeds = cache_feeds(3, heads_concat=case == "heads_concat")
+    if case == "mask_from_present":
+        feeds["given_mask"] = feeds.pop("mask")
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-5)
