@@ -192,6 +192,9 @@ def test_llama_attention_with_grouped_heads(file, target):
     producers = {output: node.op_type for node in result.graph.node for output in node.output}
     for node in (n for n in result.graph.node if n.op_type == "Attention"):
         assert producers.get(node.input[1]) != "Reshape" and producers.get(node.input[2]) != "Reshape"
+    # With a cache, the operator takes past_key/past_value and makes present_key/present_value: no Concat left.
+    presents = [output.name for output in result.graph.output if output.name.startswith("present")]
+    assert all(producers[name] == "Attention" for name in presents), {name: producers[name] for name in presents}
     for padding in (0, 2):
         assert_same_outputs(original, result, llama_feeds(original, padding), rtol=1e-4)
 
