@@ -29,7 +29,10 @@ and a Reshape of the attended heads to the shape they have. Rules (stats keys in
 * ``sdpa_to_attention``: for the generic, OpenVINO and TensorRT targets on models of opset 23 or later,
   the standard ``Attention``: with ``q_num_heads``/``kv_num_heads`` on the 3-D ``q``, ``k``, ``v`` when
   the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K_kv``, ``V_kv`` (the repeat
-  goes: the operator groups ``H/Hkv`` query heads on each key/value head itself);
+  goes: the operator groups ``H/Hkv`` query heads on each key/value head itself; keys and values that are a cache's
+  ``Concat(past, new, axis=2)`` become its ``past_key``/``past_value`` inputs and the Concats' results its
+  ``present_key``/``present_value`` outputs, exact by the specification and measured so on onnxruntime 1.32 CPU
+  and OpenVINO; ``sdpa_to_attention_for_ort`` does the same, MultiHeadAttention keeps the Concats);
 * ``sdpa_to_multi_head_attention``: for onnxruntime, ``com.microsoft.MultiHeadAttention`` on the 3-D
   ``q`` (and the 3-D ``k``, ``v``, or the 4-D ``K``, ``V`` of the query's heads as its BNSH key and
   value), any model opset;
