@@ -236,10 +236,14 @@ class Sdpa:
 
 def head_split(m: Match, tag: str, source: str) -> HeadSplit | str:
     """How the Reshape tagged ``tag`` splits ``m[source]`` into heads, or why it is not a head split."""
-    node = m.node(tag)
-    shape = m.shape(source)
+    return reshape_head_split(m.node(tag), m.shape(source))
+
+
+def reshape_head_split(node: gs.Node, shape: list | None) -> HeadSplit | str:
+    """How the Reshape ``node`` splits its input, of inferred shape ``shape``, into heads, or why it is not a
+    head split."""
     if shape is None or len(shape) != 3 or not isinstance(shape[2], int) or shape[2] <= 0:
-        return f"'{m[source].name}' is not known to be [B, S, hidden] with a known hidden size"
+        return f"'{node.inputs[0].name}' is not known to be [B, S, hidden] with a known hidden size"
     target = ir.constant_value(node.inputs[1])
     if target is None:
         return head_split_at_run_time(node, shape)
@@ -656,17 +660,59 @@ def kv_cache(m: Match, sdpa: Sdpa) -> KvCache | None:
     return KvCache(keys[0], keys[1], values[0], values[1], sdpa.key, sdpa.value)
 
 
-def _total_keys(op, m: Match, sdpa: Sdpa, cache: KvCache | None) -> gs.Tensor:
+def split_source(m: Match, heads: gs.Tensor, split: HeadSplit) -> gs.Tensor | None:
+    """The 3-D ``[B, S, H*D]`` value that ``heads`` (``[B, H, S, D]``) is ``Transpose(Reshape(x, [B, S, H, D]),
+    [0, 2, 1, 3])`` of in this graph, with the heads ``split``; else None."""
+    transpose = heads.inputs[0] if len(heads.inputs) == 1 else None
+    if transpose is None or transpose.op != "Transpose" or transpose.domain not in ("", None) \
+            or not ir.is_local(m.graph, transpose) or list(transpose.attrs.get("perm", [])) != HEADS_FIRST:
+        return None
+    split_heads = transpose.inputs[0]
+    reshape = split_heads.inputs[0] if len(split_heads.inputs) == 1 else None
+    if reshape is None or reshape.op != "Reshape" or reshape.domain not in ("", None) \
+            or not ir.is_local(m.graph, reshape):
+        return None
+    source = reshape.inputs[0]
+    return source if reshape_head_split(reshape, source.shape) == split else None
+
+
+@dataclass(frozen=True)
+class SplitCache:
+    """A key/value cache whose new keys and values are head splits of 3-D values: MultiHeadAttention's ``key`` and
+    ``value`` beside its ``past_key``/``past_value``."""
+
+    cache: KvCache
+    key: gs.Tensor  # [B, S, H*D]
+    value: gs.Tensor  # [B, S, H*D]
+
+
+def split_cache(m: Match, sdpa: Sdpa) -> SplitCache | None:
+    """The cache MultiHeadAttention can take in: ``kv_cache``'s, with the new keys and values split from 3-D values
+    into the query's heads (the operator takes 3-D new keys and values beside a past; it was measured exact with
+    values of the keys' head size only)."""
+    cache = kv_cache(m, sdpa)
+    if cache is None or sdpa.value_head_size != sdpa.head_size:
+        return None
+    split = HeadSplit(sdpa.heads, sdpa.head_size)
+    key, value = split_source(m, cache.new_key, split), split_source(m, cache.new_value, split)
+    return None if key is None or value is None else SplitCache(cache, key, value)
+
+
+def _total_keys(op, m: Match, sdpa: Sdpa, cache: KvCache | SplitCache | None) -> gs.Tensor:
     """``T``, the number of keys, at run time: from the keys, or ``P + S`` from an absorbed cache (whose
-    Concat the operator replaces, so it cannot be read)."""
+    Concat the operator replaces, so it cannot be read). ``S`` is read from the 3-D new keys where the operator
+    takes them, so that their split into heads dies with the match."""
     opset = m.opset() or 0
+    if isinstance(cache, SplitCache):
+        new_keys = _dim(op, leading_dims_source(cache.key), 1, opset)
+        return op.Add(_dim(op, cache.cache.past_key, 2, opset), new_keys)
     if cache is not None:
         return op.Add(_dim(op, cache.past_key, 2, opset), _dim(op, cache.new_key, 2, opset))
     keys = leading_dims_source(sdpa.key) if sdpa.keys_3d else sdpa.key
     return _dim(op, keys, 1 if sdpa.keys_3d else 2, opset)
 
 
-def mask_for(op, m: Match, sdpa: Sdpa, cache: KvCache | None = None) -> gs.Tensor | None:
+def mask_for(op, m: Match, sdpa: Sdpa, cache: KvCache | SplitCache | None = None) -> gs.Tensor | None:
     """The mask with its last two dimensions ``S`` and ``T``: as it is when known to have them, else expanded.
 
     ``B`` and ``S`` are the query's batch and sequence dimensions; ``T`` is the keys' sequence dimension. The
@@ -984,6 +1030,8 @@ class SdpaToMultiHeadAttention(_SdpaRule):
     domain = ORT_DOMAIN
     targets = frozenset({Target.ORT})
     any_query = False
+    # A key/value cache's Concats become the operator's present_key/present_value outputs (see split_cache).
+    replaces_found_values = True
 
     def takes(self, sdpa: Sdpa, m: Match) -> MatchResult:
         if sdpa.kv_heads != sdpa.heads:
@@ -996,15 +1044,27 @@ class SdpaToMultiHeadAttention(_SdpaRule):
 
     def rewrite(self, op, m: Match):
         sdpa = describe_attention(m, self.dtypes)
-        output = op.MultiHeadAttention(sdpa.query, sdpa.key, sdpa.value, None, None, mask_for(op, m, sdpa),
-                                       num_heads=sdpa.heads, scale=sdpa.scale, _domain=ORT_DOMAIN,
-                                       _name=m.node("attended").name)
+        absorbed = split_cache(m, sdpa)
+        if absorbed is None:
+            output = op.MultiHeadAttention(sdpa.query, sdpa.key, sdpa.value, None, None, mask_for(op, m, sdpa),
+                                           num_heads=sdpa.heads, scale=sdpa.scale, _domain=ORT_DOMAIN,
+                                           _name=m.node("attended").name)
+            presents = []
+        else:
+            cache = absorbed.cache
+            output, present_key, present_value = op.MultiHeadAttention(
+                sdpa.query, absorbed.key, absorbed.value, None, None, mask_for(op, m, sdpa, absorbed), cache.past_key,
+                cache.past_value, num_heads=sdpa.heads, scale=sdpa.scale, _domain=ORT_DOMAIN, _outputs=3,
+                _name=m.node("attended").name)
+            presents = [(cache.present_key, typed(present_key, cache.present_key.dtype, cache.present_key.shape)),
+                        (cache.present_value, typed(present_value, cache.present_value.dtype,
+                                                    cache.present_value.shape))]
         leading = list(sdpa.query.shape or [None, None])[:2]
         shape = [*leading, sdpa.heads * sdpa.value_head_size]
         typed(output, sdpa.query.dtype, shape)
         if sdpa.nan_guarded:
             output = typed(zeros_for_nan(op, output), sdpa.query.dtype, shape)
-        return merged(op, m, sdpa, output)
+        return Replacement(merged(op, m, sdpa, output), found=presents)
 
 
 class OrtSdpaToAttention(SdpaToAttention):

@@ -791,3 +791,94 @@ def test_cache_not_absorbed(case):
     if case == "mask_from_present":
         feeds["given_mask"] = feeds.pop("mask")
     assert_close(run(model, feeds), run(optimized, feeds), 1e-5)
+
+
+def split_cache_model(new_keys_4d: bool = False, mask_from_present: bool = False, opset: int = 17) -> onnx.ModelProto:
+    """GPT-2's attention over a key/value cache as TorchScript exports it: ``q``, ``k``, ``v`` of ``[B, S, 12]``
+    split into 3 heads of size 4 (``Transpose(Reshape(x, [0, 0, 3, 4]))``), ``present = Concat(past, new, axis 2)``
+    for keys and values (graph outputs), a mask ``[B, 1, S, P + S]``.
+
+    ``new_keys_4d``: the new keys and values are 4-D inputs, no split of a 3-D value; ``mask_from_present``: the
+    mask adds ``0 * ReduceSum(present_key)``.
+    """
+    nodes, inputs = [], [value("q", TensorProto.FLOAT, ["B", "S", 12])]
+    for name in ("q", "k", "v") if not new_keys_4d else ("q",):
+        nodes += [helper.make_node("Reshape", [name, "heads_shape"], [f"{name}_split"]),
+                  helper.make_node("Transpose", [f"{name}_split"], [f"{name}_heads"], perm=[0, 2, 1, 3])]
+    if new_keys_4d:
+        inputs += [value(f"{name}_heads", TensorProto.FLOAT, ["B", 3, "S", 4]) for name in ("k", "v")]
+    else:
+        inputs += [value(name, TensorProto.FLOAT, ["B", "S", 12]) for name in ("k", "v")]
+    mask = "mask_sum" if mask_from_present else "mask"
+    nodes += [helper.make_node("Concat", ["past_key", "k_heads"], ["present_key"], axis=-2),
+              helper.make_node("Concat", ["past_value", "v_heads"], ["present_value"], axis=-2),
+              helper.make_node("Transpose", ["present_key"], ["keys_t"], perm=[0, 1, 3, 2]),
+              helper.make_node("MatMul", ["q_heads", "keys_t"], ["scores"]),
+              helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+              helper.make_node("Add", ["scaled", mask], ["masked"]),
+              helper.make_node("Softmax", ["masked"], ["probabilities"], axis=-1),
+              helper.make_node("MatMul", ["probabilities", "present_value"], ["heads"]),
+              helper.make_node("Transpose", ["heads"], ["by_query"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["by_query", "merge"], ["y"])]
+    initializers = [tensor("scale", np.array(0.5, np.float32)), tensor("merge", np.array([0, 0, -1], np.int64)),
+                    tensor("heads_shape", np.array([0, 0, 3, 4], np.int64))]
+    if mask_from_present:
+        nodes += [helper.make_node("ReduceSum", ["present_key"], ["key_sum"], keepdims=1),
+                  helper.make_node("Mul", ["key_sum", "zero"], ["no_change"]),
+                  helper.make_node("Add", ["mask", "no_change"], ["mask_sum"])]
+        initializers.append(tensor("zero", np.array(0, np.float32)))
+    inputs += [value("past_key", TensorProto.FLOAT, ["B", 3, "P", 4]),
+               value("past_value", TensorProto.FLOAT, ["B", 3, "P", 4]),
+               value("mask", TensorProto.FLOAT, ["B", 1, "S", "T"])]
+    outputs = [value("y", TensorProto.FLOAT, ["B", "S", 12]), value("present_key", TensorProto.FLOAT, ["B", 3, "T", 4]),
+               value("present_value", TensorProto.FLOAT, ["B", 3, "T", 4])]
+    graph = helper.make_graph(nodes, "split_cache", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def split_cache_feeds(past: int, new: int, new_keys_4d: bool = False) -> dict[str, np.ndarray]:
+    """Batch 2, ``new`` tokens after ``past``, a causal mask of the lowest float; the second row's first 2 keys are
+    left padding (with no past and 1 new token, its only key: a query with no key to attend to)."""
+    rng = np.random.default_rng(past * 7 + new)
+    lowest, total = np.finfo(np.float32).min, past + new
+    mask = np.zeros((2, 1, new, total), np.float32)
+    mask[:, :, np.triu(np.ones((new, total), bool), k=past + 1)] = lowest
+    mask[1, :, :, :2] = lowest
+    new_shape = (2, 3, new, 4) if new_keys_4d else (2, new, 12)
+    feeds = {"q": rng.standard_normal((2, new, 12), np.float32), "mask": mask,
+             "past_key": rng.standard_normal((2, 3, past, 4), np.float32),
+             "past_value": rng.standard_normal((2, 3, past, 4), np.float32)}
+    names = ("k_heads", "v_heads") if new_keys_4d else ("k", "v")
+    feeds.update({name: rng.standard_normal(new_shape, np.float32) for name in names})
+    return feeds
+
+
+@pytest.mark.parametrize("new", [1, 5])
+@pytest.mark.parametrize("past", [0, 3, 128])
+def test_multi_head_attention_takes_the_cache(past, new):
+    # MultiHeadAttention takes the 3-D new keys and values (not their heads) beside past_key/past_value, and its
+    # present_key/present_value replace the Concats: measured equal to them on onnxruntime 1.32 CPU.
+    model = split_cache_model()
+    optimized, stats = attention(model, Target.ORT)
+    assert stats["sdpa_to_multi_head_attention"] == sum(stats.values()) == 1, stats
+    assert {"Concat", "Transpose", "Softmax"}.isdisjoint(op_counts(optimized)), op_counts(optimized)
+    (fused,) = [n for n in optimized.graph.node if n.op_type == "MultiHeadAttention"]
+    assert list(fused.input[:3]) + list(fused.input[6:]) == ["q", "k", "v", "past_key", "past_value"]
+    assert list(fused.output[1:]) == ["present_key", "present_value"]
+    feeds = split_cache_feeds(past, new)
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-5)
+
+
+@pytest.mark.parametrize("case", ["new_keys_4d", "mask_from_present"])
+def test_multi_head_attention_keeps_the_cache(case):
+    # New keys and values that are no split of a 3-D value (the operator takes those only beside a past), or a
+    # mask computed from the present keys (the operator would read its own output): fused, the Concats stay.
+    model = split_cache_model(**{case: True})
+    optimized, stats = attention(model, Target.ORT)
+    assert stats["sdpa_to_multi_head_attention"] == sum(stats.values()) == 1, stats
+    assert op_counts(optimized)["Concat"] == 2
+    (fused,) = [n for n in optimized.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(fused.input) <= 6 and len(fused.output) == 1
+    for past, new in [(0, 5), (3, 1)]:
+        feeds = split_cache_feeds(past, new, new_keys_4d=case == "new_keys_4d")
+        assert_close(run(model, feeds), run(optimized, feeds), 1e-5)

@@ -208,3 +208,22 @@ def test_fixtures_are_small_and_listed():
         for exporter in ("torchscript", "dynamo")}
     assert sum((FIXTURES / file).stat().st_size for file in MODELS) < 3 * 2**20
     assert all((FIXTURES / file).stat().st_size < 600 * 2**10 for file in LLAMA_FIXTURES)
+
+
+GPT2_PAST_FIXTURES = sorted(file for file, entry in MODELS.items() if entry["model"].startswith("gpt2_past"))
+
+
+@pytest.mark.parametrize("file", GPT2_PAST_FIXTURES)
+def test_gpt2_cache_taken_by_multi_head_attention(file):
+    # For onnxruntime, MultiHeadAttention takes past_key/past_value beside the 3-D new keys and values and makes
+    # present_key/present_value: no cache Concat left; outputs kept with the last row left-padded.
+    original = onnx.load(FIXTURES / file)
+    result = optimized(file, "ort")
+    producers = {output: node.op_type for node in result.graph.node for output in node.output}
+    presents = [output.name for output in result.graph.output if output.name.startswith("present")]
+    assert presents and all(producers[name] == "MultiHeadAttention" for name in presents), \
+        {name: producers[name] for name in presents}
+    feeds = feeds_for(MODELS[file])
+    assert_same_outputs(original, result, feeds, rtol=1e-4)
+    feeds["attention_mask"][-1, :feeds["attention_mask"].shape[1] - feeds["input_ids"].shape[1] + 2] = 0
+    assert_same_outputs(original, result, feeds, rtol=1e-4)
