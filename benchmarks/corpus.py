@@ -126,7 +126,7 @@ def light_models(out_dir: Path, log) -> list[CorpusModel]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _tuple_outputs(output):
+def tuple_outputs(output):
     """Flattens a transformers ModelOutput (or tuple) into a tuple of tensors, dropping Nones."""
     import torch
 
@@ -141,7 +141,7 @@ def _tuple_outputs(output):
         if isinstance(item, torch.Tensor):
             flat.append(item)
         else:
-            flat.extend(_tuple_outputs(item))
+            flat.extend(tuple_outputs(item))
     return tuple(flat)
 
 
@@ -155,7 +155,7 @@ def _wrapper(model, input_names):
             self.model = model
 
         def forward(self, *args):
-            return _tuple_outputs(self.model(**dict(zip(input_names, args)), return_dict=True))
+            return tuple_outputs(self.model(**dict(zip(input_names, args)), return_dict=True))
 
     return Wrapper().eval()
 
