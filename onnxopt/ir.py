@@ -597,10 +597,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         to_write = model
         if external_data:
             to_write, moved = _with_external_data(model, data_file, weights)
+        streamed = bool(weights) and not external_data
         with open(staged_model, "wb") as model_file:
-            chunks = serialized_chunks(to_write, weights) if weights and not external_data else [to_write.SerializeToString()]
-            for chunk in chunks:
-                model_file.write(chunk)
+            model_file.writelines(serialized_chunks(to_write, weights) if streamed else [to_write.SerializeToString()])
         if data_file.exists() and not moved:
             data_file.unlink()  # no tensor was large enough to move: don't leave an empty, unreferenced file
         if data_file.exists():
@@ -1073,13 +1072,20 @@ def constant_array(constant: gs.Constant) -> np.ndarray:
     return np.asarray(data)
 
 
+def _constant_node(tensor: gs.Tensor) -> gs.Node | None:
+    """The standard ``Constant`` node that makes ``tensor``, if one does."""
+    if isinstance(tensor, gs.Constant) or len(tensor.inputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    return producer if producer.op == "Constant" and producer.domain in ("", None) else None
+
+
 def _constant_holder(tensor: gs.Tensor) -> gs.Constant | None:
     """The ``gs.Constant`` holding an initializer's or a ``Constant`` node's tensor value, if either."""
     if isinstance(tensor, gs.Constant):
         return tensor
-    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain not in ("", None):
-        return None
-    value = tensor.inputs[0].attrs.get("value")
+    node = _constant_node(tensor)
+    value = None if node is None else node.attrs.get("value")
     return value if isinstance(value, gs.Constant) else None
 
 
@@ -1107,6 +1113,10 @@ def constant_size(tensor: gs.Tensor) -> int | None:
     return None if found is None else int(np.prod(found[0], dtype=np.int64))
 
 
+_SCALAR_ATTRIBUTE_TYPES = (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64),
+                           ("value_ints", np.int64))
+
+
 def constant_value(tensor: gs.Tensor, max_size: int | None = None) -> np.ndarray | None:
     """The value of an initializer or ``Constant`` node output as a numpy array, else ``None``.
 
@@ -1119,10 +1129,11 @@ def constant_value(tensor: gs.Tensor, max_size: int | None = None) -> np.ndarray
     holder = _constant_holder(tensor)
     if holder is not None:
         return constant_array(holder)
-    if len(tensor.inputs) != 1 or tensor.inputs[0].op != "Constant" or tensor.inputs[0].domain not in ("", None):
+    node = _constant_node(tensor)
+    if node is None:
         return None
-    attrs = tensor.inputs[0].attrs
-    for key, dtype in (("value_float", np.float32), ("value_floats", np.float32), ("value_int", np.int64), ("value_ints", np.int64)):
+    attrs = node.attrs
+    for key, dtype in _SCALAR_ATTRIBUTE_TYPES:
         if key in attrs:
             return np.asarray(attrs[key], dtype=dtype)
     return None

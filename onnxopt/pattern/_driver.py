@@ -268,7 +268,8 @@ def _read_outside(tensor: gs.Tensor, matched: set[int]) -> bool:
     return any(id(reader) not in matched for reader in tensor.outputs)
 
 
-def _root_pairs(rule: RewriteRule, compiled: CompiledPattern, outputs, root: gs.Node) -> list[tuple[gs.Tensor, gs.Tensor]]:
+def _root_pairs(rule: RewriteRule, compiled: CompiledPattern, outputs,
+                root: gs.Node) -> list[tuple[gs.Tensor, gs.Tensor]]:
     """The root's replaced outputs, each with its new value."""
     values = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
     if len(values) != len(compiled.outputs) or not all(isinstance(v, gs.Tensor) for v in values):
