@@ -88,7 +88,8 @@ def check_graph(graph: gs.Graph, signature: IOSignature | None = None) -> list[s
         if [n for n, _, _ in now.outputs] != [n for n, _, _ in signature.outputs]:
             problems.append(f"graph outputs changed from {[n for n, _, _ in signature.outputs]} to "
                             f"{[n for n, _, _ in now.outputs]}")
-        for kind, before, after in (("input", signature.inputs, now.inputs), ("output", signature.outputs, now.outputs)):
+        sides = (("input", signature.inputs, now.inputs), ("output", signature.outputs, now.outputs))
+        for kind, before, after in sides:
             for (name, dtype, shape), (_, new_dtype, new_shape) in zip(before, after):
                 if dtype is not None and new_dtype is not None and dtype != new_dtype:
                     problems.append(f"graph {kind} '{name}' changed dtype from {dtype} to {new_dtype}")

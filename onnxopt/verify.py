@@ -84,7 +84,8 @@ class Comparison:
         if not bad:
             worst = max((o.max_abs_diff for o in self.outputs), default=0.0)
             return f"verified: {len(self.outputs)} outputs match (largest abs diff {worst:.3g})"
-        parts = [f"'{o.name}' {o.problem or f'max abs {o.max_abs_diff:.3g}, max rel {o.max_rel_diff:.3g}'}" for o in bad]
+        parts = [f"'{o.name}' {o.problem or f'max abs {o.max_abs_diff:.3g}, max rel {o.max_rel_diff:.3g}'}"
+                 for o in bad]
         return "outputs differ: " + "; ".join(parts)
 
 

@@ -71,7 +71,8 @@ def _inferred_nbytes(tensor: gs.Tensor) -> int | None:
 
 
 def _may_fold(node: gs.Node) -> bool:
-    return node.domain in ("", None, "ai.onnx") and node.op not in NEVER_FOLDED and not any(True for _ in ir.subgraphs(node))
+    return (node.domain in ("", None, "ai.onnx") and node.op not in NEVER_FOLDED
+            and not any(True for _ in ir.subgraphs(node)))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -81,7 +82,8 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _evaluation_model(graph: gs.Graph, nodes: list[gs.Node], feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
+def _evaluation_model(graph: gs.Graph, nodes: list[gs.Node],
+                      feeds: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
     """A model computing every output of ``nodes``; constant inputs are initializers or ``feeds``."""
     outputs = [t.name for node in nodes for t in node.outputs if t.name]
     produced = set(outputs)

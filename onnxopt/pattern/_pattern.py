@@ -293,7 +293,8 @@ class Matcher:
             elif previous is tensor:
                 yield bound
             else:
-                self.fail(f"'{pattern.name}' would bind to both '{getattr(previous, 'name', None)}' and '{tensor.name}'")
+                self.fail(f"'{pattern.name}' would bind to both '{getattr(previous, 'name', None)}' "
+                          f"and '{tensor.name}'")
             return
         if isinstance(pattern, Const):
             array = ir.constant_value(tensor)

@@ -205,7 +205,8 @@ class HardSwishFromParts(RewriteRule):
         if not result:
             return result
         if m.has_node("HardSigmoid"):
-            if not (close(m.attr("HardSigmoid", "alpha", 0.2), 1 / 6) and close(m.attr("HardSigmoid", "beta", 0.5), 0.5)):
+            alpha, beta = m.attr("HardSigmoid", "alpha", 0.2), m.attr("HardSigmoid", "beta", 0.5)
+            if not (close(alpha, 1 / 6) and close(beta, 0.5)):
                 return m.fail("HardSigmoid's alpha and beta are not 1/6 and 1/2")
             return m.ok()
         low, high = clip_bounds(m)

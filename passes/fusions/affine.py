@@ -205,8 +205,8 @@ class _ConvChannelRule(RewriteRule):
         conv = m.node(self.conv_op)
         weight, bias = fold_channel_affine(m.value("w"), m.value("b"), factor, shift, self.group(m), self.transposed)
         weight_input = m["w"] if weight is None else op.const(weight, f"{m['w'].name}_{self.name}")
-        return getattr(op, self.conv_op)(m["x"], weight_input, op.const(bias, f"{conv.name or 'conv'}_{self.name}_bias"),
-                                         _name=conv.name, **m.attrs(self.conv_op))
+        bias_input = op.const(bias, f"{conv.name or 'conv'}_{self.name}_bias")
+        return getattr(op, self.conv_op)(m["x"], weight_input, bias_input, _name=conv.name, **m.attrs(self.conv_op))
 
 
 class ConvBatchNormToConv(_ConvChannelRule):

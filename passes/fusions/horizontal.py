@@ -244,7 +244,8 @@ class ParallelMatMulsToSplit(RewriteRule):
         bias = np.concatenate([p.bias_or_zeros() for p in members]) if with_bias else None
         hint = f"{m.root.name or 'projection'}_packed"
         if any(p.product.op == "Gemm" for p in members):
-            packed = op.Gemm(x, op.const(weight, f"{hint}_weight"), op.const(bias, f"{hint}_bias") if with_bias else None)
+            packed_bias = op.const(bias, f"{hint}_bias") if with_bias else None
+            packed = op.Gemm(x, op.const(weight, f"{hint}_weight"), packed_bias)
         else:
             packed = op.MatMul(x, op.const(weight, f"{hint}_weight"))
             if with_bias:

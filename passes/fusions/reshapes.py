@@ -29,8 +29,8 @@ outside the region. A constant varying only over a trailing block of ``S`` (a sc
 vector), padded with leading 1s, repeats that block along the flattened tensor; reshaped to the suffix
 of ``A`` of the same size, it repeats the same block in ``A``'s shape. Other constants stop the rewrite,
 and so do shapes that are not static and regions of more than ``REGION_LIMIT`` nodes. The region is
-rebuilt node for node, so the node count falls by the exit and every entry read only inside. The old region's nodes are left unread for ``dce``: the pattern API removes only the nodes a pattern
-binds, and a region has no fixed form.
+rebuilt node for node, so the node count falls by the exit and every entry read only inside. The old
+region's nodes are left unread for ``dce``: a region has no fixed form for the pattern to bind.
 """
 
 from __future__ import annotations
@@ -418,11 +418,13 @@ def elementwise_region(value: gs.Tensor, source_shape: list[int], graph: gs.Grap
                 reason = visit(producer)
                 if reason is not None:
                     return reason
-            elif _is_shape_op(producer) and _static(producer.inputs[0]) == source_shape and _static(operand) == region_shape:
+            elif (_is_shape_op(producer) and _static(producer.inputs[0]) == source_shape
+                  and _static(operand) == region_shape):
                 seen.add(id(producer))
                 region.entries.append(producer)
             else:
-                return f"'{operand.name}' is computed by {producer.op}, not inside the region or a shape operator of {source_shape}"
+                return (f"'{operand.name}' is computed by {producer.op}, not inside the region or a shape "
+                        f"operator of {source_shape}")
         region.nodes.append(node)
         return None
 
