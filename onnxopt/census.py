@@ -27,6 +27,11 @@ LayerNormalization; BiasGelu or FastGelu a Gelu and the Gemm that added the bias
 *absorbed* when the gains can account for it (at most so many nodes per gained node). That is a count,
 not a proof, so the table shows every fused type side by side.
 
+A drop is *declined* where onnxopt wrote the pattern in a form the engine does not fuse, on purpose,
+because the fused kernel is the slower one (``DECLINED``): onnxruntime's CPU SkipLayerNormalization, whose
+Add onnxopt writes as Sum (see ``ort_fuse``). It is declined when the unfused operators it stands for
+gained at least as many nodes as it lost.
+
 Usage::
 
     from onnxopt.census import fusion_census
@@ -41,14 +46,14 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
 
 from onnxopt import ir
 
-__all__ = ["ABSORBERS", "FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph", "fusion_census",
+__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph", "fusion_census",
            "is_fused", "runtime_graph"]
 
 TARGETS = ("ort", "openvino")
@@ -74,6 +79,12 @@ ABSORBERS: dict[str, dict[str, int]] = {
     "BiasGelu": {"Gelu": 1, "Gemm": 1, "FusedGemm": 1},
     "FastGelu": {"Gelu": 1, "Gemm": 1, "FusedGemm": 1},
     "GemmFastGelu": {"Gemm": 1, "FastGelu": 1, "Gelu": 1},
+}
+
+# A fused type onnxopt keeps out on purpose -> the operators each of its nodes stays as, and why.
+DECLINED: dict[str, tuple[tuple[str, ...], str]] = {
+    "SkipLayerNormalization": (("Sum", "LayerNormalization"),
+                               "its CPU kernel is the slower"),
 }
 
 # Runtime-graph node types of OpenVINO's CPU plugin that are no fusion: graph ends, constants, layout
@@ -110,6 +121,7 @@ class CensusRow:
     original: int | None
     ours: int | None
     absorbed_by: tuple[str, ...] = ()  # gained fused types that can account for a drop of this one
+    declined: str | None = None  # why onnxopt kept this fusion out, where the unfused operators account for the drop
 
     @property
     def label(self) -> str:
@@ -128,11 +140,12 @@ class CensusRow:
 
     @property
     def regression(self) -> bool:
-        return self.change is not None and self.change < 0 and not self.absorbed_by
+        return self.change is not None and self.change < 0 and not self.absorbed_by and not self.declined
 
     def to_dict(self) -> dict:
         return {"domain": self.domain, "op_type": self.op_type, "original": self.original, "ours": self.ours,
-                "change": self.change, "regression": self.regression, "absorbed_by": list(self.absorbed_by)}
+                "change": self.change, "regression": self.regression, "absorbed_by": list(self.absorbed_by),
+                "declined": self.declined}
 
 
 @dataclass(frozen=True)
@@ -188,6 +201,8 @@ class Census:
             elif row.absorbed:
                 into = ", ".join(label.rsplit(".", 1)[-1] for label in row.absorbed_by)
                 change, style = f"{change} (into {into})", "dim"
+            elif row.declined and (row.change or 0) < 0:
+                change, style = f"{change} (declined: {row.declined})", "dim"
             else:
                 style = "green" if (row.change or 0) > 0 else None
             table.add_row(row.label, _cell(row.original), _cell(row.ours), change, style=style)
@@ -303,6 +318,7 @@ def _rows(before: RuntimeGraph, after: RuntimeGraph, target: str) -> tuple[Censu
 
     rows = [CensusRow(*key, count(before, key), count(after, key)) for key in keys]
     rows = [_with_absorbers(row, rows) for row in rows]
+    rows = [_with_declined(row, before, after) for row in rows]
     # Standard operators first, then each domain's, alphabetically: the order a reader scans a table in.
     return tuple(sorted(rows, key=lambda row: (row.domain not in _STANDARD_DOMAINS, row.domain, row.op_type)))
 
@@ -320,6 +336,21 @@ def _with_absorbers(row: CensusRow, rows: list[CensusRow]) -> CensusRow:
     if capacity < -row.change:
         return row
     return CensusRow(row.domain, row.op_type, row.original, row.ours, tuple(absorbers))
+
+
+def _with_declined(row: CensusRow, before: RuntimeGraph, after: RuntimeGraph) -> CensusRow:
+    """The row, marked declined where its drop is matched by gains of every operator it stays as."""
+    if row.change is None or row.change >= 0 or row.absorbed_by or row.op_type not in DECLINED:
+        return row
+    unfused, reason = DECLINED[row.op_type]
+
+    def gained(op_type: str) -> int:
+        return sum(n for (_, op), n in after.counts.items() if op == op_type) - \
+            sum(n for (_, op), n in before.counts.items() if op == op_type)
+
+    if any(gained(op_type) < -row.change for op_type in unfused):
+        return row
+    return replace(row, declined=reason)
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
