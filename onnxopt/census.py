@@ -53,8 +53,8 @@ import onnx
 
 from onnxopt import ir
 
-__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph", "fusion_census",
-           "is_fused", "runtime_graph"]
+__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph",
+           "fusion_census", "is_fused", "runtime_graph"]
 
 TARGETS = ("ort", "openvino")
 
