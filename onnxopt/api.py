@@ -32,6 +32,7 @@ class OptimizationResult:
         self._model = model
         self.report = report
         self._weights = weights or {}
+        self.written: list[Path] = []  # the files ``optimize_model(output=...)`` wrote
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -83,6 +84,8 @@ def optimize_model(
     plugins: Iterable[str | os.PathLike] = (),
     instruments: Sequence[object] = (),
     upgrade_opset: int | None = None,
+    output: str | os.PathLike | None = None,
+    external_data: bool | None = None,
 ) -> OptimizationResult:
     """Optimizes a model and returns it with the run's report.
 
@@ -92,7 +95,10 @@ def optimize_model(
     ``verify="each"`` checks after every pass and names the pass that changed the outputs.
     ``upgrade_opset`` first converts the model to that default-domain opset with onnx's version
     converter (so that fusions into newer operators may apply); verification compares with the model
-    as given.
+    as given. ``output`` writes the result there (``external_data`` as for ``OptimizationResult.save``;
+    the files are listed in ``written``); verification then runs the written file before it is renamed
+    into place, which spares serializing the model a second time, and a model that fails it is never
+    written.
     """
     from onnxopt.passes import default_pipeline
 
@@ -122,9 +128,10 @@ def optimize_model(
             reference = reference.result()
     result = OptimizationResult(optimized, report, weights)
     _check_output(original, optimized)
-    if mode != "off":
+
+    def verify(path: Path | None = None) -> None:
         report.verification = verify_models(original, optimized, inputs=reference[0], expected=reference[1],
-                                            weights=weights)
+                                            weights=weights, path=path)
         if not report.verification.ok:
             error = VerificationError(
                 f"the optimized model computes different outputs: {report.verification.summary()}",
@@ -132,6 +139,12 @@ def optimize_model(
             )
             error.report = report
             raise error
+
+    if output is not None:
+        result.written = ir.save_model(optimized, output, external_data, weights,
+                                       check=verify if mode != "off" else None)
+    elif mode != "off":
+        verify()
     return result
 
 

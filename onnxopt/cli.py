@@ -243,6 +243,7 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
         result = optimize_model(
             loaded.model, passes, target, False if no_verify else verify_mode, input_shapes=shapes, inputs=inputs,
             max_iterations=max_iterations, plugins=plugins, instruments=instruments, upgrade_opset=upgrade_opset,
+            output=output, external_data=loaded.external_data if external_data is None else external_data,
         )
     except VerificationError as error:
         if status is not None:
@@ -256,7 +257,7 @@ def run_command(model, passes, level, output, target, verify_mode, no_verify, in
         if status is not None:
             status.stop()
     result.report.input_path, result.report.output_path = str(model), str(output)
-    written = result.save(output, external_data=loaded.external_data if external_data is None else external_data)
+    written = result.written
     taken = None
     if census:
         if status is not None:

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -572,11 +572,14 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> None:
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
-               weights: dict[str, TensorProto] | None = None) -> list[Path]:
+               weights: dict[str, TensorProto] | None = None,
+               check: Callable[[Path], None] | None = None) -> list[Path]:
     """Writes a model atomically; returns the files written.
 
     Files are written into a temporary folder beside ``path`` and renamed into place only when complete,
-    so an interrupted or failed save never leaves a partial file. Weights go to ``<name>.data`` when
+    so an interrupted or failed save never leaves a partial file. ``check``, if given, is called with the
+    complete staged file (its data file beside it) before anything is renamed; if it raises, nothing is
+    written. Weights go to ``<name>.data`` when
     ``external_data`` is true, or when it is ``None`` and the model would exceed protobuf's 2 GiB limit.
     ``weights`` holds the data of stubs ``export_model`` left in the model. The given ``ModelProto`` is
     left as it was.
@@ -602,6 +605,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
             model_file.writelines(serialized_chunks(to_write, weights) if streamed else [to_write.SerializeToString()])
         if data_file.exists() and not moved:
             data_file.unlink()  # no tensor was large enough to move: don't leave an empty, unreferenced file
+        if check is not None:
+            check(staged_model)
         if data_file.exists():
             target = path.with_name(data_file.name)
             os.replace(data_file, target)

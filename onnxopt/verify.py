@@ -232,8 +232,9 @@ def session(model: onnx.ModelProto, workdir: str | None = None, weights: dict[st
 
 
 def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
-              weights: dict[str, onnx.TensorProto] | None = None) -> dict[str, np.ndarray]:
-    sess = session(model, weights=weights)
+              weights: dict[str, onnx.TensorProto] | None = None,
+              path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    sess = session(model, weights=weights, path=path)
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -292,11 +293,13 @@ def verify_models(
     inputs: dict[str, np.ndarray] | None = None,
     expected: dict[str, np.ndarray] | None = None,
     weights: dict[str, onnx.TensorProto] | None = None,
+    path: str | os.PathLike | None = None,
 ) -> Comparison:
     """Runs both models on the same inputs and compares every output.
 
     ``expected`` lets callers that verify many times reuse the original's outputs; pass ``inputs`` too.
-    ``weights`` fills the stubs ``ir.export_model`` left in ``optimized``.
+    ``weights`` fills the stubs ``ir.export_model`` left in ``optimized``; ``path`` names a file that
+    holds exactly ``optimized``, which onnxruntime then reads instead of a serialized copy.
     """
     random_ops = sorted({n.op_type for n in _all_proto_nodes(original.graph) if n.op_type in RANDOM_OPS})
     if random_ops:
@@ -310,7 +313,7 @@ def verify_models(
     if isinstance(expected, str):
         return Comparison(ok=True, skipped=expected)
     try:
-        got = run_model(optimized, inputs, weights)
+        got = run_model(optimized, inputs, weights, path)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises many types; all mean the model is broken
         return Comparison(ok=False, outputs=[OutputComparison("*", "", False, np.inf, np.inf, 0, 0,
                                                               f"optimized model fails in onnxruntime: {error}")])

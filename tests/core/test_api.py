@@ -446,3 +446,27 @@ def test_verification_finds_sizes_for_a_mask_spanning_past_and_new_tokens():
     verification = result.report.verification
     assert verification.ok and not verification.skipped
     assert verification.input_shapes["mask"] == [2, 4]
+
+
+def test_output_is_written_after_verification_of_the_written_file(tmp_path):
+    path = tmp_path / "out.onnx"
+    result = onnxopt.optimize_model(TINY_CNN, output=path)
+    assert result.written == [path]
+    assert result.report.verification.ok and not result.report.verification.skipped
+    assert_same_outputs(onnx.load(TINY_CNN), onnx.load(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
+def test_output_failing_verification_is_never_written(tmp_path):
+    path = tmp_path / "out.onnx"
+    with pytest.raises(onnxopt.VerificationError):
+        onnxopt.optimize_model(_chain_model(), passes=[ScaleOutputs(factor=3.0)], output=path)
+    assert list(tmp_path.iterdir()) == []  # neither the model nor the staging folder it was checked in
+
+
+def test_output_with_external_data_is_verified_from_its_files(tmp_path):
+    path = tmp_path / "out.onnx"
+    result = onnxopt.optimize_model(TINY_CNN, output=path, external_data=True)
+    assert result.written == [tmp_path / "out.onnx.data", path]
+    assert result.report.verification.ok
+    assert_same_outputs(onnx.load(TINY_CNN), onnx.load(path))
