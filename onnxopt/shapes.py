@@ -136,9 +136,11 @@ def inferred_types(model: onnx.ModelProto) -> dict[str, TensorType] | None:
     # With every input static, onnx's inference alone knows each size it can know; the symbolic engine
     # (and its sympy import, a second or more) would only add symbols for data-dependent sizes, which no
     # pass folds. Nor has it anything to add where onnx's inference gives every value a size that is a
-    # number or a symbol of the graph inputs (not one of the ``unk__`` names it makes up).
+    # number or a symbol of the graph inputs (not one of the ``unk__`` names it makes up), nor where no
+    # node reads a size (Shape, Size): what the symbols would tell is then only that two made-up sizes
+    # are equal, for which rules that need it stay conservative.
     reference = _onnx_inference(model)
-    needs_symbols = (reference is not None and not _inputs_static(model.graph)
+    needs_symbols = (reference is not None and not _inputs_static(model.graph) and _reads_sizes(model.graph)
                      and not _sizes_from_inputs(model.graph, reference))
     types = _reconcile(model.graph, _symbolic_inference(model) if needs_symbols else None, reference)
     _cache[key] = types
@@ -162,6 +164,17 @@ def _sizes_from_inputs(graph: onnx.GraphProto, types: dict[str, TensorType]) -> 
             if any(not isinstance(d, int) and d not in symbols for d in found.shape):
                 return False
     return True
+
+
+def _reads_sizes(graph: onnx.GraphProto) -> bool:
+    """Whether a node of the graph, or of a subgraph, turns a tensor's size into data (Shape, Size)."""
+    for node in graph.node:
+        if node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx"):
+            return True
+        for attr in node.attribute:
+            if any(_reads_sizes(sub) for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs)):
+                return True
+    return False
 
 
 def _inputs_static(graph: onnx.GraphProto) -> bool:

@@ -385,6 +385,31 @@ def test_an_unchanged_graph_is_not_inferred_again():
     assert shapes.inferred_types(light) is shapes.inferred_types(again)
 
 
+STRIDED_CONV = {
+    "relu": """
+    g (float[N, 1, H, 4] x) => (float[N, 1, K, 2] y) <float[1, 1, 3, 3] w = {1, 1, 1, 1, 1, 1, 1, 1, 1}> {
+      c = Conv<strides = [2, 2], pads = [1, 1, 1, 1]>(x, w)
+      y = Relu(c)
+    }""",
+    "shape": """
+    g (float[N, 1, H, 4] x) => (int64[4] y) <float[1, 1, 3, 3] w = {1, 1, 1, 1, 1, 1, 1, 1, 1}> {
+      c = Conv<strides = [2, 2], pads = [1, 1, 1, 1]>(x, w)
+      y = Shape(c)
+    }""",
+}
+
+
+@pytest.mark.parametrize(("after", "runs"), [("relu", 0), ("shape", 1)])
+def test_the_symbolic_engine_runs_only_where_a_node_reads_a_size(monkeypatch, after, runs):
+    # A strided Conv of a dynamic height: onnx's inference makes up a name for the output height. Only a
+    # Shape (or Size) node could turn that into data worth a symbol, and the engine costs a sympy import.
+    calls = []
+    engine = shapes._symbolic_inference
+    monkeypatch.setattr(shapes, "_symbolic_inference", lambda model: calls.append(model) or engine(model))
+    shapes.inferred_types(shapes._light_model(ir.import_model(parse(STRIDED_CONV[after])), None))
+    assert len(calls) == runs
+
+
 def test_the_symbolic_engine_loads_without_onnxruntime_tools_package():
     """``onnxruntime/tools/__init__.py`` imports torch wherever torch is installed: it must not run."""
     code = (
