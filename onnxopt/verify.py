@@ -236,7 +236,7 @@ def run_model(model: onnx.ModelProto, feeds: dict[str, np.ndarray],
               path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     sess = session(model, weights=weights, path=path)
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return _owned(names, sess.run(names, feeds))
 
 
 def tolerance_for(dtype: np.dtype) -> tuple[float, float] | None:
@@ -340,11 +340,18 @@ def reference_run(
     for dynamic_dim, sizes in _input_size_trials(original, input_shapes or {}):
         feeds = make_inputs(original, input_shapes, dynamic_dim=dynamic_dim, symbol_sizes=sizes, index_bounds=bounds)
         try:
-            return feeds, dict(zip(names, sess.run(names, feeds)))
+            return feeds, _owned(names, sess.run(names, feeds))
         except Exception as error:  # noqa: BLE001
             first_error = first_error or error
     return {}, (f"the original model does not run on generated inputs ({_short(first_error)}); "
                 "give --input-shape or --inputs")
+
+
+def _owned(names: list[str], outputs: list) -> dict[str, object]:
+    """The outputs by name, copied: onnxruntime's arrays hold its session's whole memory arena (all the
+    activations of the run, 340 MiB for a Whisper encoder) until the last of them is gone."""
+    return {name: np.array(output) if isinstance(output, np.ndarray) else output
+            for name, output in zip(names, outputs)}
 
 
 def _input_size_trials(model: onnx.ModelProto, input_shapes: dict[str, list[int]]):
