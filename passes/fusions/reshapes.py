@@ -13,6 +13,14 @@ operators that change nothing removed.
   computed in ``a``'s shape and both shape operators go (the entry stays when something outside the
   region reads it too). Any of Reshape, Flatten, Squeeze, Unsqueeze counts as a Reshape here.
 
+* ``flattened_gemm``: ``Reshape(Gemm(Reshape(x, [-1, K]), W, c), [*x's leading dims, N])`` -> ``MatMul(x, W) + c``
+  (or ``MatMul(x, W)``), for a constant ``[K, N]`` ``W``, no transposition or scaling, and a bias of one
+  value per column: GPT-2's Conv1D, which flattens its input for ``addmm`` and restores the leading
+  dimensions from a run-time ``Shape``. A row-major Reshape to ``[M, K]`` keeps each row of ``x``, the
+  product maps row to row, and the Reshape back restores the same leading dimensions (checked on the
+  inferred shapes, numbers or symbols), so MatMul's batched rows are the same rows. The bias is added
+  after the product instead of in the Gemm, which can change the last bit.
+
 When a chain is exact: the result's shape is worked out from the input's (from shape inference, known
 rank) symbolically, each dimension a known size, "dimension ``i`` of the input", or unknown. The new
 Reshape's target says a known size as itself, dimension ``j`` of the input at position ``j`` as ``0`` (copy),
@@ -43,6 +51,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import ir
+from onnxopt.pass_infra import Target
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
 from .common import ALL_TARGETS, known_dims
@@ -489,5 +498,78 @@ class ReshapesAroundElementwise(RewriteRule):
         return replaced[id(m["y"])]
 
 
+def _known(shape: list | None) -> bool:
+    """Whether every dimension is a number or a symbol (one symbol is one size across the graph)."""
+    return shape is not None and all(isinstance(d, int) or (isinstance(d, str) and d) for d in shape)
+
+
+class FlattenedGemmToMatMul(RewriteRule):
+    """Replaces Reshape(Gemm(Reshape(x, [-1, K]), W, c), [*x's leading dims, N]) with MatMul(x, W) + c."""
+
+    name = "flattened_gemm"
+    min_opset = 7  # numpy-style broadcasting of the bias
+    targets = ALL_TARGETS - {Target.ORT}
+
+    def pattern(self, op, x, w, c):
+        flat = op.either(op.Reshape(x, _allow_other_inputs=True, _tag="flatten"), op.Flatten(x, _tag="flatten"))
+        return op.Reshape(op.Gemm(flat, w, op.optional(c)), _allow_other_inputs=True, _tag="unflatten")
+
+    def check(self, m: Match) -> MatchResult:
+        attrs = m.attrs("Gemm")
+        if attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or (m["c"] is not None and attrs.get("beta", 1.0) != 1.0):
+            return m.fail("the Gemm transposes or scales an operand")
+        x_shape, w_shape = m.shape("x"), m.shape("w")
+        if not _known(x_shape) or len(x_shape) < 3:
+            return m.fail(f"x of shape {x_shape} is not known with 3 or more dimensions")
+        if not m.is_constant("w") or w_shape is None or len(w_shape) != 2 or w_shape[0] != x_shape[-1]:
+            return m.fail(f"W of shape {w_shape} is not a constant [K, N] matrix for x's last dimension")
+        flat_shape = m.node("flatten").outputs[0].shape
+        if flat_shape is None or len(flat_shape) != 2 or flat_shape[1] != x_shape[-1]:
+            return m.fail(f"x is flattened to {flat_shape}, not to rows of its last dimension")
+        result_shape = m.root.outputs[0].shape
+        if not _known(result_shape) or list(result_shape) != [*x_shape[:-1], w_shape[1]]:
+            return m.fail(f"the result's shape {result_shape} is not x's leading dimensions and N")
+        if m["c"] is not None:
+            c_shape = m.shape("c")
+            if c_shape is None or len(c_shape) > 2 or any(d != 1 for d in c_shape[:-1]) \
+                    or (c_shape and c_shape[-1] not in (1, w_shape[1])):
+                return m.fail(f"the bias of shape {c_shape} is not one value per column")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        product = op.MatMul(m["x"], m["w"], _name=m.node("Gemm").name)
+        return product if m["c"] is None else op.Add(product, m["c"])
+
+
+class FlattenedGemmLeadingShape(FlattenedGemmToMatMul):
+    """Restores a flattened Gemm's leading dimensions with Shape(x, end=-1) instead of one Gather per dimension."""
+
+    name = "flattened_gemm_leading_shape"
+    min_opset = 15  # Shape's start and end
+    targets = frozenset({Target.ORT})
+
+    def check(self, m: Match) -> MatchResult:
+        checked = super().check(m)
+        if not checked:
+            return checked
+        target = m.node("unflatten").inputs[1]
+        if target.inputs and target.inputs[0].op == "Concat" and any(
+                t.inputs and t.inputs[0].op == "Shape" and t.inputs[0].inputs[0] is m["x"]
+                for t in target.inputs[0].inputs):
+            return m.fail("the leading dimensions are already read from x's shape in one piece")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        rows = np.array([-1, m.shape("w")[0]], np.int64)
+        columns = np.array([m.shape("w")[1]], np.int64)
+        gemm = m.node("Gemm")
+        product = op.Gemm(op.Reshape(m["x"], op.const(rows, "rows_shape")), m["w"], m["c"], _name=gemm.name,
+                          **gemm.attrs)
+        leading = op.Shape(m["x"], end=-1)
+        return op.Reshape(product, op.Concat(leading, op.const(columns, "columns"), axis=0),
+                          _name=m.node("unflatten").name)
+
+
 RULES = (ReshapeChainToReshape(), NoopReshape(), NoopConcat(), NoopVariadic(), NoopSplit(), NoopTile(),
-         NoopIdentity(), ReshapesAroundElementwise())
+         NoopIdentity(), ReshapesAroundElementwise(), FlattenedGemmToMatMul(), FlattenedGemmLeadingShape())

@@ -7,12 +7,14 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from helpers import assert_same_outputs, op_counts
+from helpers import apply_checked, assert_same_outputs, op_counts
 from test_fuse_norm import fuse
 
 from onnxopt import ir
-from onnxopt.pass_infra import PassContext
+from onnxopt.pass_infra import PassContext, Target
 from onnxopt.passes.dce import DeadCodeElimination
+from onnxopt.passes.fuse import Fuse
+from onnxopt.pattern import explain
 from onnxopt.passes.fusions.reshapes import (
     InputDim,
     constant_in_shape,
@@ -32,7 +34,8 @@ def feeds_for(model, dims=None):
     rng = np.random.default_rng(0)
     feeds = {}
     for vi in model.graph.input:
-        shape = [d.dim_value if d.HasField("dim_value") else (dims or {})[d.dim_param] for d in vi.type.tensor_type.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") else (dims or {})[d.dim_param]
+                 for d in vi.type.tensor_type.shape.dim]
         feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds
 
@@ -439,3 +442,65 @@ def test_constant_in_shape():
     assert constant_in_shape(np.ones((2, 6)), [2, 2, 6], [2, 12]).shape == (12,)
     assert constant_in_shape(np.float32(2), [1, 6, 16], [6, 16]).shape == ()
     assert constant_in_shape(np.ones((6, 1)), [1, 6, 16], [6, 16]) is None  # not a trailing block: refused
+
+
+def conv1d_model(gemm_attrs: str = "", bias: str = "float[3] c = {0.5, -1.0, 2.0}", flatten: str = "{-1, 4}",
+                 weight: str = "float[4, 3] w", opset: int = 17) -> onnx.ModelProto:
+    """GPT-2's Conv1D as TorchScript exports it: x [B, S, 4] flattened for a Gemm, whose [B*S, 3] result is
+    reshaped back to [B, S, 3] with B and S read from x's shape at run time."""
+    c_input = ", c" if bias else ""
+    return parse(f"""
+        g (float[B, S, 4] x) => (float[B, S, 3] y)
+          <{weight} = {{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}}{', ' + bias if bias else ''},
+           int64[2] rows = {flatten}, int64 zero = {{0}}, int64 one = {{1}}, int64[1] axes = {{0}},
+           int64[1] columns = {{3}}> {{
+            flat = Reshape(x, rows)
+            product = Gemm{gemm_attrs}(flat, w{c_input})
+            shape = Shape(x)
+            b = Gather(shape, zero)
+            s = Gather(shape, one)
+            b1 = Unsqueeze(b, axes)
+            s1 = Unsqueeze(s, axes)
+            target = Concat <axis = 0> (b1, s1, columns)
+            y = Reshape(product, target)
+        }}""", opset)
+
+
+@pytest.mark.parametrize("bias", ["float[3] c = {0.5, -1.0, 2.0}", "float[1, 3] c = {0.5, -1.0, 2.0}",
+                                  "float[1] c = {0.5}", ""], ids=["vector", "row", "scalar", "none"])
+def test_flattened_gemm_becomes_a_batched_matmul(bias):
+    model = conv1d_model(bias=bias)
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["flattened_gemm"] == 1
+    assert computing_ops(optimized) == ({"MatMul": 1, "Add": 1} if bias else {"MatMul": 1})
+    for dims in ({"B": 2, "S": 5}, {"B": 1, "S": 1}):
+        assert_same_outputs(model, optimized, feeds_for(model, dims))
+
+
+def test_flattened_gemm_for_onnxruntime_reads_the_leading_dimensions_in_one_piece():
+    # onnxruntime adds a Gemm's bias faster than a separate Add at 128 rows, so the Gemm stays there; the
+    # Gathers and Unsqueezes of B and S become one Shape(x, end=-1). The rule must not match its own result.
+    model = conv1d_model()
+    optimized, result = apply_checked(Fuse(), model, Target.ORT)
+    graph = ir.import_model(optimized)
+    DeadCodeElimination()(graph, PassContext(original=optimized))
+    optimized = ir.export_model(graph, optimized)
+    assert result.stats["flattened_gemm_leading_shape"] == 1 and result.stats["flattened_gemm"] == 0
+    assert computing_ops(optimized) == {"Reshape": 2, "Gemm": 1, "Shape": 1, "Concat": 1}
+    shape = next(n for n in optimized.graph.node if n.op_type == "Shape")
+    assert onnx.helper.get_attribute_value(shape.attribute[0]) == -1
+    assert_same_outputs(model, optimized, feeds_for(model, {"B": 2, "S": 5}))
+    _, again = apply_checked(Fuse(), optimized, Target.ORT)
+    assert again.stats["flattened_gemm_leading_shape"] == 0
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    (conv1d_model(gemm_attrs=" <transB = 1>", weight="float[3, 4] w"), "transposes or scales"),
+    (conv1d_model(gemm_attrs=" <alpha = 2.0>"), "transposes or scales"),
+    (conv1d_model(bias="float[2, 3] c = {1, 2, 3, 4, 5, 6}", flatten="{2, 4}"), "not one value per column"),
+], ids=["transB", "alpha", "bias_per_row"])
+def test_flattened_gemm_left_alone(model, reason):
+    optimized, result = fuse(model)
+    assert result.stats["flattened_gemm"] == 0
+    misses = explain(model, Fuse, PassContext(target=Target.GENERIC)).misses("flattened_gemm")
+    assert any(reason in attempt.reason for attempt in misses), [str(a) for a in misses]
