@@ -35,11 +35,11 @@ def _save(model, path: str) -> None:
 
 
 def run_onnxopt(src: str, dst: str, verify: bool = True) -> dict:
-    """onnxopt's default pipeline (fold, fuse, dce to a fixed point), verification as configured."""
+    """onnxopt's default pipeline (fold, fuse, dce to a fixed point), verification as configured, written to
+    ``dst`` the way the CLI writes it (verified from the written file before it is renamed into place)."""
     import onnxopt
 
-    result = onnxopt.optimize_model(src, verify=verify)
-    result.save(dst)
+    result = onnxopt.optimize_model(src, verify=verify, output=dst)
     report = result.report
     extra = {"iterations": report.iterations, "converged": report.converged, "pass_runs": len(report.records),
              "report_seconds": round(report.seconds, 3)}
