@@ -470,3 +470,14 @@ def test_output_with_external_data_is_verified_from_its_files(tmp_path):
     assert result.written == [tmp_path / "out.onnx.data", path]
     assert result.report.verification.ok
     assert_same_outputs(onnx.load(TINY_CNN), onnx.load(path))
+
+
+def test_outputs_of_verification_runs_own_their_memory():
+    # An array onnxruntime returns is a view into its session's memory arena, which then lives as long as
+    # the array: the reference outputs, kept for the comparison, held a Whisper encoder's every activation.
+    from onnxopt.verify import reference_run, run_model
+
+    model = onnx.load(TINY_CNN)
+    feeds, expected = reference_run(model)
+    assert expected and all(value.flags.owndata for value in expected.values())
+    assert all(value.flags.owndata for value in run_model(model, feeds).values())
