@@ -169,14 +169,12 @@ def gelu_model(form: str, bias_shape=(HIDDEN,), opset: int = 17, half: float = 0
 
 
 @pytest.mark.parametrize(("form", "bias", "opset", "fused", "rule"), [
-    ("erf", True, 17, "BiasGelu", "bias_gelu"),
-    ("op", True, 20, "BiasGelu", "bias_gelu"),
     ("erf", False, 17, "Gelu", "gelu"),
     ("tanh", True, 17, "FastGelu", "fast_gelu_bias"),
     ("op_tanh", True, 20, "FastGelu", "fast_gelu_bias"),
     ("tanh", False, 17, "FastGelu", "fast_gelu"),
     ("op_tanh", False, 20, "FastGelu", "fast_gelu"),
-], ids=["bias_erf", "bias_gelu_op", "erf", "bias_tanh", "bias_tanh_op", "tanh", "tanh_op"])
+], ids=["erf", "bias_tanh", "bias_tanh_op", "tanh", "tanh_op"])
 def test_gelu_forms(form, bias, opset, fused, rule):
     model = gelu_model(form, (HIDDEN,) if bias else None, opset)
     optimized, stats = ort_fuse(model)
@@ -187,12 +185,23 @@ def test_gelu_forms(form, bias, opset, fused, rule):
     assert_same(model, optimized)
 
 
-def test_bias_over_two_axes_is_no_bias_gelu():
-    model = gelu_model("erf", bias_shape=(5, HIDDEN))
+@pytest.mark.parametrize("bias_shape", [(HIDDEN,), (5, HIDDEN)], ids=["vector", "two_axes"])
+def test_biased_erf_gelu_keeps_its_add(bias_shape):
+    # No BiasGelu: onnxruntime's CPU kernel is slower than Add + Gelu, and with static shapes onnxruntime
+    # moves the Add into the MatMul's Gemm itself.
+    model = gelu_model("erf", bias_shape=bias_shape)
     optimized, stats = ort_fuse(model)
-    assert stats == {"gelu": 1}  # Gelu of the sum, the Add stays
-    assert op_counts(optimized).get("Add") == 1
+    assert stats == {"gelu": 1}
+    counts = op_counts(optimized)
+    assert counts.get("Add") == 1 and counts.get("Gelu") == 1 and "BiasGelu" not in counts
     assert_same(model, optimized)
+
+
+def test_standard_gelu_of_a_sum_is_left_to_onnxruntime():
+    model = gelu_model("op", opset=20)
+    optimized, stats = ort_fuse(model)
+    assert stats == {}
+    assert op_counts(optimized) == op_counts(model)
 
 
 def test_wrong_gelu_constant_is_not_fused():
@@ -253,8 +262,8 @@ def test_cross_attention_is_not_packed():
     assert_same(model, optimized)
 
 
-def test_golden_bias_gelu():
-    """Before: TorchScript's erf Gelu of a biased MatMul; after: MatMul then BiasGelu."""
+def test_golden_biased_gelu():
+    """Before: TorchScript's erf Gelu of a biased MatMul; after: MatMul, Add, com.microsoft.Gelu."""
     model = onnx.parser.parse_model("""
         <ir_version: 8, opset_import: ["" : 17]>
         gelu (float[2, 8] x) => (float[2, 4] y) {
@@ -274,6 +283,6 @@ def test_golden_bias_gelu():
         }
     """)
     optimized, stats = ort_fuse(model)
-    assert stats == {"bias_gelu": 1}
-    assert [n.op_type for n in optimized.graph.node if n.op_type != "Constant"] == ["MatMul", "BiasGelu"]
+    assert stats == {"gelu": 1}
+    assert [n.op_type for n in optimized.graph.node if n.op_type != "Constant"] == ["MatMul", "Add", "Gelu"]
     assert_same(model, optimized)
