@@ -20,7 +20,8 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
 * ``affine``: constants that scale or shift the output channels of a linear operator folded into its
   weight and bias: BatchNormalization and per-channel Mul/Add after Conv and ConvTranspose
   [``conv_batchnorm``, ``conv_mul``, ``conv_add``, ``conv_transpose_batchnorm``, ``conv_transpose_mul``,
-  ``conv_transpose_add``], per-column Mul/Add after Gemm [``gemm_mul``, ``gemm_add``], per-column Mul after
+  ``conv_transpose_add``], per-channel Mul/Add after BatchNormalization [``batchnorm_mul``,
+  ``batchnorm_add``], per-column Mul/Add after Gemm [``gemm_mul``, ``gemm_add``], per-column Mul after
   a MatMul by a constant matrix [``matmul_mul``], MatMul + Add -> Gemm for 2-D inputs [``matmul_add_to_gemm``];
 * ``normalization``: LayerNormalization (opset 17) and RMSNormalization (opset 23) from their decomposed
   forms, gamma and beta folded in [``layer_norm``, ``layer_norm_affine``, ``rms_norm``, ``norm_scale``,

@@ -10,6 +10,9 @@ adding ``t`` is the same as adding ``t`` to the bias. Rules (stats keys in brack
   channel: a product by ``f`` and a sum with ``offset - mean * f``, both folded.
 * ``conv_mul``, ``conv_add``, ``conv_transpose_mul``, ``conv_transpose_add``: a Conv or ConvTranspose times
   or plus a finite constant with one value per output channel (1 on every other axis, not raising the rank).
+* ``batchnorm_mul``, ``batchnorm_add``: an inference-mode BatchNormalization times or plus a finite constant
+  with one value per channel becomes one BatchNormalization with ``scale * s`` and ``B * s`` (or ``B + s``):
+  the per-channel Scale layer that Caffe and Caffe2 converters write after each BatchNormalization.
 * ``gemm_mul``: ``Gemm(A, B, C) * s`` -> ``Gemm(A, B * s, C * s)`` for a finite constant ``s`` with one value
   per column of the ``[M, N]`` result (shape ``[N]``, ``[1, N]`` or one value), scaling the columns of
   ``op(B)`` (the rows of ``B`` under ``transB``); ``alpha`` and ``beta`` stay, since ``alpha * A B s + beta
@@ -209,6 +212,16 @@ class _ConvChannelRule(RewriteRule):
         return getattr(op, self.conv_op)(m["x"], weight_input, bias_input, _name=conv.name, **m.attrs(self.conv_op))
 
 
+def batchnorm_inference_reason(m: Match) -> str | None:
+    """Why the matched BatchNormalization may use batch statistics, or ``None`` when it is in inference mode."""
+    if m.attr("BatchNormalization", "training_mode", 0) or m.attr("BatchNormalization", "spatial", 1) != 1:
+        return "BatchNormalization is in training mode or not spatial"
+    # Before opset 7, is_test=0 (the default) asks for batch statistics, i.e. training mode.
+    if (m.opset() or 0) < 7 and not m.attr("BatchNormalization", "is_test", 0):
+        return "BatchNormalization before opset 7 without is_test uses batch statistics"
+    return None
+
+
 class ConvBatchNormToConv(_ConvChannelRule):
     """Replaces BatchNormalization(Conv(x, w, b)) in inference mode with Conv(x, w', b')."""
 
@@ -218,12 +231,7 @@ class ConvBatchNormToConv(_ConvChannelRule):
         return op.BatchNormalization(self.conv_pattern(op, x, w, b), scale, offset, mean, var)
 
     def check(self, m: Match) -> MatchResult:
-        if m.attr("BatchNormalization", "training_mode", 0) or m.attr("BatchNormalization", "spatial", 1) != 1:
-            return m.fail("BatchNormalization is in training mode or not spatial")
-        # Before opset 7, is_test=0 (the default) asks for batch statistics, i.e. training mode.
-        if (m.opset() or 0) < 7 and not m.attr("BatchNormalization", "is_test", 0):
-            return m.fail("BatchNormalization before opset 7 without is_test uses batch statistics")
-        reason = self.conv_reason(m)
+        reason = batchnorm_inference_reason(m) or self.conv_reason(m)
         if reason:
             return m.fail(reason)
         params = [m.value(n) for n in ("scale", "offset", "mean", "var")]
@@ -302,6 +310,72 @@ class ConvTransposeAddToConvTranspose(ConvAddToConv):
 
     name = "conv_transpose_add"
     conv_op = "ConvTranspose"
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNormalization
+
+
+class _BatchNormAffineToBatchNorm(RewriteRule):
+    """Shared check of an inference-mode BatchNormalization followed by a per-channel constant Mul or Add."""
+
+    # Mul and Add broadcast the numpy way from opset 7 on; before, by their legacy axis rule.
+    min_opset = 7
+
+    def check(self, m: Match) -> MatchResult:
+        reason = batchnorm_inference_reason(m)
+        if reason:
+            return m.fail(reason)
+        shape = m.shape("x")
+        if shape is None or len(shape) < 2:
+            return m.fail("the normalized input's rank is not known")
+        scale, offset = m.value("scale"), m.value("offset")
+        if scale is None or offset is None or scale.ndim != 1 or offset.shape != scale.shape:
+            return m.fail("BatchNormalization's scale and bias are not constants of one value per channel")
+        reason = finite_constant(m, "s", m.dtype("x"))
+        if reason:
+            return m.fail(reason)
+        if self.channel_values(m) is None:
+            return m.fail(f"the constant of shape {list(m.value('s').shape)} is not one value per channel")
+        return m.ok()
+
+    def channel_values(self, m: Match) -> np.ndarray | None:
+        return per_channel(m.value("s"), len(m.shape("x")), m.value("scale").shape[0])
+
+    def normalization(self, op, m: Match, scale: np.ndarray, offset: np.ndarray):
+        node = m.node("BatchNormalization")
+        prefix = node.name or "batchnorm"
+        return op.BatchNormalization(
+            m["x"], op.const(scale.astype(m.value("scale").dtype), f"{prefix}_{self.name}_scale"),
+            op.const(offset.astype(m.value("offset").dtype), f"{prefix}_{self.name}_bias"), m["mean"], m["var"],
+            _name=node.name, **m.attrs("BatchNormalization"))
+
+
+class BatchNormMulToBatchNorm(_BatchNormAffineToBatchNorm):
+    """Replaces BatchNormalization(x, scale, B, mean, var) * s (one constant per channel) by one of scale * s, B * s."""
+
+    name = "batchnorm_mul"
+
+    def pattern(self, op, x, scale, offset, mean, var, s):
+        return op.Mul(op.BatchNormalization(x, scale, offset, mean, var), s)
+
+    def rewrite(self, op, m: Match):
+        factor = self.channel_values(m)
+        return self.normalization(op, m, m.value("scale").astype(np.float64) * factor,
+                                  m.value("offset").astype(np.float64) * factor)
+
+
+class BatchNormAddToBatchNorm(_BatchNormAffineToBatchNorm):
+    """Replaces BatchNormalization(x, scale, B, mean, var) + s, with ``s`` a constant per channel, by one with B + s."""
+
+    name = "batchnorm_add"
+
+    def pattern(self, op, x, scale, offset, mean, var, s):
+        return op.Add(op.BatchNormalization(x, scale, offset, mean, var), s)
+
+    def rewrite(self, op, m: Match):
+        shifted = m.value("offset").astype(np.float64) + self.channel_values(m)
+        return self.normalization(op, m, m.value("scale"), shifted)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -480,5 +554,5 @@ class MatMulAddToGemm(RewriteRule):
 
 
 RULES = (ConvBatchNormToConv(), ConvTransposeBatchNormToConvTranspose(), ConvMulToConv(), ConvAddToConv(),
-         ConvTransposeMulToConvTranspose(), ConvTransposeAddToConvTranspose(), GemmMulToGemm(), GemmAddToGemm(),
-         MatMulMulToMatMul(), MatMulAddToGemm())
+         ConvTransposeMulToConvTranspose(), ConvTransposeAddToConvTranspose(), BatchNormMulToBatchNorm(),
+         BatchNormAddToBatchNorm(), GemmMulToGemm(), GemmAddToGemm(), MatMulMulToMatMul(), MatMulAddToGemm())

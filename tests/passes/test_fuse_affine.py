@@ -1,4 +1,4 @@
-"""Tests of ``fuse``'s folds of per-channel constants into ConvTranspose, Gemm and MatMul weights and bias.
+"""Tests of ``fuse``'s folds of per-channel constants into ConvTranspose, BatchNormalization, Gemm and MatMul.
 
 Conv's own folds (``conv_batchnorm``, ``conv_mul``, ``conv_add``) and ``matmul_add_to_gemm`` are tested in
 ``test_fuse.py``; they live in the same module, ``passes/fusions/affine.py``.
@@ -172,6 +172,91 @@ def test_conv_transpose_mul_leaves_a_shared_weight_but_add_folds():
     optimized, result = fuse(model)
     assert result.stats["conv_transpose_add"] == 1
     assert_same_outputs(model, optimized, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# BatchNormalization + per-channel Mul / Add (Caffe's BatchNorm + Scale)
+
+
+def batchnorm_model(steps=(("Mul", (4, 1, 1)), ("Add", (4, 1, 1))), rank=4, channels=4, training_mode=0,
+                    scale_as_input=False, dtype=np.float32, opset=17, known_rank=True, output_shape=None, seed=0):
+    """x -> BatchNormalization -> one Mul or Add by a constant per step -> y."""
+    rng = np.random.default_rng(seed)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    params = {"scale": rng.uniform(0.5, 2.0, channels), "offset": rng.standard_normal(channels),
+              "mean": rng.standard_normal(channels), "var": rng.uniform(0.1, 2.0, channels)}
+    shape = [2, channels, *(3,) * (rank - 2)]
+    inputs = [value("x", elem, shape)]
+    nodes = []
+    if not known_rank:  # a Reshape to a run-time shape of unknown length hides the rank
+        inputs = [value("flat", elem, [int(np.prod(shape))]), value("dims", TensorProto.INT64, ["k"])]
+        nodes.append(helper.make_node("Reshape", ["flat", "dims"], ["x"]))
+    inits = []
+    for name, values in params.items():
+        if name == "scale" and scale_as_input:
+            inputs.append(value(name, elem, [channels]))
+        else:
+            inits.append(tensor(name, values.astype(dtype)))
+    attrs, statistics = ({"training_mode": 1}, ["running_mean", "running_var"]) if training_mode else ({}, [])
+    nodes.append(helper.make_node("BatchNormalization", ["x", *params], ["n0", *statistics], name="bn", epsilon=1e-3,
+                                  **attrs))
+    for index, (op_type, const_shape) in enumerate(steps):
+        constant = rng.uniform(-2.0, 2.0, const_shape).astype(dtype)
+        inits.append(tensor(f"s{index}", constant))
+        nodes.append(helper.make_node(op_type, [f"n{index}", f"s{index}"], [f"n{index + 1}"], name=f"affine{index}"))
+    nodes.append(helper.make_node("Identity", [f"n{len(steps)}"], ["y"]))
+    return make_model(nodes, inputs, [value("y", elem, output_shape or shape)], inits, opset=opset)
+
+
+@pytest.mark.parametrize("steps", [
+    (("Mul", (4, 1, 1)), ("Add", (4, 1, 1))),
+    (("Mul", (1, 4, 1, 1)),),
+    (("Add", ()),),
+    (("Mul", (1,)), ("Mul", (4, 1, 1)), ("Add", (1, 4, 1, 1))),
+], ids=["caffe-scale", "mul-1C11", "add-scalar", "three"])
+def test_batchnorm_absorbs_per_channel_mul_and_add(steps):
+    model = batchnorm_model(steps)
+    optimized, result = fuse(model)
+    for op_type in ("Mul", "Add"):
+        applied = sum(step[0] == op_type for step in steps)
+        assert result.stats.get(f"batchnorm_{op_type.lower()}", 0) == applied
+    assert op_counts(optimized) == {"BatchNormalization": 1, "Identity": 1}
+    assert attrs_of(optimized, "BatchNormalization")["epsilon"] == pytest.approx(1e-3)
+    assert_same_outputs(model, optimized, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_absorbs_a_scale_on_a_3d_input_and_in_float16():
+    model = batchnorm_model(rank=3, steps=(("Mul", (4, 1)), ("Add", (4, 1))), dtype=np.float16)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"BatchNormalization": 1, "Identity": 1}
+    assert_same_outputs(model, optimized, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["spatial-constant", "rank-raising", "training", "runtime-scale", "unknown-rank",
+                                  "not-finite"])
+def test_batchnorm_affine_that_cannot_fold_stays(case):
+    steps = {"spatial-constant": (("Mul", (4, 3, 3)),), "rank-raising": (("Add", (1, 1, 4, 1, 1)),)}.get(
+        case, (("Mul", (4, 1, 1)),))
+    model = batchnorm_model(steps, training_mode=case == "training", scale_as_input=case == "runtime-scale",
+                            known_rank=case != "unknown-rank", opset=15,
+                            output_shape=[1, 2, 4, 3, 3] if case == "rank-raising" else None)
+    if case == "not-finite":
+        model.graph.initializer[-1].CopyFrom(tensor("s0", np.full((4, 1, 1), np.inf, np.float32)))
+    if case == "training":
+        optimized, result = fuse(model)
+        assert not result.stats.get("batchnorm_mul")
+        return
+    optimized, result = fuse(model)
+    assert not result.stats.get("batchnorm_mul") and not result.stats.get("batchnorm_add")
+    feeds = None
+    if case == "runtime-scale":
+        rng = np.random.default_rng(1)
+        feeds = {"x": rng.standard_normal((2, 4, 3, 3)).astype(np.float32),
+                 "scale": rng.uniform(0.5, 2.0, 4).astype(np.float32)}
+    elif case == "unknown-rank":
+        feeds = {"flat": np.random.default_rng(1).standard_normal(72).astype(np.float32),
+                 "dims": np.array([2, 4, 3, 3], np.int64)}
+    assert_same_outputs(model, optimized, feeds)
 
 
 # ---------------------------------------------------------------------------------------------------
