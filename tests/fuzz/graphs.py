@@ -936,7 +936,8 @@ class Builder:
         return y
 
     def channel_affine(self, y: Value) -> Value:
-        """Mul or Add of a constant with one value per channel (or one in all): fuse folds it into a Conv."""
+        """Mul or Add of a constant with one value per channel (or one in all): fuse folds it into a Conv or
+        BatchNormalization."""
         m, rank = y.shape[1], y.rank
         shape = self.choice([(m,) + (1,) * (rank - 2), (1, m) + (1,) * (rank - 2), (), (1,), (m, 1, 1, 1)[:rank]])
         op = self.choice(["Mul", "Add"])
@@ -1135,7 +1136,11 @@ class Builder:
         op = self.choice(["BatchNormalization", "LayerNormalization", "InstanceNormalization"])
         if op == "BatchNormalization":
             x = self.pick_float(min_rank=2, dtypes=(F32,), accept=lambda v: v.shape[1] <= 16)
-            return self.batchnorm(x)
+            y = self.batchnorm(x)
+            # Caffe's Scale layer after the normalization: fuse folds it into the scale and bias.
+            for _ in range(self.integer(0, 2) if self.chance(0.4) else 0):
+                y = self.channel_affine(y)
+            return y
         epsilon = self.choice([1e-3, 1e-2, 0.1])
         if op == "InstanceNormalization":
             x = self.image(dtypes=(F32,))
