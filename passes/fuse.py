@@ -27,7 +27,8 @@ The fusion library in ``passes/fusions`` adds, each module's docstring saying wh
   forms, gamma and beta folded in [``layer_norm``, ``layer_norm_affine``, ``rms_norm``, ``norm_scale``,
   ``layer_norm_bias``];
 * ``activations``: Gelu (opset 20, erf and tanh forms), HardSigmoid, HardSwish (opset 14) and Mish (opset
-  18) from element-wise chains [``gelu_erf``, ``gelu_tanh``, ``hard_sigmoid``, ``hard_swish``, ``mish``];
+  18) and Swish (opset 24, not for onnxruntime) from element-wise chains [``gelu_erf``, ``gelu_tanh``,
+  ``hard_sigmoid``, ``hard_swish``, ``mish``, ``swish``];
 * ``reshapes``: Reshape/Flatten/Squeeze/Unsqueeze pairs as one Reshape, shape no-ops removed
   [``reshape_chain``, ``noop_reshape``, ``noop_concat``, ``noop_variadic``, ``noop_split``, ``noop_tile``,
   ``noop_identity``]; a Reshape pair around an element-wise region dropped by computing the region in

@@ -11,6 +11,9 @@
 * ``hard_swish`` (opset 14): ``x * HardSigmoid(x)`` with alpha 1/6 and beta 0.5, and ``x * relu6(x + 3) / 6``
   in any order -> ``HardSwish(x)``.
 * ``mish`` (opset 18): ``x * tanh(softplus(x))``, softplus as ``Softplus`` or ``log(exp(x) + 1)`` -> ``Mish(x)``.
+* ``swish`` (opset 24): ``x * sigmoid(x)`` (SiLU) and ``x * sigmoid(alpha * x)`` -> ``Swish(x, alpha)``. Not for
+  onnxruntime: 1.32 runs Swish as its function body (Cast, Mul, Sigmoid, Mul), which its QuickGelu fusion no
+  longer recognises, so the two-operator form is faster there.
 
 Every constant is compared within ``ULPS`` units in the last place of its type; anything else is left alone. The
 fused operators compute the same function in the input's type (float32 and float16 only), so the
@@ -24,6 +27,7 @@ import math
 
 import numpy as np
 
+from onnxopt.pass_infra import Target
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
 from .common import ALL_TARGETS, NOT_TENSORRT, ULPS, close, constants_keep_rank, fusable_float, rank, scalar
@@ -82,6 +86,11 @@ def hard_swish_pattern(op, x, low, high, k):
 def mish_pattern(op, x):
     """``x * tanh(softplus(x))``, softplus written as ``Softplus(x)`` or ``log(exp(x) + 1)``."""
     return op.Mul(x, op.Tanh(op.either(op.Softplus(x), op.Log(op.Add(op.Exp(x), 1)))))
+
+
+def swish_pattern(op, x, alpha):
+    """``x * sigmoid(x)`` or ``x * sigmoid(alpha * x)``."""
+    return op.Mul(x, op.Sigmoid(op.either(x, op.Mul(x, alpha))))
 
 
 def check_activation(m: Match) -> MatchResult:
@@ -237,4 +246,26 @@ class MishFromParts(RewriteRule):
         return op.Mish(m["x"])
 
 
-RULES = (GeluFromErf(), GeluFromTanh(), HardSigmoidFromClamp(), HardSwishFromParts(), MishFromParts())
+class SwishFromParts(RewriteRule):
+    """Replaces x * sigmoid(x) and x * sigmoid(alpha * x) with Swish(x, alpha)."""
+
+    name = "swish"
+    min_opset = 24
+    targets = frozenset({Target.GENERIC, Target.OPENVINO})
+
+    def pattern(self, op, x, alpha):
+        return swish_pattern(op, x, alpha)
+
+    def check(self, m: Match) -> MatchResult:
+        result = check_activation(m)
+        if result and m["alpha"] is not None and scalar(m, "alpha") is None:
+            return m.fail("alpha is not one constant number")
+        return result
+
+    def rewrite(self, op, m: Match):
+        alpha = 1.0 if m["alpha"] is None else scalar(m, "alpha")
+        return op.Swish(m["x"], alpha=float(np.float32(alpha)))
+
+
+RULES = (GeluFromErf(), GeluFromTanh(), HardSigmoidFromClamp(), HardSwishFromParts(), MishFromParts(),
+         SwishFromParts())

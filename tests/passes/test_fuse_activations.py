@@ -222,6 +222,49 @@ def test_mish_before_opset_18_does_not_fire():
     unchanged(mish_model(opset=17), "mish")
 
 
+# ---------------------------------------------------------------------------------------------------
+# Swish
+
+
+def swish_model(alpha=None, opset=24, alpha_first=False, sigmoid_first=False, dtype=np.float32):
+    b = Builder(opset, dtype)
+    inner = "x"
+    if alpha is not None:
+        constant = b.const(alpha)
+        inner = b.node("Mul", constant, "x") if alpha_first else b.node("Mul", "x", constant)
+    sigmoid = b.node("Sigmoid", inner)
+    return b.model(b.node("Mul", sigmoid, "x") if sigmoid_first else b.node("Mul", "x", sigmoid), SHAPE)
+
+
+@pytest.mark.parametrize("alpha,alpha_first,sigmoid_first", [(None, False, False), (None, False, True),
+                                                             (1.702, False, False), (0.5, True, True)],
+                         ids=["silu", "silu-swapped", "alpha", "alpha-swapped"])
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.OPENVINO])
+def test_swish_from_parts(alpha, alpha_first, sigmoid_first, target):
+    optimized = expect(swish_model(alpha, alpha_first=alpha_first, sigmoid_first=sigmoid_first), {"Swish": 1},
+                       "swish", target=target)
+    node = optimized.graph.node[0]
+    assert helper.get_attribute_value(node.attribute[0]) == pytest.approx(alpha or 1.0)
+
+
+def test_float16_swish():
+    model = swish_model(1.5, dtype=np.float16)
+    optimized, _ = fuse(model)
+    assert op_counts(optimized) == {"Swish": 1}
+    assert_same_outputs(model, optimized, feeds(np.float16), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("case", ["opset-23", "onnxruntime", "tensor-alpha"])
+def test_swish_does_not_fire(case):
+    if case == "tensor-alpha":
+        b = Builder(24)
+        sigmoid = b.node("Sigmoid", b.node("Mul", "x", b.const(np.linspace(0.5, 2.0, SHAPE[-1]))))
+        unchanged(b.model(b.node("Mul", "x", sigmoid), SHAPE), "swish")
+        return
+    unchanged(swish_model(opset=23 if case == "opset-23" else 24), "swish",
+              target=Target.ORT if case == "onnxruntime" else Target.GENERIC)
+
+
 def test_float16_gelu():
     b = Builder(20, np.float16)
     cdf2 = b.node("Add", b.node("Erf", b.node("Div", "x", b.const(math.sqrt(2)))), b.const(1.0))
@@ -233,5 +276,5 @@ def test_float16_gelu():
 
 def test_onnx_checker_accepts_every_fused_activation():
     for model in (gelu_erf_model(), gelu_tanh_model(), hard_sigmoid_model("clip"), hard_swish_model("div"),
-                  mish_model()):
+                  mish_model(), swish_model(2.0)):
         onnx.checker.check_model(fuse(model)[0], full_check=True)
