@@ -5,7 +5,10 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
 * Transpose + Transpose -> one Transpose with the composed permutation, or nothing when they cancel
   [``transpose_transpose``]; a Transpose with the identity permutation is removed [``transpose_identity``].
 * Pad + Conv -> Conv [``pad_conv``], when the Pad adds zeros (constant mode, value 0) on spatial axes
-  only: the Conv's own ``pads`` add the same zeros.
+  only: the Conv's own ``pads`` (explicit or ``auto_pad=VALID``) add the same zeros. Pad + AveragePool ->
+  AveragePool with ``count_include_pad=1`` [``pad_average_pool``] for zeros, and Pad + MaxPool -> MaxPool
+  [``pad_max_pool``] for ``-inf``, which no maximum picks; both without ``ceil_mode`` and with pads smaller
+  than the kernel, which onnxruntime requires (a window then always sees the input).
 * No-ops at inference, replaced by their input: Dropout whose training mode is absent or the constant
   false (``is_test=1`` before opset 7) and whose mask is unused [``noop_dropout``]; Expand whose target
   shape is 1 or the input's known size on every axis without raising the rank [``noop_expand``]; Slice
@@ -126,12 +129,12 @@ def _copy_local_shapes(graph: gs.Graph, proto: onnx.GraphProto, outermost: bool)
                 _copy_local_shapes(sub, attr.g, outermost=False)
 
 
-def _pad_amounts(pad: gs.Node, rank: int) -> list[int] | None:
-    """The zero-padding amounts of a constant-mode Pad with value 0, or ``None``."""
+def _constant_padding(pad: gs.Node, rank: int) -> tuple[list[int], float] | None:
+    """``(amounts, value)`` of a constant-mode Pad on all ``rank`` axes with known, non-negative amounts."""
     if pad.attrs.get("mode", "constant") not in ("constant", b"constant"):
         return None
     if "pads" in pad.attrs:
-        amounts, value = list(pad.attrs["pads"]), pad.attrs.get("value", 0.0)
+        amounts, value = list(pad.attrs["pads"]), float(pad.attrs.get("value", 0.0))
     else:
         if len(pad.inputs) < 2 or (len(pad.inputs) > 3 and pad.inputs[3].name):
             return None
@@ -145,9 +148,15 @@ def _pad_amounts(pad: gs.Node, rank: int) -> list[int] | None:
             if constant is None or constant.size != 1:
                 return None
             value = float(constant.reshape(-1)[0])
-    if value != 0.0 or len(amounts) != 2 * rank or any(a < 0 for a in amounts):
+    if len(amounts) != 2 * rank or any(a < 0 for a in amounts):
         return None
-    return amounts
+    return amounts, value
+
+
+def _pad_amounts(pad: gs.Node, rank: int) -> list[int] | None:
+    """The zero-padding amounts of a constant-mode Pad with value 0, or ``None``."""
+    padding = _constant_padding(pad, rank)
+    return padding[0] if padding is not None and padding[1] == 0.0 else None
 
 
 def _perm(node: gs.Node) -> list[int] | None:
@@ -171,8 +180,8 @@ class PadConvToConv(RewriteRule):
         return op.Conv(op.Pad(x, _allow_other_inputs=True), w, op.optional(b))
 
     def check(self, m: Match) -> MatchResult:
-        if m.attr("Conv", "auto_pad", "NOTSET") != "NOTSET":
-            return m.fail("Conv uses auto_pad")
+        if m.attr("Conv", "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return m.fail("Conv pads by auto_pad")
         shape = m.shape("w")
         if shape is None:
             return m.fail("the rank of the Conv weight is unknown")
@@ -195,7 +204,91 @@ class PadConvToConv(RewriteRule):
         begins = [conv_pads[i] + amounts[2 + i] for i in range(spatial)]
         ends = [conv_pads[spatial + i] + amounts[rank + 2 + i] for i in range(spatial)]
         attrs["pads"] = begins + ends
+        attrs.pop("auto_pad", None)  # VALID: no padding of its own, and pads may not be given beside it
         return op.Conv(m["x"], m["w"], m["b"], _name=m.node("Conv").name, **attrs)
+
+
+class _PadPoolToPool(RewriteRule):
+    """Constant padding before a pooling operator becomes the pooling's own ``pads``."""
+
+    pool_op: ClassVar[str]
+    pad_value: ClassVar[float]
+
+    def pattern(self, op, x):
+        return getattr(op, self.pool_op)(op.Pad(x, _allow_other_inputs=True))
+
+    def padding(self, m: Match) -> list[int] | None:
+        kernel = m.attr(self.pool_op, "kernel_shape", None)
+        if kernel is None:
+            return None
+        padding = _constant_padding(m.node("Pad"), 2 + len(kernel))
+        if padding is None or padding[1] != self.pad_value:
+            return None
+        return padding[0]
+
+    def combined_pads(self, m: Match) -> list[int]:
+        kernel = list(m.attr(self.pool_op, "kernel_shape"))
+        spatial, amounts = len(kernel), self.padding(m)
+        own = list(m.attr(self.pool_op, "pads", [0] * (2 * spatial)))
+        return ([own[i] + amounts[2 + i] for i in range(spatial)]
+                + [own[spatial + i] + amounts[spatial + 4 + i] for i in range(spatial)])
+
+    def check(self, m: Match) -> MatchResult:
+        pool = m.node(self.pool_op)
+        if m.attr(self.pool_op, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            return m.fail(f"{self.pool_op} pads by auto_pad")
+        if m.attr(self.pool_op, "ceil_mode", 0):
+            return m.fail("ceil_mode windows may start in the padding")
+        if len(pool.outputs) > 1 and pool.outputs[1].outputs:
+            return m.fail("MaxPool's indices would count positions of the unpadded input")
+        amounts = self.padding(m)
+        if amounts is None:
+            return m.fail(f"Pad is not a constant padding by {self.pad_value} with known amounts")
+        kernel = list(m.attr(self.pool_op, "kernel_shape"))
+        rank = 2 + len(kernel)
+        if amounts[0] or amounts[1] or amounts[rank] or amounts[rank + 1]:
+            return m.fail("Pad pads the batch or channel axis")
+        pads = self.combined_pads(m)
+        # onnxruntime rejects pooling pads as large as the kernel; a window would then see only padding.
+        if any(pad >= size for pad, size in zip(pads, kernel + kernel)):
+            return m.fail("the padding would reach the kernel's size")
+        return m.ok()
+
+    def pool_attrs(self, m: Match) -> dict:
+        attrs = m.attrs(self.pool_op)
+        attrs["pads"] = self.combined_pads(m)
+        attrs.pop("auto_pad", None)
+        return attrs
+
+    def rewrite(self, op, m: Match):
+        return getattr(op, self.pool_op)(m["x"], _name=m.node(self.pool_op).name, **self.pool_attrs(m))
+
+
+class PadAveragePoolToAveragePool(_PadPoolToPool):
+    """Zero padding before an AveragePool becomes its ``pads``, with the padded zeros counted in each average."""
+
+    name = "pad_average_pool"
+    pool_op = "AveragePool"
+    pad_value = 0.0
+
+    def check(self, m: Match) -> MatchResult:
+        own = m.attr("AveragePool", "pads", None)
+        if own and any(own) and not m.attr("AveragePool", "count_include_pad", 0):
+            return m.fail("the AveragePool's own padding is not counted, the Pad's zeros are")
+        return super().check(m)
+
+    def pool_attrs(self, m: Match) -> dict:
+        attrs = super().pool_attrs(m)
+        attrs["count_include_pad"] = 1
+        return attrs
+
+
+class PadMaxPoolToMaxPool(_PadPoolToPool):
+    """Padding by -inf before a MaxPool becomes its ``pads``, which no maximum picks either."""
+
+    name = "pad_max_pool"
+    pool_op = "MaxPool"
+    pad_value = float("-inf")
 
 
 class TransposeTransposeToTranspose(RewriteRule):
@@ -400,8 +493,9 @@ class NoopCastPair(RewriteRule):
         return m["x"]
 
 
-RULES = ((PadConvToConv(),) + affine.RULES + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(),
-         NoopDropout(), NoopExpand(), NoopSlice(), NoopPad(), NoopCastPair())
+RULES = ((PadConvToConv(), PadAveragePoolToAveragePool(), PadMaxPoolToMaxPool()) + affine.RULES
+         + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(), NoopDropout(), NoopExpand(), NoopSlice(),
+            NoopPad(), NoopCastPair())
          + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES + rotary.RULES
          + horizontal.RULES)
 

@@ -1043,9 +1043,25 @@ class Builder:
             "ConvTranspose", inputs, [{"dtype": x.dtype, "shape": out_shape, "bound": bound, "stable": False}], **attrs
         )[0]
 
-    def op_pool(self) -> Value:
-        op = self.choice(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"])
-        x = self.image(dtypes=(F32, F16))
+    def op_pad_pool(self) -> Value:
+        """Pad by zeros before an AveragePool, or by -inf before a MaxPool: fuse moves the padding into the pool."""
+        op = self.choice(["MaxPool", "AveragePool"])
+        x = self.image(dtypes=(F32,))
+        rank = x.rank
+        begins = [self.integer(0, 2) for _ in range(rank - 2)]
+        ends = [self.integer(0, 2) for _ in range(rank - 2)]
+        shape = x.shape[:2] + tuple(d + a + b for d, a, b in zip(x.shape[2:], begins, ends))
+        if int(np.prod(shape)) > MAX_ELEMENTS:
+            raise Skip
+        pads = self.param(np.array([0, 0] + begins + [0, 0] + ends, np.int64))
+        fill = self.param(np.array(-np.inf if op == "MaxPool" else 0.0, np.float32))
+        padded = self.emit("Pad", [x, pads, fill], [{"dtype": x.dtype, "shape": shape, "bound": x.bound,
+                                                     "stable": False}])[0]
+        return self.op_pool(x=padded, op=op)
+
+    def op_pool(self, x: Value | None = None, op: str | None = None) -> Value:
+        op = op or self.choice(["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"])
+        x = x or self.image(dtypes=(F32, F16))
         n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
         if op.startswith("Global"):
             return self.emit(
@@ -1894,6 +1910,7 @@ class Builder:
         "op_if",
         "op_pad",
         "op_pad_conv",
+        "op_pad_pool",
         "op_cast_pair",
         "op_masked_softmax",
         "op_index",

@@ -607,7 +607,7 @@ def test_fuse_is_idempotent():
     assert op_counts(twice) == op_counts(once)
 
 
-def _pad_conv_model(pads, mode="constant", fill=None, opset=17):
+def _pad_conv_model(pads, mode="constant", fill=None, opset=17, conv_attrs=None):
     rng = np.random.default_rng(3)
     inits = [tensor("W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
              tensor("pads", np.array(pads, np.int64))]
@@ -616,7 +616,7 @@ def _pad_conv_model(pads, mode="constant", fill=None, opset=17):
         inits.append(tensor("value", np.array(fill, np.float32)))
         pad_inputs.append("value")
     nodes = [helper.make_node("Pad", pad_inputs, ["p"], mode=mode),
-             helper.make_node("Conv", ["p", "W"], ["y"], pads=[1, 0, 1, 0])]
+             helper.make_node("Conv", ["p", "W"], ["y"], **(conv_attrs or {"pads": [1, 0, 1, 0]}))]
     return make_model(nodes, [value("x", TensorProto.FLOAT, [1, 3, 8, 8])], [symbolic("y", TensorProto.FLOAT, 4)],
                       inits, opset=opset)
 
@@ -629,6 +629,81 @@ def test_zero_pad_folds_into_conv(pads):
     # A Pad of zeros everywhere is removed as a no-op before the Conv is looked at.
     assert result.stats["pad_conv"] + result.stats["noop_pad"] == 1
     assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("auto_pad", ["VALID", "SAME_UPPER"])
+def test_zero_pad_folds_into_a_valid_conv_only(auto_pad):
+    # tf2onnx and timm's TF-style "same" padding: an asymmetric Pad, then a stride-2 Conv with auto_pad=VALID.
+    model = _pad_conv_model([0, 0, 0, 0, 0, 0, 1, 1], conv_attrs={"auto_pad": auto_pad, "strides": [2, 2]})
+    optimized, result = fuse(model)
+    assert result.stats["pad_conv"] == (auto_pad == "VALID")
+    if auto_pad == "VALID":
+        conv = optimized.graph.node[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        assert op_counts(optimized) == {"Conv": 1} and "auto_pad" not in attrs and attrs["pads"] == [0, 0, 1, 1]
+    assert_same_outputs(model, optimized)
+
+
+def _pad_pool_model(pool, pads, fill=None, pool_attrs=None, indices_used=False, opset=17):
+    inits = [tensor("pads", np.array(pads, np.int64))]
+    pad_inputs = ["x", "pads"]
+    if fill is not None:
+        inits.append(tensor("value", np.array(fill, np.float32)))
+        pad_inputs.append("value")
+    attrs = {"kernel_shape": [3, 3], **(pool_attrs or {})}
+    outputs = ["y", "indices"] if indices_used else ["y"]
+    nodes = [helper.make_node("Pad", pad_inputs, ["p"]), helper.make_node(pool, ["p"], outputs, **attrs)]
+    graph_outputs = [symbolic("y", TensorProto.FLOAT, 4)]
+    if indices_used:
+        graph_outputs.append(symbolic("indices", TensorProto.INT64, 4))
+    return make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3, 9, 8])], graph_outputs, inits, opset=opset)
+
+
+@pytest.mark.parametrize("pool,fill", [("AveragePool", None), ("AveragePool", 0.0), ("MaxPool", -np.inf)])
+@pytest.mark.parametrize("pads,pool_attrs", [
+    ([0, 0, 1, 2, 0, 0, 2, 0], {}),
+    ([0, 0, 0, 0, 0, 0, 1, 1], {"strides": [2, 2], "auto_pad": "VALID"}),
+    ([0, 0, 1, 0, 0, 0, 0, 1], {"strides": [2, 1], "pads": [1, 0, 0, 1], "count_include_pad": 1}),
+    ([0, 0, 1, 1, 0, 0, 1, 1], {"dilations": [2, 1], "opset": 19}),
+], ids=["asymmetric", "valid-strided", "with-own-pads", "dilated"])
+def test_pad_folds_into_pooling(pool, fill, pads, pool_attrs):
+    pool_attrs = dict(pool_attrs)
+    opset = pool_attrs.pop("opset", 17)
+    if pool == "MaxPool":
+        pool_attrs.pop("count_include_pad", None)
+    model = _pad_pool_model(pool, pads, fill, pool_attrs, opset=opset)
+    optimized, result = fuse(model)
+    assert result.stats["pad_average_pool" if pool == "AveragePool" else "pad_max_pool"] == 1
+    assert op_counts(optimized) == {pool: 1}
+    rng = np.random.default_rng(4)
+    # Negative inputs: a MaxPool that took a padded 0 for a maximum would show.
+    assert_same_outputs(model, optimized, {"x": rng.uniform(-3.0, -1.0, (2, 3, 9, 8)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("case", ["maxpool-zeros", "average-own-pads-uncounted", "ceil-mode", "pad-reaches-kernel",
+                                  "indices-used", "same-upper", "channel-axis"])
+def test_pad_that_cannot_fold_into_pooling_stays(case):
+    pool, fill, pads, attrs = "AveragePool", None, [0, 0, 1, 1, 0, 0, 1, 1], {}
+    if case == "maxpool-zeros":
+        pool = "MaxPool"
+    elif case == "average-own-pads-uncounted":
+        attrs = {"pads": [1, 0, 0, 0]}
+    elif case == "ceil-mode":
+        attrs = {"ceil_mode": 1, "strides": [2, 2]}
+    elif case == "pad-reaches-kernel":
+        pads = [0, 0, 3, 0, 0, 0, 0, 0]
+    elif case == "indices-used":
+        pool, fill = "MaxPool", -np.inf
+    elif case == "same-upper":
+        attrs = {"auto_pad": "SAME_UPPER"}
+    elif case == "channel-axis":
+        pads = [0, 1, 1, 1, 0, 0, 1, 1]
+    model = _pad_pool_model(pool, pads, fill, attrs, indices_used=case == "indices-used")
+    optimized, result = fuse(model)
+    assert not result.stats.get("pad_average_pool") and not result.stats.get("pad_max_pool")
+    assert op_counts(optimized) == {"Pad": 1, pool: 1}
+    rng = np.random.default_rng(4)
+    assert_same_outputs(model, optimized, {"x": rng.uniform(-3.0, 3.0, (2, 3, 9, 8)).astype(np.float32)})
 
 
 @pytest.mark.parametrize("pads, mode, fill", [
