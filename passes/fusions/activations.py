@@ -11,7 +11,7 @@
 * ``hard_swish`` (opset 14): ``x * HardSigmoid(x)`` with alpha 1/6 and beta 0.5, and ``x * relu6(x + 3) / 6``
   in any order -> ``HardSwish(x)``.
 * ``mish`` (opset 18): ``x * tanh(softplus(x))``, softplus as ``Softplus`` or ``log(exp(x) + 1)`` -> ``Mish(x)``.
-* ``swish`` (opset 24): ``x * sigmoid(x)`` (SiLU) and ``x * sigmoid(alpha * x)`` -> ``Swish(x, alpha)``. Not for
+* ``swish`` (opset 24 only, see the rule): ``x * sigmoid(x)`` (SiLU) and ``x * sigmoid(alpha * x)`` -> ``Swish(x, alpha)``. Not for
   onnxruntime: 1.32 runs Swish as its function body (Cast, Mul, Sigmoid, Mul), which its QuickGelu fusion no
   longer recognises, so the two-operator form is faster there.
 
@@ -251,6 +251,9 @@ class SwishFromParts(RewriteRule):
 
     name = "swish"
     min_opset = 24
+    # Swish is a function operator; onnxruntime 1.32 expands it only in models of opset 24 and finds no
+    # kernel in newer ones, so the output would not run (nor verify) there.
+    max_opset = 24
     targets = frozenset({Target.GENERIC, Target.OPENVINO})
 
     def pattern(self, op, x, alpha):
