@@ -1014,9 +1014,14 @@ def subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
 def all_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graph and every subgraph nested in its nodes' attributes, outermost first."""
     yield graph
+    # ``subgraphs`` inlined: passes walk every graph many times, and most nodes hold none.
     for node in graph.nodes:
-        for sub in subgraphs(node):
-            yield from all_graphs(sub)
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield from all_graphs(value)
+            elif isinstance(value, list) and value and isinstance(value[0], gs.Graph):
+                for sub in value:
+                    yield from all_graphs(sub)
 
 
 def all_nodes(graph: gs.Graph) -> Iterator[gs.Node]:

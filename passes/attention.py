@@ -104,7 +104,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt import ir
-from onnxopt.pass_infra import PassContext, Target
+from onnxopt.pass_infra import PassContext, PassResult, Target
 from onnxopt.pattern import Match, MatchResult, Replacement, RewritePass, RewriteRule
 
 ORT_DOMAIN = "com.microsoft"
@@ -1097,7 +1097,7 @@ RULES = (SdpaToAttention(), SdpaToMultiHeadAttention(), OrtSdpaToAttention())
 @dataclass(frozen=True)
 class ContribRewritePass(RewritePass):
     """A rule pass that may emit onnxruntime's contrib operators: for ``--target ort`` the model imports
-    their domain before the rules run."""
+    their domain while the rules run, and keeps the import only if an operator of it is used."""
 
     needs_shapes: ClassVar[bool] = True
 
@@ -1105,6 +1105,15 @@ class ContribRewritePass(RewritePass):
         if ctx.target == Target.ORT:
             import_domain(graph, ORT_DOMAIN)
         super().prepare(graph, ctx)
+
+    def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
+        imported = ir.opset_version(graph, ORT_DOMAIN) is not None
+        result = super().run(graph, ctx)
+        # An import left unused would be dce's to drop, a change every round: the pipeline would never
+        # reach its fixed point.
+        if not imported and not any(node.domain == ORT_DOMAIN for node in ir.all_nodes(graph)):
+            graph.import_domains = [d for d in graph.import_domains or [] if d.domain != ORT_DOMAIN]
+        return result
 
 
 @dataclass(frozen=True)
