@@ -18,7 +18,9 @@ An operator counts as *fused* when only a fusion (the engine's or onnxopt's) can
 For OpenVINO the census reads the compiled model's runtime graph (``compiled.get_runtime_model()``),
 whose node types are the CPU plugin's (FullyConnected, MVN, ScaledDotProductAttention, Subgraph, ...);
 there every type that is not the name of an ONNX operator counts as fused, but for graph ends,
-constants, layout or precision conversions and single operators under other names (Convolution, Eltwise).
+constants, layout or precision conversions, single operators under other names (Convolution, Eltwise)
+and nodes that compute on shapes only (counted under the domain ``SHAPE_ONLY``): shape arithmetic the
+plugin fused into a Subgraph is gone once onnxopt folds it, which loses no fusion of the model's compute.
 
 A fused type that occurs fewer times after onnxopt than without it is a *regression*, unless a larger
 fusion that gained nodes can have taken them in (``ABSORBERS``): an attention operator takes in the
@@ -53,8 +55,8 @@ import onnx
 
 from onnxopt import ir
 
-__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "TARGETS", "Census", "CensusRow", "RuntimeGraph",
-           "fusion_census", "is_fused", "runtime_graph"]
+__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "SHAPE_ONLY", "TARGETS", "Census", "CensusRow",
+           "RuntimeGraph", "fusion_census", "is_fused", "runtime_graph"]
 
 TARGETS = ("ort", "openvino")
 
@@ -92,6 +94,10 @@ DECLINED: dict[str, tuple[tuple[str, ...], str]] = {
 _OPENVINO_PLAIN = frozenset({"Input", "Output", "Const", "Reorder", "Convert", "Convolution", "Deconvolution",
                              "Pooling", "Eltwise", "Concatenation", "Broadcast", "Reduce", "ShapeOf",
                              "StridedSlice", "Select", "Interpolate"})
+
+# The domain under which the OpenVINO census counts nodes that compute on shapes only (their inputs come
+# from ShapeOf and constants): a Subgraph of shape arithmetic that folding removed is no lost fusion.
+SHAPE_ONLY = "shape-only"
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -291,8 +297,18 @@ def _openvino_counts(path: Path) -> Counter:
         raise RuntimeError("openvino is not installed (pip install 'onnxopt[openvino]')") from None
     core = openvino.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_NUM_THREADS": "1"})
-    runtime = compiled.get_runtime_model()
-    return Counter(("", op.get_rt_info()["layerType"].astype(str)) for op in runtime.get_ordered_ops())
+    counts: Counter = Counter()
+    reads_data: dict[str, bool] = {}  # op name -> whether its result depends on the inputs' values
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        layer_type = op.get_rt_info()["layerType"].astype(str)
+        if layer_type in ("ShapeOf", "Const"):
+            data = False
+        else:
+            data = layer_type == "Input" or any(
+                reads_data.get(port.get_source_output().get_node().get_name(), True) for port in op.inputs())
+        reads_data[op.get_name()] = data
+        counts[("" if data else SHAPE_ONLY, layer_type)] += 1
+    return counts
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -306,7 +322,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
 def is_fused(domain: str, op_type: str, target: str = "ort") -> bool:
     """Whether a node of the engine's graph can only come from a fusion (see the module docstring)."""
     if target == "openvino":
-        return op_type not in _OPENVINO_PLAIN and not onnx.defs.has(op_type)
+        return domain != SHAPE_ONLY and op_type not in _OPENVINO_PLAIN and not onnx.defs.has(op_type)
     return domain not in _STANDARD_DOMAINS or op_type in FUSED_STANDARD_OPS
 
 

@@ -7,13 +7,14 @@ import json
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 from helpers import make_model, tensor, value
 from onnx import helper
 from rich.console import Console
 
 from onnxopt import ir
-from onnxopt.census import Census, RuntimeGraph, fusion_census, is_fused, runtime_graph
+from onnxopt.census import SHAPE_ONLY, Census, RuntimeGraph, fusion_census, is_fused, runtime_graph
 
 HIDDEN = 8
 
@@ -115,6 +116,26 @@ def test_openvino_runtime_graph():
     assert not is_fused("", "Reorder", "openvino") and is_fused("", "FullyConnected", "openvino")
     # OpenVINO's names for Slice, Where and Resize: one ONNX operator each, no fusion.
     assert not any(is_fused("", op, "openvino") for op in ("StridedSlice", "Select", "Interpolate"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino is not installed")
+def test_openvino_nodes_on_shapes_only_are_no_fusion():
+    # DeBERTa's TorchScript export: OpenVINO fused shape arithmetic into Subgraphs, which folding removes;
+    # the census called that a lost fusion.
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, M] x) => (float[N, M] y) {
+            shape = Shape(x)
+            count = ReduceProd<keepdims = 1>(shape)
+            divisor = Cast<to = 1>(count)
+            y = Div(x, divisor)
+        }""")
+    graph = runtime_graph(model, target="openvino")
+    assert graph.ok, graph.error
+    shape_only = {op for (domain, op) in graph.counts if domain == SHAPE_ONLY}
+    assert "ShapeOf" in shape_only and graph.counts[("", "Eltwise")] == 1  # the division reads x's values
+    assert not any(is_fused(SHAPE_ONLY, op, "openvino") for op in ("Subgraph", *shape_only))
+    assert is_fused("", "Subgraph", "openvino")
 
 
 
