@@ -195,7 +195,9 @@ MAX_PARTIAL_ELEMENTS = 1024
 
 @dataclass(frozen=True)
 class PartialValue:
-    """A small integer tensor (rank 0 or 1) some of whose elements are known, as shapes often are.
+    """A small integer or boolean tensor (rank 0 or 1) some of whose elements are known, as shapes often are.
+
+    A ``str`` element is a dimension: a symbol of inferred shapes, never negative.
 
     The dtype is carried along rather than read from inferred types, which are missing where shape
     inference failed.
@@ -240,6 +242,30 @@ def _shape_of(node: gs.Node) -> PartialValue | None:
     end = node.attrs.get("end", rank)
     start, end = (max(0, min(rank, v + rank if v < 0 else v)) for v in (start, end))
     return PartialValue(tuple(dims[start:end]))
+
+
+def _equal(a: PartialValue, b: PartialValue) -> PartialValue | None:
+    """Equal of two partial values, element by element where it is decided.
+
+    Numbers compare as numbers, a symbol equals itself, and a dimension never equals a negative number:
+    TorchScript's Expand guards compare shapes built from ``Shape`` with -1.
+    """
+    if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
+        return None
+    result = []
+    for i in range(max(len(a.elements), len(b.elements))):
+        x = a.elements[0] if len(a.elements) == 1 else a.elements[i]
+        y = b.elements[0] if len(b.elements) == 1 else b.elements[i]
+        if isinstance(x, int) and isinstance(y, int):
+            result.append(int(x == y))
+        elif isinstance(x, str) and x == y:
+            result.append(1)
+        elif (isinstance(x, str) and isinstance(y, int) and y < 0) or (isinstance(y, str) and isinstance(x, int)
+                                                                       and x < 0):
+            result.append(0)
+        else:
+            result.append(None)
+    return PartialValue(tuple(result), scalar=a.scalar and b.scalar, dtype=np.dtype(np.bool_))
 
 
 def _unsqueeze_axis_count(node: gs.Node) -> int | None:
@@ -307,7 +333,9 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         return PartialValue(first.elements, dtype=first.dtype)
     if op == "Squeeze" and not first.scalar and len(first.elements) == 1:
         return PartialValue(first.elements, scalar=True, dtype=first.dtype)
-    if op in _INT_ARITHMETIC and len(inputs) == 2 and inputs[1] is not None:
+    if op == "Equal" and len(inputs) == 2 and inputs[1] is not None:
+        return _equal(first, inputs[1])
+    if op in _INT_ARITHMETIC and len(inputs) == 2 and inputs[1] is not None and first.dtype.kind in "iu":
         a, b = first, inputs[1]
         if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
             return None
@@ -414,7 +442,8 @@ def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
     """Replaces shape computations whose result inferred shapes determine by constants; returns how many.
 
     ``Shape`` of a tensor with some static dimensions gives a partially known value; Gather, Slice,
-    Concat, Cast, Squeeze/Unsqueeze and integer arithmetic carry the known elements along, and a value
+    Concat, Cast, Squeeze/Unsqueeze, integer arithmetic and Equal carry the known elements along (a
+    dimension, even a dynamic one, is never equal to a negative number), and a value
     whose elements are all known becomes a constant (so ``Gather(Shape(x), 1)`` folds when dimension 1 of
     ``x`` is static, even if dimension 0 is dynamic). In a subgraph (``in_subgraph``), the producers of
     the subgraph's outputs stay: an output must be computed by a node of its own graph.

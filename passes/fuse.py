@@ -13,7 +13,8 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
   false (``is_test=1`` before opset 7) and whose mask is unused [``noop_dropout``]; Expand whose target
   shape is 1 or the input's known size on every axis without raising the rank [``noop_expand``]; Slice
   with step 1, start 0 and an end at or past each sliced axis' size [``noop_slice``]; Pad whose amounts
-  are all 0, in any mode [``noop_pad``].
+  are all 0, in any mode [``noop_pad``]; Where whose condition is the constant true (false) everywhere, by
+  the operand it picks when the others do not broadcast it to a larger shape [``constant_where``].
 * Cast(Cast(x, wider), back to x's type) -> x [``noop_cast_pair``], when every value of x's type is
   exactly representable in the wider type (e.g. float16 -> float32, int8 -> float16, int32 -> float64,
   bool -> any number), so the round trip gives back each value.
@@ -388,6 +389,49 @@ class NoopExpand(RewriteRule):
         return m["x"]
 
 
+def _broadcast_dims(*shapes: list) -> list | None:
+    """The shape ``shapes`` broadcast to, where every axis is decided (numbers, or one symbol); else ``None``."""
+    rank = max(len(shape) for shape in shapes)
+    result = []
+    for axis in range(rank):
+        dims = {shape[axis - rank + len(shape)] for shape in shapes if axis - rank + len(shape) >= 0} - {1}
+        if len(dims) > 1 or None in dims:
+            return None
+        result.append(dims.pop() if dims else 1)
+    return result
+
+
+class ConstantConditionWhere(RewriteRule):
+    """Replaces Where(c, x, y) whose condition is the constant true (or false) everywhere by x (or y)."""
+
+    name = "constant_where"
+
+    def pattern(self, op, condition, x, y):
+        return op.Where(condition, x, y)
+
+    def chosen(self, m: Match) -> str | None:
+        condition = m.value("condition")
+        if condition is None or condition.size == 0:
+            return None
+        if condition.all():
+            return "x"
+        return "y" if not condition.any() else None
+
+    def check(self, m: Match) -> MatchResult:
+        chosen = self.chosen(m)
+        if chosen is None:
+            return m.fail("the condition is not one constant value everywhere")
+        shapes = [list(m.value("condition").shape), m.shape("x"), m.shape("y")]
+        if any(shape is None for shape in shapes):
+            return m.fail("an operand's shape is unknown")
+        if _broadcast_dims(*shapes) != list(m.shape(chosen)):
+            return m.fail("the other operands broadcast the chosen one to another shape")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        return m[self.chosen(m)]
+
+
 _SLICE_END_ALL = 2**31 - 1  # exporters write INT_MAX or INT64_MAX for "to the end"
 
 
@@ -495,7 +539,7 @@ class NoopCastPair(RewriteRule):
 
 RULES = ((PadConvToConv(), PadAveragePoolToAveragePool(), PadMaxPoolToMaxPool()) + affine.RULES
          + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(), NoopDropout(), NoopExpand(), NoopSlice(),
-            NoopPad(), NoopCastPair())
+            NoopPad(), NoopCastPair(), ConstantConditionWhere())
          + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES + rotary.RULES
          + horizontal.RULES)
 

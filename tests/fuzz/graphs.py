@@ -1294,6 +1294,14 @@ class Builder:
         if out is None or int(np.prod(out)) > MAX_ELEMENTS:
             raise Skip
         shape = self.shape_tensor(tuple(target))
+        if self.chance(0.3):
+            # TorchScript's guard for -1 in an Expand target: Where(Equal(shape, -1), 1, shape).
+            size = len(target)
+            guard = self.emit("Equal", [shape, self.param(np.full(size, -1, np.int64))],
+                              [{"dtype": BOOL, "shape": (size,), "bound": 1.0}])[0]
+            shape = self.emit("Where", [guard, self.param(np.ones(size, np.int64)), shape],
+                              [{"dtype": I64, "shape": (size,), "bound": float(max(target)),
+                                "data": np.array(target, np.int64)}])[0]
         return self.emit("Expand", [x, shape], [{"dtype": x.dtype, "shape": out, "bound": x.bound}])[0]
 
     def op_tile(self) -> Value:

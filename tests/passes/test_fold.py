@@ -571,6 +571,45 @@ def test_integer_arithmetic_on_shape_elements():
         assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 8, 8), np.float32)})
 
 
+EXPAND_GUARD = """(float[N, 3, 4] x) => (float[N, 3, 4] y, bool[3] guard)
+    <int64 zero = {0}, int64[1] axes = {0}, int64[2] fixed = {3, 4}, int64[3] minus = {-1, -1, -1},
+     int64[3] ones = {1, 1, 1}> {
+      s = Shape(x)
+      n = Gather(s, zero)
+      n1 = Unsqueeze(n, axes)
+      target = Concat<axis = 0>(n1, fixed)
+      guard = Equal(target, minus)
+      safe = Where(guard, ones, target)
+      y = Expand(x, safe)
+    }"""
+
+
+def test_expand_guard_of_a_shape_folds():
+    # TorchScript writes Expand(x, Where(Equal(shape, -1), 1, shape)): a dimension is never -1, dynamic or not.
+    model = parse("g " + EXPAND_GUARD)
+    optimized, _ = fold(model)
+    np.testing.assert_array_equal(initializers(optimized)["guard"], [False, False, False])
+    assert "Equal" not in op_counts(optimized)
+    for batch in (1, 4):
+        assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 4), np.float32)})
+    fused = onnxopt.optimize(model, passes="fold,fuse,dce")
+    assert "Where" not in op_counts(fused)
+    assert_same_outputs(model, fused, {"x": np.arange(24, dtype=np.float32).reshape(2, 3, 4)})
+
+
+@pytest.mark.parametrize("constant,folded", [("{-1, -1, 4}", True), ("{2, -1, -1}", False)],
+                         ids=["mixed", "undecided"])
+def test_equal_of_a_shape_folds_only_where_every_element_is_decided(constant, folded):
+    # [N, 3, 4] == [-1, -1, 4] is [false, false, true] for every N; [N, 3, 4] == [2, -1, -1] depends on N.
+    model = parse("g " + EXPAND_GUARD.replace("int64[3] minus = {-1, -1, -1}", f"int64[3] minus = {constant}"))
+    optimized, _ = fold(model)
+    assert ("Equal" in op_counts(optimized)) != folded
+    if folded:
+        np.testing.assert_array_equal(initializers(optimized)["guard"], [False, False, True])
+    for batch in (1, 2):
+        assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 4), np.float32)})
+
+
 def test_cast_of_a_shape_element_that_overflows_the_target_type_is_not_folded():
     # Cast(300) to int8 wraps around in onnxruntime; folding must neither crash nor store 300.
     model = parse("""

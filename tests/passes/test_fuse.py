@@ -607,6 +607,36 @@ def test_fuse_is_idempotent():
     assert op_counts(twice) == op_counts(once)
 
 
+def _where_model(condition, x_shape=(2, 3), y_shape=(2, 3), condition_shape=(3,)):
+    rng = np.random.default_rng(6)
+    inits = [tensor("c", np.broadcast_to(np.array(condition, bool), condition_shape).copy())]
+    inputs = [value("x", TensorProto.FLOAT, list(x_shape)), value("y", TensorProto.FLOAT, list(y_shape))]
+    nodes = [helper.make_node("Where", ["c", "x", "y"], ["w"]), helper.make_node("Relu", ["w"], ["out"])]
+    model = make_model(nodes, inputs, [symbolic("out", TensorProto.FLOAT, 2)], inits)
+    feeds = {"x": rng.standard_normal(x_shape).astype(np.float32), "y": rng.standard_normal(y_shape).astype(np.float32)}
+    return model, feeds
+
+
+@pytest.mark.parametrize("condition,kept", [(True, "x"), (False, "y")])
+def test_where_with_a_constant_condition_picks_its_operand(condition, kept):
+    model, feeds = _where_model(condition)
+    optimized, result = fuse(model)
+    assert result.stats["constant_where"] == 1
+    assert op_counts(optimized) == {"Relu": 1} and list(optimized.graph.node[0].input) == [kept]
+    assert_same_outputs(model, optimized, feeds)
+
+
+@pytest.mark.parametrize("case", ["mixed", "broadcast-by-other", "broadcast-by-condition"])
+def test_where_that_must_stay(case):
+    kwargs = {"mixed": {"condition": [True, False, True]},
+              "broadcast-by-other": {"condition": True, "x_shape": (1, 3)},
+              "broadcast-by-condition": {"condition": True, "x_shape": (2, 1), "y_shape": (2, 1)}}[case]
+    model, feeds = _where_model(**kwargs)
+    optimized, result = fuse(model)
+    assert result.stats.get("constant_where", 0) == 0
+    assert_same_outputs(model, optimized, feeds)
+
+
 def _pad_conv_model(pads, mode="constant", fill=None, opset=17, conv_attrs=None):
     rng = np.random.default_rng(3)
     inits = [tensor("W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
