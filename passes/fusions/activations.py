@@ -11,9 +11,9 @@
 * ``hard_swish`` (opset 14): ``x * HardSigmoid(x)`` with alpha 1/6 and beta 0.5, and ``x * relu6(x + 3) / 6``
   in any order -> ``HardSwish(x)``.
 * ``mish`` (opset 18): ``x * tanh(softplus(x))``, softplus as ``Softplus`` or ``log(exp(x) + 1)`` -> ``Mish(x)``.
-* ``swish`` (opset 24 only, see the rule): ``x * sigmoid(x)`` (SiLU) and ``x * sigmoid(alpha * x)`` -> ``Swish(x, alpha)``. Not for
-  onnxruntime: 1.32 runs Swish as its function body (Cast, Mul, Sigmoid, Mul), which its QuickGelu fusion no
-  longer recognises, so the two-operator form is faster there.
+* ``swish`` (opset 24 only, see the rule): ``x * sigmoid(x)`` (SiLU) and ``x * sigmoid(alpha * x)`` ->
+  ``Swish(x, alpha)``. Not for onnxruntime: 1.32 runs Swish as its function body (Cast, Mul, Sigmoid, Mul),
+  which its QuickGelu fusion no longer recognises, so the two-operator form is faster there.
 
 Every constant is compared within ``ULPS`` units in the last place of its type; anything else is left alone. The
 fused operators compute the same function in the input's type (float32 and float16 only), so the
