@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gc
+import inspect
 import json
 import os
 import random
@@ -334,6 +335,19 @@ BUILDERS = [make_bert, make_gpt2_past, make_vit, make_resnet50, make_mobilenetv2
 BUILDER_NAMES = ["bert_base", "gpt2_past", "vit_base", "resnet50", "mobilenetv2", "convnext_tiny", "whisper_encoder"]
 
 
+def _signature_shaped(module, per_input: list) -> tuple:
+    """``per_input`` (one entry per positional tensor) grouped as ``module.forward``'s parameters: torch.export
+    wants one entry per parameter, and a ``*args`` parameter takes a tuple of the remaining ones."""
+    grouped, rest = [], list(per_input)
+    for parameter in inspect.signature(module.forward).parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            grouped.append(tuple(rest))
+            rest = []
+        elif parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and rest:
+            grouped.append(rest.pop(0))
+    return tuple(grouped)
+
+
 def _export(module, tensors, path: Path, input_names, output_names, axes, dynamic: bool) -> tuple[str, int, list[str]]:
     """Exports with TorchScript, falling back to dynamo; returns (exporter, opset, notes)."""
     import onnx
@@ -352,8 +366,8 @@ def _export(module, tensors, path: Path, input_names, output_names, axes, dynami
             leftover.unlink(missing_ok=True)
         dynamic_shapes = None
         if dynamic:
-            dynamic_shapes = tuple({axis: torch.export.Dim.AUTO for axis in axes.get(name, {})}
-                                   for name in input_names)
+            dynamic_shapes = _signature_shaped(module, [{axis: torch.export.Dim.AUTO for axis in axes.get(name, {})}
+                                                        for name in input_names])
         program = torch.onnx.export(module, tuple(tensors), dynamo=True, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes)
         program.save(str(path))
