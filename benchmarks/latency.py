@@ -721,17 +721,27 @@ def steps_for(model: dict, args) -> int:
 def onnxopt_commit(cli: Path) -> dict:
     """The onnxopt the CLI imports: its folder, commit, and whether its code had uncommitted changes."""
     python = cli.parent / "python"
-    found = subprocess.run([str(python), "-c", ("import onnxopt, pathlib; print(pathlib.Path(onnxopt.__file__)"
-                            ".resolve().parent.parent)")], capture_output=True, text=True, check=False)
+    # A wheel built from a folder (a `git archive` snapshot, see README) remembers it (PEP 610).
+    script = ("import importlib.metadata as m, json, pathlib, onnxopt\n"
+              "folder = pathlib.Path(onnxopt.__file__).resolve().parent.parent\n"
+              "try:\n"
+              "    url = json.loads(m.distribution('onnxopt').read_text('direct_url.json') or '{}').get('url', '')\n"
+              "    folder = pathlib.Path(url[len('file://'):]) if url.startswith('file://') else folder\n"
+              "except m.PackageNotFoundError:\n"
+              "    pass\n"
+              "print(folder)")
+    found = subprocess.run([str(python), "-c", script], capture_output=True, text=True, check=False)
     if found.returncode != 0:
         return {"cli": str(cli), "error": found.stderr.strip()[-300:]}
-    folder = found.stdout.strip()
-    info = {"cli": str(cli), "source": folder}
+    folder = Path(found.stdout.strip())
+    info = {"cli": str(cli), "source": str(folder)}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True, text=True, check=False)
     if commit.returncode == 0:
         info["commit"] = commit.stdout.strip()
         info["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "onnxopt", "passes"], cwd=folder,
                                             capture_output=True, text=True, check=False).stdout.strip())
+    elif (folder / "COMMIT").exists():
+        info["commit"], info["dirty"] = (folder / "COMMIT").read_text().strip(), False
     return info
 
 
