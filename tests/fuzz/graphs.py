@@ -1294,7 +1294,7 @@ class Builder:
         if out is None or int(np.prod(out)) > MAX_ELEMENTS:
             raise Skip
         shape = self.shape_tensor(tuple(target))
-        if self.chance(0.3):
+        if target and self.chance(0.3):
             # TorchScript's guard for -1 in an Expand target: Where(Equal(shape, -1), 1, shape).
             size = len(target)
             guard = self.emit("Equal", [shape, self.param(np.full(size, -1, np.int64))],
