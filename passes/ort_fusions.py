@@ -16,6 +16,16 @@ Only for ``--target ort``; on other targets the pass changes nothing. Rules (sta
   itself, as it does for the original.
 * ``fast_gelu_bias`` and ``fast_gelu``: the tanh approximation (``Gelu(approximate="tanh")`` or written
   out) of ``x + b`` or ``x`` -> ``FastGelu(x[, b])``.
+* ``contrib_rotary_embedding`` and ``contrib_rotary_embedding_partial``: on models of opset 11 to 22, which
+  lack the standard RotaryEmbedding (``fuse``'s ``rotary_embedding`` takes opset 23 and later), Llama's
+  ``x * cos + rotate_half(x) * sin`` (the same match and conditions) -> ``com.microsoft.RotaryEmbedding``,
+  and ``concat(RotaryEmbedding(x[..., :r]), x[..., r:])`` -> one with ``rotary_embedding_dim=r`` (and
+  ``num_heads``, which the kernel then requires). The contrib operator reads ``(rows, d/2)`` tables at
+  ``position_ids``; the run-time ``cos``/``sin`` of shape ``(B', S, d)`` become such a table by taking their
+  first half and flattening ``B' * S`` rows, and the position of token ``s`` of batch ``b`` is its row:
+  an offset of 0 when ``B'`` is 1 (row ``s`` for every batch), else ``b * S + s`` computed at run time
+  (``Range`` over ``Shape``). Measured exact (2e-7) against the decomposed form on onnxruntime 1.32 CPU,
+  float32 and float16, batches 1 to 3.
 * ``packed_attention``: ``MultiHeadAttention`` (from the ``attention`` pass) whose query, key and value
   are projections ``x @ Wq + bq``, ``x @ Wk + bk``, ``x @ Wv + bv`` of one ``x`` with constant weights ->
   ``com.microsoft.Attention(x, [Wq | Wk | Wv], [bq | bk | bv])``, one GEMM for the three (a missing bias
@@ -36,6 +46,8 @@ import numpy as np
 from onnxopt.pass_infra import Target
 from onnxopt.passes.attention import ORT_DOMAIN, ContribRewritePass, typed
 from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
+from onnxopt.passes.fusions.rotary import (HalfCache, check_caches, check_rotary, concat_on_last_axis, head_layout,
+                                           rotary_pattern, slice_range)
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
 FLOAT32 = np.dtype(np.float32)
@@ -152,6 +164,115 @@ class TanhGeluToFastGelu(_OrtRule):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Rotary embeddings below opset 23
+
+STANDARD_ROTARY_OPSET = 23
+# Range (opset 11) computes per-batch positions.
+CONTRIB_ROTARY_MIN_OPSET = 11
+
+
+class _ContribRotaryRule(_OrtRule):
+    """A rule for models whose opset lacks the standard RotaryEmbedding (``rotary_embedding`` covers the others)."""
+
+    def applies_to(self, opsets: dict[str, int]) -> str | None:
+        version = opsets.get("", 0)
+        if version >= STANDARD_ROTARY_OPSET:
+            return f"the model's opset {version} has the standard RotaryEmbedding"
+        if version < CONTRIB_ROTARY_MIN_OPSET:
+            return f"the rule needs opset {CONTRIB_ROTARY_MIN_OPSET} or later, the model has {version}"
+        return super().applies_to(opsets)
+
+
+def _flat_cache(op, cache: HalfCache, half: int):
+    """The ``(rows, d/2)`` table the contrib operator indexes: the cache's batch and sequence flattened."""
+    if cache.constant is not None:
+        return op.const(np.ascontiguousarray(cache.constant.reshape(-1, half)), "rotary_cache")
+    first_half = op.Slice(cache.source, op.const(np.array([0], np.int64), "starts"),
+                          op.const(np.array([half], np.int64), "ends"), op.const(np.array([-1], np.int64), "axes"))
+    return op.Reshape(first_half, op.const(np.array([-1, half], np.int64), "rows_by_half"))
+
+
+def _positions(op, cache: HalfCache):
+    """Each token's row in ``_flat_cache``: an offset of 0 for a cache of batch 1, else ``b * S + s``."""
+    if cache.batch == 1:
+        return op.const(np.zeros(1, np.int64), "position_offset")
+    if cache.constant is not None:
+        batch, sequence = cache.constant.shape[:2]
+        return op.const(np.arange(batch * sequence, dtype=np.int64).reshape(batch, sequence), "position_ids")
+    batch_and_sequence = op.Slice(op.Shape(cache.source), op.const(np.array([0], np.int64), "starts"),
+                                  op.const(np.array([2], np.int64), "ends"))
+    rows = op.ReduceProd(batch_and_sequence, keepdims=0)
+    first, step = op.const(np.array(0, np.int64), "zero"), op.const(np.array(1, np.int64), "one")
+    return op.Reshape(op.Range(first, rows, step), batch_and_sequence)
+
+
+class RotateHalfToContribRotaryEmbedding(_ContribRotaryRule):
+    """Replaces x * cos + rotate_half(x) * sin with com.microsoft.RotaryEmbedding (opset below 23)."""
+
+    name = "contrib_rotary_embedding"
+
+    def pattern(self, op, x, cos, sin):
+        return rotary_pattern(op, x, cos, sin)
+
+    def check(self, m: Match) -> MatchResult:
+        result = check_rotary(m)
+        if not result:
+            return result
+        x_shape, head_size = head_layout(m)
+        cos, sin = check_caches(m, x_shape, head_size)
+        if cos.batch != sin.batch:
+            return m.fail(f"cos has batch {cos.batch} and sin {sin.batch}")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        x_shape, head_size = head_layout(m)
+        cos, sin = check_caches(m, x_shape, head_size)
+        half = head_size // 2
+        output = op.RotaryEmbedding(m["x"], _positions(op, cos), _flat_cache(op, cos, half), _flat_cache(op, sin, half),
+                                    interleaved=0, _domain=ORT_DOMAIN, _name=m.node("Add").name)
+        return typed(output, m["x"].dtype, m.shape("x"))
+
+
+class ContribRotaryEmbeddingPartial(_ContribRotaryRule):
+    """Replaces concat(RotaryEmbedding(x[..., :r]), x[..., r:]) with one contrib RotaryEmbedding rotating r features."""
+
+    name = "contrib_rotary_embedding_partial"
+
+    def pattern(self, op, x, position_ids, cos, sin):
+        rotated = op.Slice(x, _allow_other_inputs=True, _tag="rotated_part")
+        passed = op.Slice(x, _allow_other_inputs=True, _tag="passed_part")
+        rotation = op.RotaryEmbedding(rotated, position_ids, cos, sin, _domain=ORT_DOMAIN)
+        return op.Concat(rotation, passed, _tag="join")
+
+    def check(self, m: Match) -> MatchResult:
+        layout = head_layout(m)
+        if isinstance(layout, MatchResult):
+            return layout
+        x_shape, head_size = layout
+        if not isinstance(x_shape[1], int):
+            return m.fail("the number of heads is unknown (the operator needs it to rotate part of x)")
+        if int(m.attr("RotaryEmbedding", "rotary_embedding_dim", 0) or 0) != 0:
+            return m.fail("the inner RotaryEmbedding already rotates part of its input")
+        rotated = slice_range(m.node("rotated_part"), 4, head_size)
+        if rotated is None or rotated[0] != 0 or not 0 < rotated[1] < head_size or rotated[1] % 2:
+            return m.fail("the rotated part is not x[..., :r] for an even r below the head size")
+        if slice_range(m.node("passed_part"), 4, head_size) != (rotated[1], head_size):
+            return m.fail(f"the part passed through is not x[..., {rotated[1]}:]")
+        if not concat_on_last_axis(m.node("join"), 4):
+            return m.fail("the Concat is not on the last axis")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        x_shape, head_size = head_layout(m)
+        _, rotary_dim = slice_range(m.node("rotated_part"), 4, head_size)
+        attrs = m.attrs("RotaryEmbedding")
+        attrs.update(rotary_embedding_dim=rotary_dim, num_heads=x_shape[1])
+        output = op.RotaryEmbedding(m["x"], m["position_ids"], m["cos"], m["sin"], _domain=ORT_DOMAIN,
+                                    _name=m.node("join").name, **attrs)
+        return typed(output, m["x"].dtype, m.shape("x"))
+
+
+# ---------------------------------------------------------------------------------------------------
 # Attention with its input projections
 
 
@@ -220,12 +341,13 @@ class MultiHeadAttentionToAttention(_OrtRule):
 
 
 RULES = (ResidualSumBeforeNorm(), ErfGeluToGelu(), TanhGeluToFastGeluWithBias(),
-         TanhGeluToFastGelu(), MultiHeadAttentionToAttention())
+         TanhGeluToFastGelu(), RotateHalfToContribRotaryEmbedding(), ContribRotaryEmbeddingPartial(),
+         MultiHeadAttentionToAttention())
 
 
 @dataclass(frozen=True)
 class OrtFuse(ContribRewritePass):
-    """Fuses into onnxruntime's contrib operators where they are faster: Gelu, FastGelu, packed Attention."""
+    """Fuses into onnxruntime's contrib operators where they are faster: Gelu, FastGelu, RotaryEmbedding, Attention."""
 
     name: ClassVar[str] = "ort_fuse"
     rules: ClassVar[tuple] = RULES

@@ -263,6 +263,21 @@ def needs_batch_expansion(cache: HalfCache, x_shape: list[Dim]) -> bool:
     return cache.batch == 1 and x_shape[0] != 1
 
 
+def check_rotary(m: Match) -> MatchResult:
+    """Whether a match of ``rotary_pattern`` is a rotation of a 4-D float ``x`` with caches the operator can take."""
+    if m.dtype("x") not in FUSABLE_FLOATS:
+        return m.fail("x is not float32 or float16")
+    layout = head_layout(m)
+    if isinstance(layout, MatchResult):
+        return layout
+    x_shape, head_size = layout
+    result = check_rotate_half(m, head_size)
+    if not result:
+        return result
+    caches = check_caches(m, x_shape, head_size)
+    return caches if isinstance(caches, MatchResult) else m.ok()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rules
 
@@ -278,17 +293,7 @@ class RotaryEmbeddingFromRotateHalf(RewriteRule):
         return rotary_pattern(op, x, cos, sin)
 
     def check(self, m: Match) -> MatchResult:
-        if m.dtype("x") not in FUSABLE_FLOATS:
-            return m.fail("x is not float32 or float16")
-        layout = head_layout(m)
-        if isinstance(layout, MatchResult):
-            return layout
-        x_shape, head_size = layout
-        result = check_rotate_half(m, head_size)
-        if not result:
-            return result
-        caches = check_caches(m, x_shape, head_size)
-        return caches if isinstance(caches, MatchResult) else m.ok()
+        return check_rotary(m)
 
     def rewrite(self, op, m: Match):
         x_shape, head_size = head_layout(m)

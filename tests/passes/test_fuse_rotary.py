@@ -24,6 +24,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxopt import optimize_model
 from onnxopt.pass_infra import Target
 from onnxopt.passes.fuse import Fuse
+from onnxopt.passes.ort_fusions import OrtFuse
 
 ELEM = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "models"
@@ -437,3 +438,80 @@ def test_llama_fixture_keeps_the_decomposed_rotation_for_openvino():
     assert not rotary_nodes(optimized)
     assert sum(n.op_type == "Neg" for n in optimized.graph.node) == 2 * LLAMA_LAYERS
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# onnxruntime below opset 23: com.microsoft.RotaryEmbedding (ort_fuse), whose caches are (rows, d/2) tables
+# indexed by position ids
+
+
+def ort_fuse(model: onnx.ModelProto, target: Target = Target.ORT):
+    return apply_checked(OrtFuse(), model, target)
+
+
+def contrib_fuses(rope: Rope, batch: int = 2, rtol: float = 1e-4, atol: float = 1e-5, **stats) -> onnx.NodeProto:
+    model = rope_model(rope)
+    optimized, result = ort_fuse(model)
+    for rule, count in {"contrib_rotary_embedding": 1, **stats}.items():
+        assert result.stats[rule] == count, result.stats
+    (node,) = rotary_nodes(optimized)
+    assert node.domain == "com.microsoft" and "Neg" not in op_counts(optimized)
+    assert_same_outputs(model, optimized, feeds_for(model, batch), rtol=rtol, atol=atol)
+    assert_same_outputs(model, optimized, feeds_for(model, 1, seq=3), rtol=rtol, atol=atol)
+    return node
+
+
+def test_contrib_rotation_with_positions_of_batch_one_reads_its_table_from_offset_zero():
+    node = contrib_fuses(Rope(opset=17, positions_batch="one"))
+    assert node.input[0] == "x" and attribute(node, "interleaved") == 0
+
+
+def test_contrib_rotation_with_positions_per_batch_numbers_the_rows_of_each_batch():
+    contrib_fuses(Rope(opset=17, positions_batch="x"), batch=3)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_contrib_rotation_of_constant_cos_and_sin(batch):
+    contrib_fuses(Rope(opset=18, batch=batch, seq=6, constant_cos=True), batch=batch)
+
+
+def test_contrib_rotation_in_float16():
+    contrib_fuses(Rope(opset=17, dtype=np.float16), rtol=1e-2, atol=2e-3)
+
+
+def test_contrib_partial_rotation_names_its_dimension_and_heads():
+    node = contrib_fuses(Rope(opset=17, head_size=16, rotary_dim=8), contrib_rotary_embedding_partial=1)
+    assert node.input[0] == "x" and attribute(node, "rotary_embedding_dim") == 8 and attribute(node, "num_heads") == 4
+
+
+@pytest.mark.parametrize("rope, target", [
+    (Rope(opset=23), Target.ORT),                 # the standard operator's opset: rotary_embedding's
+    (Rope(opset=17), Target.GENERIC),             # contrib operators are for onnxruntime only
+    (Rope(opset=17), Target.OPENVINO),
+    (Rope(opset=17, cos_halves="different"), Target.ORT),
+    (Rope(opset=17, order="neg_last"), Target.ORT),
+], ids=["opset23", "generic", "openvino", "halves-differ", "wrong-order"])
+def test_contrib_rotation_does_not_fire(rope, target):
+    model = rope_model(rope)
+    optimized, result = ort_fuse(model, target)
+    assert not result.stats.get("contrib_rotary_embedding") and not rotary_nodes(optimized)
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_contrib_rotation_needs_range_for_per_batch_positions():
+    rule = next(rule for rule in OrtFuse.rules if rule.name == "contrib_rotary_embedding")
+    assert "opset 11" in rule.applies_to({"": 10, "com.microsoft": 1})
+    assert rule.applies_to({"": 11, "com.microsoft": 1}) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", LLAMA_FIXTURES)
+def test_llama_fixture_gets_contrib_rotary_for_onnxruntime_at_its_own_opset(fixture):
+    model = onnx.load(str(FIXTURES / fixture))
+    optimized = optimize_model(model, target="ort", verify=False).model
+    nodes = rotary_nodes(optimized)
+    assert len(nodes) == 2 * LLAMA_LAYERS and all(n.domain == "com.microsoft" for n in nodes)
+    assert not any(n.op_type == "Neg" for n in optimized.graph.node)
+    feeds = llama_feeds(model)
+    for expected, actual in zip(run(model, feeds), run(optimized, feeds)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-5)
