@@ -29,6 +29,14 @@ LayerNormalization; BiasGelu or FastGelu a Gelu and the Gemm that added the bias
 *absorbed* when the gains can account for it (at most so many nodes per gained node). That is a count,
 not a proof, so the table shows every fused type side by side.
 
+onnxruntime's NCHWc transformer (``com.microsoft.nchwc``) rewrites Conv, pooling and the BatchNormalization,
+Add and activations it can fold into a Conv in a blocked layout; its ``ReorderInput``/``ReorderOutput``
+convert between layouts and are no fusion. A drop of one of its types is *fewer to convert*, no loss,
+when the engine's graph of the optimized model holds no more operators of that type left in the standard
+layout than the original's: onnxopt folded away what the engine would have converted (DenseNet's
+BatchNormalization, Mul and Add before each Relu become one BatchNormalization), and every Conv that is
+left is still converted.
+
 A drop is *declined* where onnxopt wrote the pattern in a form the engine does not fuse, on purpose,
 because the fused kernel is the slower one (``DECLINED``): onnxruntime's CPU SkipLayerNormalization, whose
 Add onnxopt writes as Sum (see ``ort_fuse``). It is declined when the unfused operators it stands for
@@ -55,8 +63,8 @@ import onnx
 
 from onnxopt import ir
 
-__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "SHAPE_ONLY", "TARGETS", "Census", "CensusRow",
-           "RuntimeGraph", "fusion_census", "is_fused", "runtime_graph"]
+__all__ = ["ABSORBERS", "DECLINED", "FUSED_STANDARD_OPS", "NCHWC_DOMAIN", "SHAPE_ONLY", "TARGETS", "Census",
+           "CensusRow", "RuntimeGraph", "fusion_census", "is_fused", "runtime_graph"]
 
 TARGETS = ("ort", "openvino")
 
@@ -99,6 +107,9 @@ _OPENVINO_PLAIN = frozenset({"Input", "Output", "Const", "Reorder", "Convert", "
 # from ShapeOf and constants): a Subgraph of shape arithmetic that folding removed is no lost fusion.
 SHAPE_ONLY = "shape-only"
 
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+_NCHWC_LAYOUT_CONVERSIONS = frozenset({"ReorderInput", "ReorderOutput"})
+
 ModelSource = onnx.ModelProto | str | os.PathLike
 
 
@@ -128,6 +139,7 @@ class CensusRow:
     ours: int | None
     absorbed_by: tuple[str, ...] = ()  # gained fused types that can account for a drop of this one
     declined: str | None = None  # why onnxopt kept this fusion out, where the unfused operators account for the drop
+    fewer_to_convert: bool = False  # a layout type's drop with no more of the operator left unconverted
 
     @property
     def label(self) -> str:
@@ -146,12 +158,13 @@ class CensusRow:
 
     @property
     def regression(self) -> bool:
-        return self.change is not None and self.change < 0 and not self.absorbed_by and not self.declined
+        return (self.change is not None and self.change < 0 and not self.absorbed_by and not self.declined
+                and not self.fewer_to_convert)
 
     def to_dict(self) -> dict:
         return {"domain": self.domain, "op_type": self.op_type, "original": self.original, "ours": self.ours,
                 "change": self.change, "regression": self.regression, "absorbed_by": list(self.absorbed_by),
-                "declined": self.declined}
+                "declined": self.declined, "fewer_to_convert": self.fewer_to_convert}
 
 
 @dataclass(frozen=True)
@@ -209,6 +222,8 @@ class Census:
                 change, style = f"{change} (into {into})", "dim"
             elif row.declined and (row.change or 0) < 0:
                 change, style = f"{change} (declined: {row.declined})", "dim"
+            elif row.fewer_to_convert and (row.change or 0) < 0:
+                change, style = f"{change} (fewer to convert)", "dim"
             else:
                 style = "green" if (row.change or 0) > 0 else None
             table.add_row(row.label, _cell(row.original), _cell(row.ours), change, style=style)
@@ -323,6 +338,8 @@ def is_fused(domain: str, op_type: str, target: str = "ort") -> bool:
     """Whether a node of the engine's graph can only come from a fusion (see the module docstring)."""
     if target == "openvino":
         return domain != SHAPE_ONLY and op_type not in _OPENVINO_PLAIN and not onnx.defs.has(op_type)
+    if domain == NCHWC_DOMAIN and op_type in _NCHWC_LAYOUT_CONVERSIONS:
+        return False
     return domain not in _STANDARD_DOMAINS or op_type in FUSED_STANDARD_OPS
 
 
@@ -335,6 +352,7 @@ def _rows(before: RuntimeGraph, after: RuntimeGraph, target: str) -> tuple[Censu
     rows = [CensusRow(*key, count(before, key), count(after, key)) for key in keys]
     rows = [_with_absorbers(row, rows) for row in rows]
     rows = [_with_declined(row, before, after) for row in rows]
+    rows = [_with_fewer_to_convert(row, before, after) for row in rows]
     # Standard operators first, then each domain's, alphabetically: the order a reader scans a table in.
     return tuple(sorted(rows, key=lambda row: (row.domain not in _STANDARD_DOMAINS, row.domain, row.op_type)))
 
@@ -367,6 +385,15 @@ def _with_declined(row: CensusRow, before: RuntimeGraph, after: RuntimeGraph) ->
     if any(gained(op_type) < -row.change for op_type in unfused):
         return row
     return replace(row, declined=reason)
+
+
+def _with_fewer_to_convert(row: CensusRow, before: RuntimeGraph, after: RuntimeGraph) -> CensusRow:
+    """The row, marked where a layout type dropped while no more of its operator stayed in the standard layout."""
+    if row.domain != NCHWC_DOMAIN or row.change is None or row.change >= 0 or row.absorbed_by or row.declined:
+        return row
+    standard = [(domain, row.op_type) for domain in _STANDARD_DOMAINS]
+    left_unconverted = sum(after.counts.get(key, 0) - before.counts.get(key, 0) for key in standard)
+    return row if left_unconverted > 0 else replace(row, fewer_to_convert=True)
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:

@@ -14,7 +14,7 @@ from onnx import helper
 from rich.console import Console
 
 from onnxopt import ir
-from onnxopt.census import SHAPE_ONLY, Census, RuntimeGraph, fusion_census, is_fused, runtime_graph
+from onnxopt.census import NCHWC_DOMAIN, SHAPE_ONLY, Census, RuntimeGraph, fusion_census, is_fused, runtime_graph
 
 HIDDEN = 8
 
@@ -150,3 +150,20 @@ def test_a_drop_a_larger_fusion_accounts_for_is_absorbed_not_a_regression():
     # More than the gains can account for stays a regression.
     more = Census.compare(RuntimeGraph({("com.microsoft", "FusedMatMul"): 30}), ours)
     assert [row.op_type for row in more.regressions] == ["FusedMatMul"]
+
+
+def test_onnxruntime_layout_conversions_are_no_fusion():
+    assert not is_fused(NCHWC_DOMAIN, "ReorderInput") and not is_fused(NCHWC_DOMAIN, "ReorderOutput")
+    assert is_fused(NCHWC_DOMAIN, "Conv")
+
+
+def test_fewer_blocked_layout_convs_are_no_loss_while_no_conv_stays_unconverted():
+    # DenseNet: the original's BatchNormalization + Mul + Add made more NCHWc Convs than onnxopt's BatchNormalization.
+    original = RuntimeGraph({(NCHWC_DOMAIN, "Conv"): 245, (NCHWC_DOMAIN, "ReorderInput"): 62, ("", "Add"): 62})
+    ours = RuntimeGraph({(NCHWC_DOMAIN, "Conv"): 183})
+    census = Census.compare(original, ours)
+    (row,) = census.rows
+    assert row.fewer_to_convert and not row.regression and census.regressions == []
+    # A Conv that the engine no longer converts is a lost conversion.
+    unconverted = RuntimeGraph({(NCHWC_DOMAIN, "Conv"): 183, ("", "Conv"): 1})
+    assert [row.label for row in Census.compare(original, unconverted).regressions] == ["com.microsoft.nchwc.Conv"]
