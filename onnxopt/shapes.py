@@ -212,6 +212,9 @@ def _symbolic_shape_inference_class() -> type | None:
         spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+        # Without auto_merge the engine warns of every broadcast of two symbols it will not merge, on
+        # stderr through logging's last resort: expected here (it then stops and onnx's inference goes on).
+        logging.getLogger(name).setLevel(logging.ERROR)
         return module.SymbolicShapeInference
     except Exception as error:  # noqa: BLE001 - without the engine, onnx's inference serves alone
         log.debug("onnxruntime's symbolic shape inference is unavailable: %s", error)
