@@ -2,7 +2,7 @@
 
 Removes every node no graph output depends on (in subgraph bodies too, where a node counts as used when
 anything of an enclosing graph reads its value), bypasses ``Identity`` nodes and what computes the same
-(Casts to the type the value already has, adding 0, multiplying or dividing by 1), and drops opset
+(Casts to the type the value already has, adding 0, multiplying or dividing by 1, and-ing with true), and drops opset
 imports no node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
 removed: an ``Identity`` that is the only way to give an output its name stays.
 """
@@ -24,8 +24,10 @@ def _is_io(graph: gs.Graph, tensor: gs.Tensor) -> bool:
     return any(t is tensor for t in graph.inputs) or any(t is tensor for t in graph.outputs)
 
 
-# x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1 and x ** 1 are x (for every x, NaN and infinities included).
-_NEUTRAL = {"Add": (0, (0, 1)), "Sub": (0, (1,)), "Mul": (1, (0, 1)), "Div": (1, (1,)), "Pow": (1, (1,))}
+# x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1 and x ** 1 are x (for every x, NaN and infinities included), and
+# so are x and true, x or false, x xor false (masks a converter combined with a constant).
+_NEUTRAL = {"Add": (0, (0, 1)), "Sub": (0, (1,)), "Mul": (1, (0, 1)), "Div": (1, (1,)), "Pow": (1, (1,)),
+            "And": (True, (0, 1)), "Or": (False, (0, 1)), "Xor": (False, (0, 1))}
 
 
 def _broadcast_keeps_shape(constant: np.ndarray, shape) -> bool:
@@ -62,7 +64,7 @@ def _identity_source(node: gs.Node) -> gs.Tensor | None:
                 same_type = np.dtype(value.dtype) == constant.dtype
             except TypeError:  # types numpy lacks (bfloat16, float8) are kept as ONNX type numbers
                 continue
-            if same_type and _broadcast_keeps_shape(constant, value.shape) and constant.dtype.kind in "iuf" \
+            if same_type and _broadcast_keeps_shape(constant, value.shape) and constant.dtype.kind in "iufb" \
                     and bool(np.all(constant == neutral)):
                 return value
     return None

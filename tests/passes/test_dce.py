@@ -376,3 +376,24 @@ def test_arithmetic_with_a_neutral_constant_is_bypassed(op, constant, constant_f
     optimized = ir.export_model(graph, model)
     assert (op not in [n.op_type for n in optimized.graph.node]) == removed
     assert_same_outputs(model, optimized)
+
+
+@pytest.mark.parametrize("op, constant, removed", [
+    ("And", np.ones(3, bool), True),
+    ("And", np.array([True, False, True]), False),
+    ("Or", np.zeros((1, 3), bool), True),
+    ("Or", np.ones(3, bool), False),                      # x or true is true
+    ("Xor", np.zeros(3, bool), True),
+    ("And", np.ones((4, 2, 3), bool), False),             # broadcasting widens x
+])
+def test_logic_with_a_neutral_constant_is_bypassed(op, constant, removed):
+    nodes = [helper.make_node("Greater", ["x", "t"], ["m"]), helper.make_node(op, ["m", "c"], ["a"]),
+             helper.make_node("Not", ["a"], ["y"])]
+    model = make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3])], [value("y", TensorProto.BOOL, None)],
+                       [tensor("c", constant), tensor("t", np.zeros(1, np.float32))], check=False)
+    graph = ir.import_model(model)
+    ir.infer_shapes(graph)
+    DeadCodeElimination()(graph, PassContext(original=model))
+    optimized = ir.export_model(graph, model)
+    assert (op not in [n.op_type for n in optimized.graph.node]) == removed
+    assert_same_outputs(model, optimized)
