@@ -15,6 +15,8 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
   with step 1, start 0 and an end at or past each sliced axis' size [``noop_slice``]; Pad whose amounts
   are all 0, in any mode [``noop_pad``]; Where whose condition is the constant true (false) everywhere, by
   the operand it picks when the others do not broadcast it to a larger shape [``constant_where``].
+* Slice of a Slice along other axes -> one Slice with both axes' bounds [``slice_slice``]: slicing one
+  axis does not change another's size, so the two commute and compose exactly.
 * Cast(Cast(x, wider), back to x's type) -> x [``noop_cast_pair``], when every value of x's type is
   exactly representable in the wider type (e.g. float16 -> float32, int8 -> float16, int32 -> float64,
   bool -> any number), so the round trip gives back each value.
@@ -469,6 +471,51 @@ class NoopSlice(RewriteRule):
         return m["x"]
 
 
+class SliceSliceToSlice(RewriteRule):
+    """Merges a Slice of a Slice along other axes into one Slice of both axes' bounds."""
+
+    name = "slice_slice"
+    min_opset = 10
+
+    def pattern(self, op, x, starts, ends, axes, steps, outer_starts, outer_ends, outer_axes, outer_steps):
+        inner = op.Slice(x, starts, ends, op.optional(axes), op.optional(steps), _tag="inner")
+        return op.Slice(inner, outer_starts, outer_ends, op.optional(outer_axes), op.optional(outer_steps),
+                        _tag="outer")
+
+    def bounds(self, m: Match, prefix: str) -> list[np.ndarray] | str:
+        """starts, ends, axes (non-negative) and steps of one Slice as int64 vectors, or why not."""
+        starts, ends = m.value(f"{prefix}starts"), m.value(f"{prefix}ends")
+        if starts is None or ends is None:
+            return "bounds are not constant"
+        axes = m.value(f"{prefix}axes") if m[f"{prefix}axes"] is not None else np.arange(starts.size)
+        steps = m.value(f"{prefix}steps") if m[f"{prefix}steps"] is not None else np.ones(starts.size, np.int64)
+        if axes is None or steps is None:
+            return "axes or steps are not constant"
+        axes = axes.astype(np.int64).reshape(-1)
+        if (axes < 0).any():
+            shape = m.shape("x")
+            if shape is None:
+                return "a negative axis of an input of unknown rank"
+            axes = np.where(axes < 0, axes + len(shape), axes)
+        return [starts.astype(np.int64).reshape(-1), ends.astype(np.int64).reshape(-1), axes,
+                steps.astype(np.int64).reshape(-1)]
+
+    def check(self, m: Match) -> MatchResult:
+        inner, outer = self.bounds(m, ""), self.bounds(m, "outer_")
+        for part in (inner, outer):
+            if isinstance(part, str):
+                return m.fail(part)
+        if set(inner[2].tolist()) & set(outer[2].tolist()):
+            return m.fail("both Slices cut one axis")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        merged = [np.concatenate(pair) for pair in zip(self.bounds(m, ""), self.bounds(m, "outer_"))]
+        names = ("starts", "ends", "axes", "steps")
+        return op.Slice(m["x"], *(op.const(value, name) for value, name in zip(merged, names)),
+                        _name=m.node("outer").name)
+
+
 class NoopPad(RewriteRule):
     """Removes a Pad that adds nothing (all amounts 0), whatever its mode."""
 
@@ -539,6 +586,7 @@ class NoopCastPair(RewriteRule):
 
 RULES = ((PadConvToConv(), PadAveragePoolToAveragePool(), PadMaxPoolToMaxPool()) + affine.RULES
          + (TransposeTransposeToTranspose(), TransposeIdentityToNothing(), NoopDropout(), NoopExpand(), NoopSlice(),
+            SliceSliceToSlice(),
             NoopPad(), NoopCastPair(), ConstantConditionWhere())
          + normalization.RULES + activations.RULES + reshapes.RULES + transposes.RULES + rotary.RULES
          + horizontal.RULES)

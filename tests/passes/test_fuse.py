@@ -953,6 +953,37 @@ def test_slice_to_a_static_end_of_an_unknown_dimension_stays():
     assert result.stats["noop_slice"] == 0
 
 
+@pytest.mark.parametrize("inner,outer,merged", [
+    (("{0}", "{9223372036854775807}", "{1}", "{2}"), ("{0}", "{9223372036854775807}", "{2}", "{2}"), True),  # LeViT
+    (("{1}", "{-1}", "{-1}", "{1}"), ("{4}", "{0}", "{0}", "{-1}"), True),   # a negative axis and a reversal
+    (("{0}", "{4}", "{1}", "{1}"), ("{1}", "{3}", "{1}", "{1}"), False),     # one axis twice
+], ids=["levit", "negative-axis", "same-axis"])
+def test_slice_of_a_slice_along_other_axes_becomes_one(inner, outer, merged):
+    model = parse("""
+    g (float[N,6,6] x) => (float[a, b, c] y) <int64[1] s1 = %s, int64[1] e1 = %s, int64[1] a1 = %s, int64[1] p1 = %s,
+                                            int64[1] s2 = %s, int64[1] e2 = %s, int64[1] a2 = %s, int64[1] p2 = %s> {
+      i = Slice(x, s1, e1, a1, p1)
+      o = Slice(i, s2, e2, a2, p2)
+      y = Relu(o)
+    }""" % (inner + outer))
+    optimized, result = fuse(model)
+    assert result.stats["slice_slice"] == int(merged)
+    assert op_counts(optimized)["Slice"] == (1 if merged else 2)
+    assert_same_outputs(model, optimized, {"x": np.random.default_rng(0).standard_normal((2, 6, 6)).astype(np.float32)})
+
+
+def test_slice_of_a_slice_read_elsewhere_stays():
+    model = parse("""
+    g (float[4,6] x) => (float[a, b] y, float[c, d] i) <int64[1] s = {1}, int64[1] e = {3}, int64[1] a0 = {0},
+                                                         int64[1] a1 = {1}> {
+      i = Slice(x, s, e, a0)
+      y = Slice(i, s, e, a1)
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["slice_slice"] == 0
+    assert_same_outputs(model, optimized)
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "edge"])
 def test_pad_of_zeros_is_removed(mode):
     model = parse("""
