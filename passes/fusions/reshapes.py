@@ -211,11 +211,17 @@ class ReshapeChainToReshape(RewriteRule):
     name = "reshape_chain"
     min_opset = 5  # Reshape's target is an input from opset 5 on
     targets = ALL_TARGETS
+    # An inner node read only by shape operators (Unsqueeze(Unsqueeze(x)) twice, from the dynamo exporter's
+    # masks) dies once each reader reads x itself: every rewrite keeps the count, the last removes the inner.
+    allow_shared_intermediates = True
 
     def pattern(self, op, x):
         return reshape_like_pattern(op, reshape_like_pattern(op, x, "inner"), "outer")
 
     def check(self, m: Match) -> MatchResult:
+        inner = m.node("inner").outputs[0]
+        if any(reader.op not in SHAPE_OPS for reader in inner.outputs) or ir.is_graph_output(m.graph, inner):
+            return m.fail("the inner node has readers other than shape operators, or is a graph output")
         specs = chain_spec(m, ("inner", "outer"))
         if specs is None:
             return m.fail("the shapes through the chain are not known exactly (rank, constants, dimensions)")

@@ -170,6 +170,24 @@ def test_chain_whose_middle_is_read_elsewhere_is_left_alone():
     assert_same_outputs(model, optimized, feeds_for(model))
 
 
+def test_chain_whose_middle_only_shape_operators_read_collapses_into_each_reader():
+    # The dynamo exporter's masks: Unsqueeze(Unsqueeze(r, 0), 1) and Unsqueeze(Unsqueeze(r, 0), 2).
+    model = parse("""
+        g (float[N] x) => (float[1, 1, N] y, float[1, N, 1] z) {
+            a0 = Constant <value = int64[1] {0}> ()
+            a1 = Constant <value = int64[1] {1}> ()
+            a2 = Constant <value = int64[1] {2}> ()
+            r = Relu(x)
+            u = Unsqueeze(r, a0)
+            y = Unsqueeze(u, a1)
+            z = Unsqueeze(u, a2)
+        }""")
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshape_chain"] == 2
+    assert computing_ops(optimized) == {"Relu": 1, "Reshape": 2}
+    assert_same_outputs(model, optimized, {"x": np.arange(5, dtype=np.float32) - 2})
+
+
 def test_squeeze_without_axes_and_unknown_dimensions_is_left_alone():
     model = parse("""
         g (float[B, 1, 4] x) => (float[M] y) {
