@@ -46,8 +46,8 @@ import numpy as np
 from onnxopt.pass_infra import Target
 from onnxopt.passes.attention import ORT_DOMAIN, ContribRewritePass, typed
 from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
-from onnxopt.passes.fusions.rotary import (HalfCache, check_caches, check_rotary, concat_on_last_axis, head_layout,
-                                           rotary_pattern, slice_range)
+from onnxopt.passes.fusions.rotary import (HalfCache, check_caches, check_partial_rotation, check_rotary,
+                                           head_layout, rotary_pattern, slice_range)
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
 FLOAT32 = np.dtype(np.float32)
@@ -245,22 +245,10 @@ class ContribRotaryEmbeddingPartial(_ContribRotaryRule):
         return op.Concat(rotation, passed, _tag="join")
 
     def check(self, m: Match) -> MatchResult:
-        layout = head_layout(m)
-        if isinstance(layout, MatchResult):
-            return layout
-        x_shape, head_size = layout
-        if not isinstance(x_shape[1], int):
+        result = check_partial_rotation(m)
+        if result and not isinstance(m.shape("x")[1], int):
             return m.fail("the number of heads is unknown (the operator needs it to rotate part of x)")
-        if int(m.attr("RotaryEmbedding", "rotary_embedding_dim", 0) or 0) != 0:
-            return m.fail("the inner RotaryEmbedding already rotates part of its input")
-        rotated = slice_range(m.node("rotated_part"), 4, head_size)
-        if rotated is None or rotated[0] != 0 or not 0 < rotated[1] < head_size or rotated[1] % 2:
-            return m.fail("the rotated part is not x[..., :r] for an even r below the head size")
-        if slice_range(m.node("passed_part"), 4, head_size) != (rotated[1], head_size):
-            return m.fail(f"the part passed through is not x[..., {rotated[1]}:]")
-        if not concat_on_last_axis(m.node("join"), 4):
-            return m.fail("the Concat is not on the last axis")
-        return m.ok()
+        return result
 
     def rewrite(self, op, m: Match):
         x_shape, head_size = head_layout(m)

@@ -278,6 +278,25 @@ def check_rotary(m: Match) -> MatchResult:
     return caches if isinstance(caches, MatchResult) else m.ok()
 
 
+def check_partial_rotation(m: Match) -> MatchResult:
+    """Whether ``concat(RotaryEmbedding(x[..., :r]), x[..., r:])`` (tags ``rotated_part``, ``passed_part``,
+    ``join``) rotates the first ``r`` features of a 4-D ``x`` and passes the others through."""
+    layout = head_layout(m)
+    if isinstance(layout, MatchResult):
+        return layout
+    _, head_size = layout
+    if int(m.attr("RotaryEmbedding", "rotary_embedding_dim", 0) or 0) != 0:
+        return m.fail("the inner RotaryEmbedding already rotates part of its input")
+    rotated = slice_range(m.node("rotated_part"), 4, head_size)
+    if rotated is None or rotated[0] != 0 or not 0 < rotated[1] < head_size or rotated[1] % 2:
+        return m.fail("the rotated part is not x[..., :r] for an even r below the head size")
+    if slice_range(m.node("passed_part"), 4, head_size) != (rotated[1], head_size):
+        return m.fail(f"the part passed through is not x[..., {rotated[1]}:]")
+    if not concat_on_last_axis(m.node("join"), 4):
+        return m.fail("the Concat is not on the last axis")
+    return m.ok()
+
+
 # ---------------------------------------------------------------------------------------------------
 # Rules
 
@@ -328,20 +347,7 @@ class RotaryEmbeddingPartial(RewriteRule):
         return op.Concat(op.RotaryEmbedding(rotated, cos, sin, op.optional(position_ids)), passed, _tag="join")
 
     def check(self, m: Match) -> MatchResult:
-        layout = head_layout(m)
-        if isinstance(layout, MatchResult):
-            return layout
-        _, head_size = layout
-        if int(m.attr("RotaryEmbedding", "rotary_embedding_dim", 0) or 0) != 0:
-            return m.fail("the inner RotaryEmbedding already rotates part of its input")
-        rotated = slice_range(m.node("rotated_part"), 4, head_size)
-        if rotated is None or rotated[0] != 0 or not 0 < rotated[1] < head_size or rotated[1] % 2:
-            return m.fail("the rotated part is not x[..., :r] for an even r below the head size")
-        if slice_range(m.node("passed_part"), 4, head_size) != (rotated[1], head_size):
-            return m.fail(f"the part passed through is not x[..., {rotated[1]}:]")
-        if not concat_on_last_axis(m.node("join"), 4):
-            return m.fail("the Concat is not on the last axis")
-        return m.ok()
+        return check_partial_rotation(m)
 
     def rewrite(self, op, m: Match):
         _, head_size = head_layout(m)

@@ -32,6 +32,14 @@ def dce(model: onnx.ModelProto):
     return optimized, result
 
 
+def dce_after_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """dce on a graph whose shapes and types were inferred first, as the pipeline runs it."""
+    graph = ir.import_model(model)
+    ir.infer_shapes(graph)
+    DeadCodeElimination()(graph, PassContext(original=model))
+    return ir.export_model(graph, model)
+
+
 def io_names(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
     return [vi.name for vi in model.graph.input], [vi.name for vi in model.graph.output]
 
@@ -344,10 +352,7 @@ def test_cast_to_the_type_a_value_already_has_is_bypassed_and_a_real_cast_stays(
              helper.make_node("Cast", ["same"], ["half"], to=TensorProto.FLOAT16),
              helper.make_node("Cast", ["half"], ["y"], to=TensorProto.FLOAT)]
     model = make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3])], [value("y", TensorProto.FLOAT, [2, 3])])
-    graph = ir.import_model(model)
-    ir.infer_shapes(graph)
-    DeadCodeElimination()(graph, PassContext(original=model))
-    optimized = ir.export_model(graph, model)
+    optimized = dce_after_inference(model)
     assert [n.op_type for n in optimized.graph.node] == ["Relu", "Cast", "Cast"]
     assert_same_outputs(model, optimized)
 
@@ -370,10 +375,7 @@ def test_arithmetic_with_a_neutral_constant_is_bypassed(op, constant, constant_f
              helper.make_node("Neg", ["a"], ["y"])]
     model = make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3])], [value("y", TensorProto.FLOAT, None)],
                        [tensor("c", constant)], check=False)
-    graph = ir.import_model(model)
-    ir.infer_shapes(graph)
-    DeadCodeElimination()(graph, PassContext(original=model))
-    optimized = ir.export_model(graph, model)
+    optimized = dce_after_inference(model)
     assert (op not in [n.op_type for n in optimized.graph.node]) == removed
     assert_same_outputs(model, optimized)
 
@@ -391,9 +393,6 @@ def test_logic_with_a_neutral_constant_is_bypassed(op, constant, removed):
              helper.make_node("Not", ["a"], ["y"])]
     model = make_model(nodes, [value("x", TensorProto.FLOAT, [2, 3])], [value("y", TensorProto.BOOL, None)],
                        [tensor("c", constant), tensor("t", np.zeros(1, np.float32))], check=False)
-    graph = ir.import_model(model)
-    ir.infer_shapes(graph)
-    DeadCodeElimination()(graph, PassContext(original=model))
-    optimized = ir.export_model(graph, model)
+    optimized = dce_after_inference(model)
     assert (op not in [n.op_type for n in optimized.graph.node]) == removed
     assert_same_outputs(model, optimized)
