@@ -244,18 +244,26 @@ def _shape_of(node: gs.Node) -> PartialValue | None:
     return PartialValue(tuple(dims[start:end]))
 
 
+def _element_pairs(a: PartialValue, b: PartialValue) -> list[tuple] | None:
+    """The element pairs an element-wise operator meets: equal lengths, or one side of one element broadcast."""
+    if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
+        return None
+    count = max(len(a.elements), len(b.elements))
+    return [(a.elements[0 if len(a.elements) == 1 else i], b.elements[0 if len(b.elements) == 1 else i])
+            for i in range(count)]
+
+
 def _equal(a: PartialValue, b: PartialValue) -> PartialValue | None:
     """Equal of two partial values, element by element where it is decided.
 
     Numbers compare as numbers, a symbol equals itself, and a dimension never equals a negative number:
     TorchScript's Expand guards compare shapes built from ``Shape`` with -1.
     """
-    if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
+    pairs = _element_pairs(a, b)
+    if pairs is None:
         return None
     result = []
-    for i in range(max(len(a.elements), len(b.elements))):
-        x = a.elements[0] if len(a.elements) == 1 else a.elements[i]
-        y = b.elements[0] if len(b.elements) == 1 else b.elements[i]
+    for x, y in pairs:
         if isinstance(x, int) and isinstance(y, int):
             result.append(int(x == y))
         elif isinstance(x, str) and x == y:
@@ -337,15 +345,12 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         return _equal(first, inputs[1])
     if op in _INT_ARITHMETIC and len(inputs) == 2 and inputs[1] is not None and first.dtype.kind in "iu":
         a, b = first, inputs[1]
-        if len(a.elements) != len(b.elements) and 1 not in (len(a.elements), len(b.elements)):
+        pairs = _element_pairs(a, b)
+        if pairs is None:
             return None
-        count = max(len(a.elements), len(b.elements))
-        pick = lambda p, i: p.elements[0] if len(p.elements) == 1 else p.elements[i]  # noqa: E731
-        result = []
-        for i in range(count):
-            x, y = pick(a, i), pick(b, i)
-            result.append(_INT_ARITHMETIC[op](x, y) if isinstance(x, int) and isinstance(y, int) else None)
-        return PartialValue(_in_range(tuple(result), a.dtype), scalar=a.scalar and b.scalar, dtype=a.dtype)
+        result = tuple(_INT_ARITHMETIC[op](x, y) if isinstance(x, int) and isinstance(y, int) else None
+                       for x, y in pairs)
+        return PartialValue(_in_range(result, a.dtype), scalar=a.scalar and b.scalar, dtype=a.dtype)
     return None
 
 

@@ -437,6 +437,19 @@ class ConstantConditionWhere(RewriteRule):
 _SLICE_END_ALL = 2**31 - 1  # exporters write INT_MAX or INT64_MAX for "to the end"
 
 
+def _slice_params(m: Match, prefix: str = "") -> list[np.ndarray] | str:
+    """starts, ends, axes and steps of a matched Slice (variables ``{prefix}starts``, ...) as int64 vectors,
+    the defaults filled in, or why they are not all constant."""
+    starts, ends = m.value(f"{prefix}starts"), m.value(f"{prefix}ends")
+    if starts is None or ends is None:
+        return "starts or ends are not constant"
+    axes = m.value(f"{prefix}axes") if m[f"{prefix}axes"] is not None else np.arange(starts.size)
+    steps = m.value(f"{prefix}steps") if m[f"{prefix}steps"] is not None else np.ones(starts.size, np.int64)
+    if axes is None or steps is None:
+        return "axes or steps are not constant"
+    return [np.asarray(v, np.int64).reshape(-1) for v in (starts, ends, axes, steps)]
+
+
 class NoopSlice(RewriteRule):
     """Removes a Slice that takes every element: start 0, step 1 and an end at or past each axis' size."""
 
@@ -447,15 +460,11 @@ class NoopSlice(RewriteRule):
         return op.Slice(x, starts, ends, op.optional(axes), op.optional(steps))
 
     def check(self, m: Match) -> MatchResult:
-        starts, ends = m.value("starts"), m.value("ends")
-        if starts is None or ends is None:
-            return m.fail("starts or ends are not constant")
-        axes = m.value("axes") if m["axes"] is not None else np.arange(starts.size)
-        steps = m.value("steps") if m["steps"] is not None else np.ones(starts.size, np.int64)
-        if axes is None or steps is None:
-            return m.fail("axes or steps are not constant")
+        params = _slice_params(m)
+        if isinstance(params, str):
+            return m.fail(params)
         dims = m.shape("x")
-        for start, end, axis, step in zip(starts.reshape(-1), ends.reshape(-1), axes.reshape(-1), steps.reshape(-1)):
+        for start, end, axis, step in zip(*params):
             dim = None
             if dims is not None and -len(dims) <= axis < len(dims) and isinstance(dims[axis], int):
                 dim = dims[axis]
@@ -483,22 +492,17 @@ class SliceSliceToSlice(RewriteRule):
                         _tag="outer")
 
     def bounds(self, m: Match, prefix: str) -> list[np.ndarray] | str:
-        """starts, ends, axes (non-negative) and steps of one Slice as int64 vectors, or why not."""
-        starts, ends = m.value(f"{prefix}starts"), m.value(f"{prefix}ends")
-        if starts is None or ends is None:
-            return "bounds are not constant"
-        axes = m.value(f"{prefix}axes") if m[f"{prefix}axes"] is not None else np.arange(starts.size)
-        steps = m.value(f"{prefix}steps") if m[f"{prefix}steps"] is not None else np.ones(starts.size, np.int64)
-        if axes is None or steps is None:
-            return "axes or steps are not constant"
-        axes = axes.astype(np.int64).reshape(-1)
+        """starts, ends, axes (non-negative) and steps of one Slice, or why not."""
+        params = _slice_params(m, prefix)
+        if isinstance(params, str):
+            return params
+        starts, ends, axes, steps = params
         if (axes < 0).any():
             shape = m.shape("x")
             if shape is None:
                 return "a negative axis of an input of unknown rank"
             axes = np.where(axes < 0, axes + len(shape), axes)
-        return [starts.astype(np.int64).reshape(-1), ends.astype(np.int64).reshape(-1), axes,
-                steps.astype(np.int64).reshape(-1)]
+        return [starts, ends, axes, steps]
 
     def check(self, m: Match) -> MatchResult:
         inner, outer = self.bounds(m, ""), self.bounds(m, "outer_")

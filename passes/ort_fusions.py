@@ -47,7 +47,7 @@ from onnxopt.pass_infra import Target
 from onnxopt.passes.attention import ORT_DOMAIN, ContribRewritePass, typed
 from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
 from onnxopt.passes.fusions.rotary import (HalfCache, check_caches, check_partial_rotation, check_rotary,
-                                           head_layout, rotary_pattern, slice_range)
+                                           first_half, head_layout, rotary_pattern, slice_range)
 from onnxopt.pattern import Match, MatchResult, RewriteRule
 
 FLOAT32 = np.dtype(np.float32)
@@ -187,9 +187,7 @@ def _flat_cache(op, cache: HalfCache, half: int):
     """The ``(rows, d/2)`` table the contrib operator indexes: the cache's batch and sequence flattened."""
     if cache.constant is not None:
         return op.const(np.ascontiguousarray(cache.constant.reshape(-1, half)), "rotary_cache")
-    first_half = op.Slice(cache.source, op.const(np.array([0], np.int64), "starts"),
-                          op.const(np.array([half], np.int64), "ends"), op.const(np.array([-1], np.int64), "axes"))
-    return op.Reshape(first_half, op.const(np.array([-1, half], np.int64), "rows_by_half"))
+    return op.Reshape(first_half(op, cache.source, half), op.const(np.array([-1, half], np.int64), "rows_by_half"))
 
 
 def _positions(op, cache: HalfCache):

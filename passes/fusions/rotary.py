@@ -263,6 +263,12 @@ def needs_batch_expansion(cache: HalfCache, x_shape: list[Dim]) -> bool:
     return cache.batch == 1 and x_shape[0] != 1
 
 
+def first_half(op, source, half: int):
+    """``source[..., :half]``: the cache the operators take from a ``cos``/``sin`` of equal halves."""
+    return op.Slice(source, op.const(np.array([0], np.int64), "starts"), op.const(np.array([half], np.int64), "ends"),
+                    op.const(np.array([-1], np.int64), "axes"))
+
+
 def check_rotary(m: Match) -> MatchResult:
     """Whether a match of ``rotary_pattern`` is a rotation of a 4-D float ``x`` with caches the operator can take."""
     if m.dtype("x") not in FUSABLE_FLOATS:
@@ -328,9 +334,7 @@ class RotaryEmbeddingFromRotateHalf(RewriteRule):
         if cache.constant is not None:
             value = op.const(cache.constant, "rotary_cache")
         else:
-            value = op.Slice(cache.source, op.const(np.array([0], np.int64), "starts"),
-                             op.const(np.array([head_size // 2], np.int64), "ends"),
-                             op.const(np.array([-1], np.int64), "axes"))
+            value = first_half(op, cache.source, head_size // 2)
         return op.Expand(value, batch_shape) if needs_batch_expansion(cache, x_shape) else value
 
 
