@@ -19,7 +19,14 @@ operators that change nothing removed.
   dimensions from a run-time ``Shape``. A row-major Reshape to ``[M, K]`` keeps each row of ``x``, the
   product maps row to row, and the Reshape back restores the same leading dimensions (checked on the
   inferred shapes, numbers or symbols), so MatMul's batched rows are the same rows. The bias is added
-  after the product instead of in the Gemm, which can change the last bit.
+  after the product instead of in the Gemm, which can change the last bit. For onnxruntime, which adds a
+  Gemm's bias faster, the Gemm stays and a run-time target made of one Gather per leading dimension
+  becomes ``Concat(Shape(x, end=-1), [N])`` [``flattened_gemm_leading_shape``]; a constant target stays.
+* ``reshaped_matmul_bias``: ``Reshape(MatMul(Reshape(x, s), W) + c, t)`` -> ``Reshape(Gemm(Reshape(x, [-1, K]),
+  W, c), t)`` for a constant ``[K, N]`` ``W``, ``c`` one value per column (or one value) and a constant ``t``
+  without 0 (which would copy a dimension of the input): Swin's window projections. MatMul multiplies
+  each row of its input's last axis by ``W``, so flattening the leading axes into rows computes the same
+  rows in the same row-major order, and ``t`` gives them the same final shape; one node fewer.
 
 When a chain is exact: the result's shape is worked out from the input's (from shape inference, known
 rank) symbolically, each dimension a known size, "dimension ``i`` of the input", or unknown. The new
@@ -560,6 +567,9 @@ class FlattenedGemmLeadingShape(FlattenedGemmToMatMul):
         if not checked:
             return checked
         target = m.node("unflatten").inputs[1]
+        if ir.is_constant(target):
+            # A constant target costs no node; computing it would only be folded back (static shapes).
+            return m.fail("the leading dimensions are constant")
         if target.inputs and target.inputs[0].op == "Concat" and any(
                 t.inputs and t.inputs[0].op == "Shape" and t.inputs[0].inputs[0] is m["x"]
                 for t in target.inputs[0].inputs):
@@ -577,5 +587,43 @@ class FlattenedGemmLeadingShape(FlattenedGemmToMatMul):
                           _name=m.node("unflatten").name)
 
 
+class ReshapedMatMulBiasToGemm(RewriteRule):
+    """Replaces Reshape(MatMul(Reshape(x, s), W) + c, t) with Reshape(Gemm(Reshape(x, [-1, K]), W, c), t)."""
+
+    name = "reshaped_matmul_bias"
+    min_opset = 7  # numpy-style broadcasting of the bias, and Gemm's C
+
+    def pattern(self, op, x, w, c, t):
+        rows = op.Reshape(x, _allow_other_inputs=True, _tag="flatten")
+        return op.Reshape(op.Add(op.MatMul(rows, w), c), t, _tag="unflatten")
+
+    def check(self, m: Match) -> MatchResult:
+        weight = m.value("w")
+        if weight is None or weight.ndim != 2 or weight.shape[0] == 0:
+            return m.fail("W is not a constant [K, N] matrix")
+        if weight.dtype.name not in ("float32", "float64") or m.dtype("x") != weight.dtype:
+            return m.fail(f"Gemm here only for float32/float64 operands, not {weight.dtype}")
+        bias = m.value("c")
+        if bias is None or bias.dtype != weight.dtype or not (
+                bias.size == 1 or (bias.size == weight.shape[1] and bias.shape[-1] == weight.shape[1])):
+            return m.fail("the addend is not a constant with one value per column")
+        target = m.value("t")
+        if target is None or not np.all(target != 0):
+            return m.fail("the final shape is not constant, or copies a dimension (0) of the input")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        weight, bias = m.value("w"), m.value("c")
+        rows = op.Reshape(m["x"], op.const(np.array([-1, weight.shape[0]], np.int64), "rows_shape"),
+                          _name=m.node("flatten").name)
+        if bias.ndim > 1:
+            bias = op.const(bias.reshape(-1), f"{m['c'].name}_row")
+        else:
+            bias = m["c"]
+        product = op.Gemm(rows, m["w"], bias, _name=m.node("MatMul").name)
+        return op.Reshape(product, m["t"], _name=m.node("unflatten").name, **m.attrs("unflatten"))
+
+
 RULES = (ReshapeChainToReshape(), NoopReshape(), NoopConcat(), NoopVariadic(), NoopSplit(), NoopTile(),
-         NoopIdentity(), ReshapesAroundElementwise(), FlattenedGemmToMatMul(), FlattenedGemmLeadingShape())
+         NoopIdentity(), ReshapesAroundElementwise(), FlattenedGemmToMatMul(), FlattenedGemmLeadingShape(),
+         ReshapedMatMulBiasToGemm())

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_same_outputs, op_counts
 from test_fuse_norm import fuse
 
-from onnxopt import ir
+from onnxopt import ir, optimize_model
 from onnxopt.pass_infra import PassContext, Target
 from onnxopt.passes.dce import DeadCodeElimination
 from onnxopt.passes.fuse import Fuse
@@ -518,4 +518,59 @@ def test_flattened_gemm_left_alone(model, reason):
     optimized, result = fuse(model)
     assert result.stats["flattened_gemm"] == 0
     misses = explain(model, Fuse, PassContext(target=Target.GENERIC)).misses("flattened_gemm")
+    assert any(reason in attempt.reason for attempt in misses), [str(a) for a in misses]
+
+
+def test_static_flattened_gemm_for_onnxruntime_keeps_its_constant_target():
+    # With static shapes the target is already a constant: reading it from Shape(x) would only be folded
+    # back, and fold and fuse would undo each other until the iteration cap.
+    model = parse("""
+        g (float[2, 5, 4] x) => (float[2, 5, 3] y)
+          <float[4, 3] w = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}, float[3] c = {0.5, -1.0, 2.0},
+           int64[2] rows = {-1, 4}, int64[3] back = {2, 5, 3}> {
+            flat = Reshape(x, rows)
+            product = Gemm(flat, w, c)
+            y = Reshape(product, back)
+        }""")
+    _, result = fuse(model, Target.ORT)
+    assert result.stats["flattened_gemm_leading_shape"] == 0
+    run = optimize_model(model, target="ort", verify=False)
+    assert run.report.converged and run.report.iterations <= 2
+
+
+def windows_model(bias: str = "float[3] c = {0.5, -1.0, 2.0}", back: str = "{-1, 7, 7, 3}",
+                  dtype: str = "float") -> onnx.ModelProto:
+    """Swin's window projection: windows [B, 7, 7, 4] flattened to [B, 49, 4] for a Linear, whose result
+    is reshaped back to windows."""
+    return parse(f"""
+        g ({dtype}[B, 7, 7, 4] x) => ({dtype}[B, 7, 7, 3] y)
+          <{dtype}[4, 3] w = {{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}}, {bias},
+           int64[3] tokens = {{-1, 49, 4}}, int64[4] back = {back}> {{
+            h = Reshape(x, tokens)
+            product = MatMul(h, w)
+            biased = Add(product, c)
+            y = Reshape(biased, back)
+        }}""")
+
+
+@pytest.mark.parametrize("bias", ["float[3] c = {0.5, -1.0, 2.0}", "float[1, 1, 3] c = {0.5, -1.0, 2.0}",
+                                  "float[1] c = {0.5}"], ids=["vector", "rank3", "scalar"])
+def test_matmul_bias_between_reshapes_becomes_a_gemm(bias):
+    model = windows_model(bias)
+    optimized, result = fuse_and_dce(model)
+    assert result.stats["reshaped_matmul_bias"] == 1
+    assert computing_ops(optimized) == {"Reshape": 2, "Gemm": 1}
+    for dims in ({"B": 3}, {"B": 1}):
+        assert_same_outputs(model, optimized, feeds_for(model, dims))
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    (windows_model(back="{0, 7, 7, 3}"), "copies a dimension"),
+    (windows_model(bias="float[49, 3] c = {" + ", ".join(["1"] * 147) + "}"), "one value per column"),
+    (windows_model(bias="float16[3] c = {1, 2, 3}", dtype="float16"), "float32/float64"),
+], ids=["copied_dim", "bias_per_row", "float16"])
+def test_matmul_bias_between_reshapes_left_alone(model, reason):
+    _, result = fuse(model)
+    assert result.stats["reshaped_matmul_bias"] == 0
+    misses = explain(model, Fuse, PassContext(target=Target.GENERIC)).misses("reshaped_matmul_bias")
     assert any(reason in attempt.reason for attempt in misses), [str(a) for a in misses]
