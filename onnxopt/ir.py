@@ -169,9 +169,20 @@ def _check_tensor_sizes(model: onnx.ModelProto, base_dir: Path | None) -> None:
             )
 
 
+def _domain_key(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain
+
+
 def _check_opsets(model: onnx.ModelProto) -> None:
     known = onnx.defs.onnx_opset_version()
+    versions: dict[str, int] = {}
     for opset in model.opset_import:
+        # Converters write some imports twice (skl2onnx the default domain, at the same version): harmless
+        # then, but two versions of one domain leave the operators' meaning open.
+        seen = versions.setdefault(_domain_key(opset.domain), opset.version)
+        if seen != opset.version:
+            raise ModelLoadError(f"model imports opset domain '{opset.domain or 'ai.onnx'}' twice, at versions "
+                                 f"{seen} and {opset.version}")
         if opset.domain in ("", "ai.onnx") and opset.version > known:
             raise ModelLoadError(
                 f"model uses ONNX opset {opset.version}, newer than the installed onnx "
@@ -399,6 +410,12 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     if version == current:
         return model
     skeleton = model_skeleton(model)
+    # onnx's converter bumps only the first import of the default domain; a second one, which some
+    # converters write, would take the result back to the old version when exported.
+    unique = {_domain_key(op.domain): op for op in reversed(skeleton.opset_import)}
+    kept = [op for op in skeleton.opset_import if unique.get(_domain_key(op.domain)) is op]
+    del skeleton.opset_import[:]
+    skeleton.opset_import.extend(kept)
     weights = {t.name: t for t in model.graph.initializer}
     held_back = weights.keys() - {t.name for t in skeleton.graph.initializer}
     moved = held_back - {vi.name for vi in model.graph.input}

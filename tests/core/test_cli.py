@@ -47,7 +47,8 @@ def test_run_writes_default_output_prints_table_and_report(tmp_path):
     assert len(records) <= len(DEFAULT_PIPELINE) * report["iterations"]
     assert not any(r["modified"] for r in records if r["iteration"] == report["iterations"])
     for record in records:
-        assert {"seconds", "modified", "stats", "nodes_before", "nodes_after", "bytes_before", "bytes_after"} <= set(record)
+        assert {"seconds", "modified", "stats", "nodes_before", "nodes_after", "bytes_before",
+                "bytes_after"} <= set(record)
     assert report["after"]["nodes"] < report["before"]["nodes"]
 
     original, optimized = onnx.load(model), onnx.load(output)
@@ -368,6 +369,30 @@ def test_upgrade_opset_converts_then_optimizes(tmp_path):
     optimized = onnx.load(tmp_path / "out.onnx")
     assert {op.domain: op.version for op in optimized.opset_import}[""] == 18
     assert_same_outputs(onnx.load(model), optimized)
+
+
+def test_upgrade_opset_with_the_default_domain_imported_twice(tmp_path):
+    # skl2onnx writes ('', 17) twice; onnx's converter bumps only the first, and the second used to take
+    # the result back to the old opset, silently.
+    path = _split_model_opset11(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    model.opset_import.add(domain="", version=11)
+    onnx.save(model, path)
+    result = run_cli("run", path, "--upgrade-opset", "18", "-o", tmp_path / "out.onnx", "-q")
+    assert result.code == 0, result.stderr
+    optimized = onnx.load(tmp_path / "out.onnx")
+    assert [(op.domain, op.version) for op in optimized.opset_import] == [("", 18)]
+    assert_same_outputs(model, optimized)
+
+
+def test_two_versions_of_one_opset_domain_are_refused(tmp_path):
+    path = _split_model_opset11(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    model.opset_import.add(domain="ai.onnx", version=13)
+    onnx.save(model, path)
+    result = run_cli("run", path, "-o", tmp_path / "out.onnx")
+    assert result.code == 2 and "twice, at versions 11 and 13" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.onnx").exists()
 
 
 @pytest.mark.parametrize(("version", "message"), [("10", "only goes up"), ("99", "knows opsets up to")])
