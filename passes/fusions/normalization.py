@@ -14,7 +14,9 @@ Over the last ``k`` axes of ``x`` (``axis = -k``), with ``mean`` a ReduceMean ov
   constant ``c`` that varies only along the normalized axes (``beta``).
 * ``layer_norm_affine``: ``x * r + (beta - mean(x) * r)`` with ``r = gamma / sqrt(var + eps)`` (or
   without ``gamma``/``beta``), TensorFlow's ``batch_normalization`` written out by tf2onnx for Keras'
-  LayerNormalization -> ``LayerNormalization(x, gamma, beta)``.
+  LayerNormalization -> ``LayerNormalization(x, gamma, beta)``; also Keras 3's ``x * r + (-mean(x) * r +
+  beta)``, and means written as ``GlobalAveragePool`` (which averages axes 2 to the last, as tf2onnx
+  writes a last-axis mean of a rank-3 tensor).
 
 All are exact up to rounding: the fused kernels compute in float32 (``stash_type`` 1), so only float32
 and float16 inputs fuse (a float64 decomposition is more precise than the kernel). The reductions must
@@ -70,23 +72,39 @@ def rms_norm_pattern(op, x, epsilon):
     return divided_pattern(op, x, op.Sqrt(op.Add(mean_square, epsilon)))
 
 
+def mean_over_last_axes_pattern(op, value, tag: str):
+    """A mean over the last axes keeping them: ReduceMean, or GlobalAveragePool (axes 2 to the last), which
+    tf2onnx writes for a last-axis ReduceMean of a rank-3 tensor."""
+    return op.either(op.ReduceMean(value, _allow_other_inputs=True, _tag=tag), op.GlobalAveragePool(value, _tag=tag))
+
+
 def layer_norm_affine_pattern(op, x, epsilon, gamma, beta):
     """``x * r + (beta - mean * r)``, ``r = [gamma *] 1 / sqrt(mean((x - mean)^2) + epsilon)``, as tf2onnx writes it.
 
-    Without ``beta``: ``x * r - mean * r``. The ReduceMeans are tagged ``mean`` and ``variance``.
+    Without ``beta``: ``x * r - mean * r``. Keras 3's graphs, converted by tf2onnx 1.17, add a negated mean
+    instead: ``x * r + (-mean * r + beta)`` and ``x * r + -mean * r`` (the Neg tagged ``negated_mean``).
+    The means are tagged ``mean`` and ``variance``.
     """
-    mean = op.ReduceMean(x, _allow_other_inputs=True, _tag="mean")
+    mean = mean_over_last_axes_pattern(op, x, "mean")
     centered = op.Sub(x, mean)
-    variance = op.ReduceMean(square_pattern(op, centered), _allow_other_inputs=True, _tag="variance")
+    variance = mean_over_last_axes_pattern(op, square_pattern(op, centered), "variance")
     inverse = reciprocal_pattern(op, op.Sqrt(op.Add(variance, epsilon)))
     factor = op.either(op.Mul(inverse, gamma, _tag="gamma"), inverse)
     shifted_mean = op.Mul(mean, factor, _tag="shifted_mean")
+    negated_shift = op.Mul(op.Neg(mean, _tag="negated_mean"), factor, _tag="shifted_mean")
     scaled = op.Mul(x, factor, _tag="scaled")
-    return op.either(op.Add(scaled, op.Sub(beta, shifted_mean, _tag="beta")), op.Sub(scaled, shifted_mean))
+    return op.either(op.Add(scaled, op.Sub(beta, shifted_mean)), op.Sub(scaled, shifted_mean),
+                     op.Add(scaled, op.Add(negated_shift, beta)), op.Add(scaled, negated_shift))
 
 
 def reduced_axes(node: gs.Node) -> list[int] | None:
-    """The axes a ReduceMean reduces, from its attribute (before opset 18) or constant input, or ``None``."""
+    """The axes a ReduceMean reduces, from its attribute (before opset 18) or constant input, or ``None``.
+
+    A GlobalAveragePool reduces axes 2 to the last of an input of known rank.
+    """
+    if node.op == "GlobalAveragePool":
+        data = node.inputs[0].shape
+        return None if data is None or len(data) < 3 else list(range(2, len(data)))
     if node.attrs.get("keepdims", 1) != 1:
         return None
     if "axes" in node.attrs:
@@ -194,7 +212,8 @@ class LayerNormalizationFromAffineParts(RewriteRule):
         if not result:
             return result
         # ``r`` appears twice in the pattern: both products must read the same value (with or without gamma).
-        if factor_of(m.node("scaled"), m["x"]) is not factor_of(m.node("shifted_mean"), m.node("mean").outputs[0]):
+        mean = m.node("negated_mean" if m.has_node("negated_mean") else "mean").outputs[0]
+        if factor_of(m.node("scaled"), m["x"]) is not factor_of(m.node("shifted_mean"), mean):
             return m.fail("x and the mean are not multiplied by the same factor")
         axis = normalized_axis(m, ("mean", "variance"))
         for name in ("gamma", "beta"):

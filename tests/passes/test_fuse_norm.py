@@ -216,27 +216,53 @@ def test_layer_norm_for_every_target():
 # tf2onnx's batch-normalization form
 
 
-def affine_layer_norm_model(gamma=True, beta=True, opset=17, shape=(2, 5, 16)):
-    """Keras LayerNormalization as tf2onnx writes it: x * r + (beta - mean * r), r = gamma * rsqrt(var + eps)."""
+def affine_layer_norm_model(gamma=True, beta=True, opset=17, shape=(2, 5, 16), negated=False, pooled=False):
+    """Keras LayerNormalization as tf2onnx writes it: x * r + (beta - mean * r), r = gamma * rsqrt(var + eps).
+
+    ``negated``: Keras 3's x * r + (-mean * r + beta); ``pooled``: the means as GlobalAveragePool, which
+    tf2onnx 1.17 writes for a last-axis mean of a rank-3 tensor.
+    """
     rng = np.random.default_rng(1)
     b = Builder(opset)
-    mean = b.reduce_mean("x", (-1,))
+
+    def mean_of(value):
+        return b.node("GlobalAveragePool", value) if pooled else b.reduce_mean(value, (-1,))
+
+    mean = mean_of("x")
     centered = b.node("Sub", "x", mean)
-    variance = b.reduce_mean(b.node("Mul", centered, centered), (-1,))
+    variance = mean_of(b.node("Mul", centered, centered))
     inverse = b.node("Reciprocal", b.node("Sqrt", b.node("Add", variance, b.const(1e-3))))
     factor = b.node("Mul", inverse, b.const(rng.uniform(0.5, 2, shape[-1]))) if gamma else inverse
     scaled = b.node("Mul", "x", factor)
-    shifted_mean = b.node("Mul", mean, factor)
-    if beta:
-        y = b.node("Add", scaled, b.node("Sub", b.const(rng.standard_normal(shape[-1])), shifted_mean))
+    shift = b.const(rng.standard_normal(shape[-1])) if beta else None
+    if negated:
+        negated_shift = b.node("Mul", b.node("Neg", mean), factor)
+        y = b.node("Add", scaled, b.node("Add", negated_shift, shift) if beta else negated_shift)
+    elif beta:
+        y = b.node("Add", scaled, b.node("Sub", shift, b.node("Mul", mean, factor)))
     else:
-        y = b.node("Sub", scaled, shifted_mean)
+        y = b.node("Sub", scaled, b.node("Mul", mean, factor))
     return b.model(y, shape)
 
 
 @pytest.mark.parametrize("gamma,beta", [(True, True), (False, True), (True, False), (False, False)])
 def test_tf2onnx_layer_norm_becomes_one_node(gamma, beta):
     check(affine_layer_norm_model(gamma, beta), {"LayerNormalization": 1}, {"layer_norm_affine": 1})
+
+
+@pytest.mark.parametrize("beta", [True, False])
+@pytest.mark.parametrize("pooled", [False, True], ids=["reduce_mean", "global_average_pool"])
+def test_keras3_layer_norm_with_a_negated_mean_becomes_one_node(beta, pooled):
+    model = affine_layer_norm_model(beta=beta, negated=True, pooled=pooled)
+    check(model, {"LayerNormalization": 1}, {"layer_norm_affine": 1})
+
+
+def test_global_average_pool_over_two_axes_normalizes_both():
+    # On [N, C, H, W] GlobalAveragePool averages H and W: the normalization runs over the last two axes.
+    optimized = check(affine_layer_norm_model(gamma=False, beta=False, shape=(2, 3, 4, 5), pooled=True),
+                      {"LayerNormalization": 1}, {"layer_norm_affine": 1})
+    axis = next(a for a in optimized.graph.node[0].attribute if a.name == "axis")
+    assert helper.get_attribute_value(axis) == -2
 
 
 def test_tf2onnx_layer_norm_with_mismatched_factors_does_not_fire():
@@ -499,7 +525,8 @@ def test_every_decomposed_layer_norm_of_the_exported_transformers_is_found(fixtu
     assert "LayerNormalization" not in op_counts(model)
     optimized, result = fuse(model)
     assert op_counts(optimized).get("LayerNormalization") == EXPORTED[fixture]
-    assert result.stats["layer_norm"] == result.stats["norm_scale"] == result.stats["layer_norm_bias"] == EXPORTED[fixture]
+    assert (result.stats["layer_norm"] == result.stats["norm_scale"] == result.stats["layer_norm_bias"]
+            == EXPORTED[fixture])
     for batch, sequence in ((2, 7), (1, 3)):
         sizes = {"batch": batch, "sequence": sequence, "past_sequence": 3, "total_sequence": sequence + 3}
         assert_same_outputs(model, optimized, fixture_feeds(model, sizes))
