@@ -2,9 +2,11 @@
 
 Removes every node no graph output depends on (in subgraph bodies too, where a node counts as used when
 anything of an enclosing graph reads its value), bypasses ``Identity`` nodes and what computes the same
-(Casts to the type the value already has, adding 0, multiplying or dividing by 1, and-ing with true), and drops opset
-imports no node uses. Constants that lose their last reader disappear with them. Graph inputs and outputs are never
-removed: an ``Identity`` that is the only way to give an output its name stays.
+(Casts to the type the value already has, adding 0, multiplying or dividing by 1, and-ing with true), drops
+the initial states of LSTM, GRU and RNN nodes that are zeros (an absent initial state is zeros; Keras
+exports build them with Shape, Expand and friends), and drops opset imports no node uses. Constants that
+lose their last reader disappear with them. Graph inputs and outputs are never removed: an ``Identity``
+that is the only way to give an output its name stays.
 """
 
 from __future__ import annotations
@@ -93,6 +95,44 @@ def _bypass_identities(graph: gs.Graph) -> int:
     return removed
 
 
+# Optional inputs of the recurrent operators whose absence means zeros: initial_h (and LSTM's initial_c).
+_ZERO_DEFAULT_INPUTS = {"LSTM": (5, 6), "GRU": (5,), "RNN": (5,)}
+# Operators that give zeros for zeros: moving, repeating, reshaping or converting elements.
+_ZERO_PRESERVING = frozenset({"Expand", "Tile", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast",
+                              "Identity"})
+
+
+def _is_zeros(tensor: gs.Tensor, depth: int = 8) -> bool:
+    """Whether every element of ``tensor`` is zero whatever the inputs (an all-zero constant, a
+    ConstantOfShape of zero, or one of those moved, repeated, reshaped or cast)."""
+    value = ir.constant_value(tensor)
+    if value is not None:
+        return value.dtype.kind in "iufb" and not np.any(value)
+    if depth == 0 or len(tensor.inputs) != 1:
+        return False
+    producer = tensor.inputs[0]
+    if producer.domain not in ("", None, "ai.onnx"):
+        return False
+    if producer.op == "ConstantOfShape":
+        fill = producer.attrs.get("value")
+        return fill is None or (isinstance(fill, gs.Constant) and not np.any(fill.values))
+    return producer.op in _ZERO_PRESERVING and bool(producer.inputs) and _is_zeros(producer.inputs[0], depth - 1)
+
+
+def _drop_zero_initial_states(graph: gs.Graph) -> int:
+    """Removes initial states that are zeros from LSTM, GRU and RNN nodes: absent, they are zeros."""
+    dropped = 0
+    for node in graph.nodes:
+        slots = _ZERO_DEFAULT_INPUTS.get(node.op, ()) if node.domain in ("", None, "ai.onnx") else ()
+        for index in slots:
+            if index < len(node.inputs) and node.inputs[index].name and _is_zeros(node.inputs[index]):
+                node.inputs[index] = gs.Variable.empty()
+                dropped += 1
+        while node.inputs and not node.inputs[-1].name:
+            node.inputs.pop()
+    return dropped
+
+
 def _remove_dead(graph: gs.Graph) -> int:
     live: set[str] = {t.name for t in graph.outputs}
     kept: list[gs.Node] = []
@@ -117,14 +157,16 @@ class DeadCodeElimination(Pass):
     name: ClassVar[str] = "dce"
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        identities = nodes = 0
+        identities = nodes = states = 0
         for sub in reversed(list(ir.all_graphs(graph))):
             identities += _bypass_identities(sub)
+            states += _drop_zero_initial_states(sub)
             nodes += _remove_dead(sub)
         used = ir.used_domains(graph) | {"", "ai.onnx"}
         domains_before = len(graph.import_domains or [])
         if graph.import_domains is not None:
             graph.import_domains = [d for d in graph.import_domains if d.domain in used]
         opsets = domains_before - len(graph.import_domains or [])
-        stats = {"identities_removed": identities, "dead_nodes_removed": nodes, "opset_imports_removed": opsets}
-        return PassResult(modified=bool(identities or nodes or opsets), stats=stats)
+        stats = {"identities_removed": identities, "dead_nodes_removed": nodes, "opset_imports_removed": opsets,
+                 "zero_initial_states_dropped": states}
+        return PassResult(modified=bool(identities or nodes or opsets or states), stats=stats)

@@ -396,3 +396,51 @@ def test_logic_with_a_neutral_constant_is_bypassed(op, constant, removed):
     optimized = dce_after_inference(model)
     assert (op not in [n.op_type for n in optimized.graph.node]) == removed
     assert_same_outputs(model, optimized)
+
+
+def recurrent_model(op: str, state: str) -> onnx.ModelProto:
+    """x [5, B, 3] through an ``op`` of hidden size 4 whose initial states are built by ``state``:
+    ``zeros`` (Keras' Shape -> Concat -> Expand of 0), ``fill`` (ConstantOfShape, default 0),
+    ``ones`` (Expand of 1, which must stay)."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    rng = np.random.default_rng(0)
+    fill = 1.0 if state == "ones" else 0.0
+    build = "h0 = ConstantOfShape(shape)" if state == "fill" else "h0 = Expand(fill, shape)"
+    states = "h0, h0" if op == "LSTM" else "h0"
+    model = onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[5, B, 3] x) => (float[5, 1, B, 4] y, float[1, B, 4] y_h) <float fill = {{{fill}}},
+          int64[1] one = {{1}}, int64[1] hidden = {{4}}, int64[1] zero = {{1}}, int64[1] end = {{2}}> {{
+            full = Shape(x)
+            batch = Slice(full, zero, end)
+            shape = Concat <axis = 0> (one, batch, hidden)
+            {build}
+            y, y_h = {op} <hidden_size = 4> (x, w, r, b, , {states})
+        }}""")
+    weights = [tensor("w", rng.standard_normal((1, gates * 4, 3)).astype(np.float32)),
+               tensor("r", rng.standard_normal((1, gates * 4, 4)).astype(np.float32)),
+               tensor("b", rng.standard_normal((1, gates * 8)).astype(np.float32))]
+    model.graph.initializer.extend(weights)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("state", ["zeros", "fill"])
+def test_zero_initial_states_of_recurrent_operators_are_dropped(op, state):
+    model = recurrent_model(op, state)
+    optimized, result = dce(model)
+    assert result.stats["zero_initial_states_dropped"] == (2 if op == "LSTM" else 1)
+    assert op_counts(optimized) == {op: 1}
+    node = optimized.graph.node[0]
+    assert list(node.input) == ["x", "w", "r", "b"]
+    for batch in (1, 3):
+        feeds = {"x": np.random.default_rng(batch).standard_normal((5, batch, 3)).astype(np.float32)}
+        assert_same_outputs(model, optimized, feeds)
+
+
+def test_initial_states_that_are_not_zeros_stay():
+    model = recurrent_model("LSTM", "ones")
+    optimized, result = dce(model)
+    assert result.stats["zero_initial_states_dropped"] == 0
+    assert op_counts(optimized) == op_counts(model)
