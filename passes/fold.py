@@ -276,6 +276,32 @@ def _equal(a: PartialValue, b: PartialValue) -> PartialValue | None:
     return PartialValue(tuple(result), scalar=a.scalar and b.scalar, dtype=np.dtype(np.bool_))
 
 
+def _extremum(op: str, a: PartialValue, b: PartialValue) -> PartialValue | None:
+    """Max or Min of two partial values, element by element where it is decided.
+
+    Numbers as numbers; a symbol against itself is itself (tf2onnx takes the Max of two operands' equal
+    batch dimensions for Einsum); a dimension, never negative, against a number <= 0 is the dimension for
+    Max and the number for Min.
+    """
+    pairs = _element_pairs(a, b)
+    if pairs is None:
+        return None
+    pick = max if op == "Max" else min
+    result: list[int | str | None] = []
+    for x, y in pairs:
+        if isinstance(x, int) and isinstance(y, int):
+            result.append(pick(x, y))
+        elif isinstance(x, str) and x == y:
+            result.append(x)
+        elif isinstance(x, str) and isinstance(y, int) and y <= 0:
+            result.append(x if op == "Max" else y)
+        elif isinstance(y, str) and isinstance(x, int) and x <= 0:
+            result.append(y if op == "Max" else x)
+        else:
+            result.append(None)
+    return PartialValue(tuple(result), scalar=a.scalar and b.scalar, dtype=a.dtype)
+
+
 def _unsqueeze_axis_count(node: gs.Node) -> int | None:
     """How many axes an Unsqueeze inserts (an attribute before opset 13, a constant input since); None if unknown."""
     if "axes" in node.attrs:
@@ -343,6 +369,8 @@ def _propagate(node: gs.Node, partials: dict[int, PartialValue]) -> PartialValue
         return PartialValue(first.elements, scalar=True, dtype=first.dtype)
     if op == "Equal" and len(inputs) == 2 and inputs[1] is not None:
         return _equal(first, inputs[1])
+    if op in ("Max", "Min") and len(inputs) == 2 and inputs[1] is not None and first.dtype.kind in "iu":
+        return _extremum(op, first, inputs[1])
     if op in _INT_ARITHMETIC and len(inputs) == 2 and inputs[1] is not None and first.dtype.kind in "iu":
         a, b = first, inputs[1]
         pairs = _element_pairs(a, b)
@@ -447,7 +475,7 @@ def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
     """Replaces shape computations whose result inferred shapes determine by constants; returns how many.
 
     ``Shape`` of a tensor with some static dimensions gives a partially known value; Gather, Slice,
-    Concat, Cast, Squeeze/Unsqueeze, integer arithmetic and Equal carry the known elements along (a
+    Concat, Cast, Squeeze/Unsqueeze, integer arithmetic, Max/Min and Equal carry the known elements along (a
     dimension, even a dynamic one, is never equal to a negative number), and a value
     whose elements are all known becomes a constant (so ``Gather(Shape(x), 1)`` folds when dimension 1 of
     ``x`` is static, even if dimension 0 is dynamic). In a subgraph (``in_subgraph``), the producers of

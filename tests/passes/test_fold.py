@@ -610,6 +610,36 @@ def test_equal_of_a_shape_folds_only_where_every_element_is_decided(constant, fo
         assert_same_outputs(model, optimized, {"x": np.ones((batch, 3, 4), np.float32)})
 
 
+def test_max_of_equal_batch_dimensions_becomes_a_copied_dimension():
+    # tf2onnx's Einsum: Reshape(product, [Max(N of a, N of b), 12]) with both N the same symbol; the
+    # target's first element is the product's own dimension 0, a copy.
+    model = parse("""
+    g (float[N, 3, 4] a, float[N, 4, 2] b) => (float[N, 6] y, int64[2] lowest)
+        <int64 zero = {0}, int64[1] axes = {0}, int64[1] six = {6}, int64[2] bound = {0, -1}> {
+      p = MatMul(a, b)
+      sa = Shape(a)
+      sb = Shape(b)
+      na = Gather(sa, zero)
+      nb = Gather(sb, zero)
+      n = Max(na, nb)
+      n1 = Unsqueeze(n, axes)
+      target = Concat<axis = 0>(n1, six)
+      y = Reshape(p, target)
+      lowest = Min(target, bound)
+    }""")
+    optimized, _ = fold(model)
+    np.testing.assert_array_equal(initializers(optimized)["lowest"], [0, -1])
+    reshape = next(n for n in optimized.graph.node if n.op_type == "Reshape")
+    np.testing.assert_array_equal(initializers(optimized)[reshape.input[1]], [0, 6])
+    optimized = onnxopt.optimize(model, passes="fold,dce")
+    assert op_counts(optimized) == {"MatMul": 1, "Reshape": 1}
+    for batch in (1, 3):
+        rng = np.random.default_rng(batch)
+        feeds = {"a": rng.standard_normal((batch, 3, 4)).astype(np.float32),
+                 "b": rng.standard_normal((batch, 4, 2)).astype(np.float32)}
+        assert_same_outputs(model, optimized, feeds)
+
+
 def test_cast_of_a_shape_element_that_overflows_the_target_type_is_not_folded():
     # Cast(300) to int8 wraps around in onnxruntime; folding must neither crash nor store 300.
     model = parse("""
