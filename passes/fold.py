@@ -509,6 +509,67 @@ def fold_shapes(graph: gs.Graph, in_subgraph: bool = False) -> int:
     return replaced
 
 
+def _dimension_before(view: gs.Node, axis: int) -> int | None:
+    """The axis of ``view``'s input that is axis ``axis`` of its output, for a Transpose by a constant
+    permutation or a Reshape whose constant target copies that dimension (0 without ``allowzero``)."""
+    data = view.inputs[0]
+    if view.op == "Transpose" and "perm" in view.attrs:
+        perm = [int(p) for p in view.attrs["perm"]]
+        return perm[axis] if axis < len(perm) else None
+    if view.op == "Reshape" and len(view.inputs) == 2 and not view.attrs.get("allowzero", 0):
+        target = ir.constant_value(view.inputs[1])
+        if target is None or target.ndim != 1 or axis >= target.size or data.shape is None:
+            return None
+        return axis if int(target[axis]) == 0 and axis < len(data.shape) else None
+    return None
+
+
+def read_shapes_before_views(graph: gs.Graph) -> int:
+    """Reads dimensions from a Transpose's or a copying Reshape's input instead of their output.
+
+    ``Gather(Shape(Transpose(y, perm)), i)`` is ``Gather(Shape(y), perm[i])``, and through a Reshape whose
+    target copies dimension ``i`` (a 0), dimension ``i`` of ``y``. When every reader of a ``Shape`` is a
+    Gather of constant indices that map so, the Shape reads ``y``: the view may then die, and a value
+    read only by its own attention pattern and by such a Shape (T5's first layer, which sizes the
+    position bias from the key heads) no longer has another reader. Returns how many Shapes moved.
+    """
+    moved = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in graph.nodes:
+            if node.op != "Shape" or node.domain not in ("", None, "ai.onnx") or "start" in node.attrs \
+                    or "end" in node.attrs or len(node.inputs[0].inputs) != 1:
+                continue
+            view = node.inputs[0].inputs[0]
+            if view.op not in ("Transpose", "Reshape") or view.domain not in ("", None, "ai.onnx"):
+                continue
+            readers = node.outputs[0].outputs
+            if not readers or ir.is_graph_output(graph, node.outputs[0]):
+                continue
+            mapped = []
+            for reader in readers:
+                indices = ir.constant_value(reader.inputs[1]) if reader.op == "Gather" and len(reader.inputs) == 2 \
+                    else None
+                rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+                if indices is None or reader.attrs.get("axis", 0) != 0 or rank is None or indices.ndim > 1 \
+                        or indices.dtype.kind not in "iu" or any(not -rank <= int(i) < rank for i in indices.flat):
+                    break
+                axes = [_dimension_before(view, int(i) % rank) for i in indices.flat]
+                if None in axes:
+                    break
+                mapped.append((reader, np.array(axes, dtype=indices.dtype).reshape(indices.shape)))
+            else:
+                node.inputs[0] = view.inputs[0]
+                data = view.inputs[0].shape
+                node.outputs[0].shape = None if data is None else [len(data)]
+                for reader, axes in mapped:
+                    reader.inputs[1] = ir.make_constant(graph, axes, f"{reader.name or 'gather'}_indices")
+                moved += 1
+                changed = True
+    return moved
+
+
 def _tensors_outside(root: gs.Graph, branch: gs.Graph) -> list[gs.Tensor]:
     """Every tensor of ``root`` and its subgraphs, except those only seen inside ``branch``."""
     tensors: list[gs.Tensor] = []
@@ -605,17 +666,19 @@ class ConstantFolding(Pass):
     small_bytes: int = 1 << 16
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
-        stats = {"folded": 0, "shapes_folded": 0, "ifs_inlined": 0, "kept_by_size_guard": 0}
+        stats = {"folded": 0, "shapes_folded": 0, "ifs_inlined": 0, "kept_by_size_guard": 0,
+                 "shapes_read_before_views": 0}
         stats["ifs_inlined"] += _inline_everywhere(graph, graph)
         ir.infer_shapes(graph)
         for sub in list(ir.all_graphs(graph)):
+            stats["shapes_read_before_views"] += read_shapes_before_views(sub)
             stats["shapes_folded"] += fold_shapes(sub, in_subgraph=sub is not graph)
             folded, kept = self._fold_constants(sub, in_subgraph=sub is not graph)
             stats["folded"] += folded
             stats["kept_by_size_guard"] += len(kept)
             for node in kept:
                 ctx.log.info("fold: kept %s '%s' as a node (size guard)", node.op, node.name)
-        modified = stats["folded"] + stats["shapes_folded"] + stats["ifs_inlined"] > 0
+        modified = any(stats[key] for key in ("folded", "shapes_folded", "ifs_inlined", "shapes_read_before_views"))
         return PassResult(modified=modified, stats=stats)
 
     def _fold_constants(self, graph: gs.Graph, in_subgraph: bool) -> tuple[int, list[gs.Node]]:

@@ -640,6 +640,44 @@ def test_max_of_equal_batch_dimensions_becomes_a_copied_dimension():
         assert_same_outputs(model, optimized, feeds)
 
 
+VIEWED_KEYS = """(float[B, S, 8] k) => (float[B, 2, 4, S] kt, int64 length, int64[2] pair)
+    <int64[4] heads = {0, 0, 2, 4}, int64 two = {2}, int64[2] which = {-2, 0}> {
+      kh = Reshape(k, heads)
+      kt = Transpose<perm = [0, 2, 3, 1]>(kh)
+      kv = Transpose<perm = [0, 2, 1, 3]>(kh)
+      s = Shape(kv)
+      length = Gather(s, two)
+      pair = Gather(s, which)
+    }"""
+
+
+def test_dimensions_are_read_before_transposes_and_copying_reshapes():
+    # T5 sizes its position bias from Shape(Transpose(Reshape(k))): read from k, the Transpose dies and
+    # the heads Reshape is read only where attention reads it.
+    model = parse("g " + VIEWED_KEYS)
+    optimized, result = fold(model)
+    assert result.stats["shapes_read_before_views"] == 2
+    shape = next(n for n in optimized.graph.node if n.op_type == "Shape")
+    assert list(shape.input) == ["k"]
+    optimized = onnxopt.optimize(model, passes="fold,dce")
+    assert op_counts(optimized) == {"Reshape": 1, "Transpose": 1, "Shape": 1, "Gather": 2}
+    for batch, length in ((1, 3), (2, 5)):
+        feeds = {"k": np.random.default_rng(length).standard_normal((batch, length, 8)).astype(np.float32)}
+        assert_same_outputs(model, optimized, feeds)
+
+
+def test_dimensions_a_reshape_does_not_copy_are_read_after_it():
+    # With -1 for the sequence, the Reshape's dimension 1 is computed, not copied: read through the
+    # Transpose only.
+    model = parse("g " + VIEWED_KEYS.replace("{0, 0, 2, 4}", "{0, -1, 2, 4}"))
+    optimized, result = fold(model)
+    shape = next(n for n in optimized.graph.node if n.op_type == "Shape")
+    assert list(shape.input) == ["kh"] and result.stats["shapes_read_before_views"] == 1
+    for batch, length in ((1, 3), (2, 5)):
+        feeds = {"k": np.random.default_rng(length).standard_normal((batch, length, 8)).astype(np.float32)}
+        assert_same_outputs(model, optimized, feeds)
+
+
 def test_cast_of_a_shape_element_that_overflows_the_target_type_is_not_folded():
     # Cast(300) to int8 wraps around in onnxruntime; folding must neither crash nor store 300.
     model = parse("""
