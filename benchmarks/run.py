@@ -382,8 +382,7 @@ def write_markdown(path: Path, payload: dict) -> None:
              f"onnxopt from {env.get('onnxopt_source')} at commit {env.get('onnxopt_commit', 'unknown')}"
              f"{' with uncommitted changes' if env.get('onnxopt_dirty') else ''}.", "",
              "Every tool runs with its default options in its own process; time is load + optimize + save "
-             "(imports excluded, onnxopt's lazy ones included: its passes, onnx.reference, onnxruntime's "
-             "symbolic shape inference with sympy), peak memory is the process's peak RSS (interpreter and imports included). "
+             "(imports excluded, for onnxopt also the passes and onnx.reference it imports on first use), peak memory is the process's peak RSS (interpreter and imports included). "
              "`onnxopt` is the default call (verification in onnxruntime on); `onnxopt-noverify` passes "
              "`verify=False`; `onnxopt-noguard` is the default pipeline with fold's size guard lifted (no "
              "verification), for reference only. Outputs are compared with the original's in onnxruntime with graph optimizations "
