@@ -545,14 +545,14 @@ def read_shapes_before_views(graph: gs.Graph) -> int:
             if view.op not in ("Transpose", "Reshape") or view.domain not in ("", None, "ai.onnx"):
                 continue
             readers = node.outputs[0].outputs
-            if not readers or ir.is_graph_output(graph, node.outputs[0]):
+            if not readers or ir.is_graph_output(graph, node.outputs[0]) or node.inputs[0].shape is None:
                 continue
+            rank = len(node.inputs[0].shape)
             mapped = []
             for reader in readers:
                 indices = ir.constant_value(reader.inputs[1]) if reader.op == "Gather" and len(reader.inputs) == 2 \
                     else None
-                rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
-                if indices is None or reader.attrs.get("axis", 0) != 0 or rank is None or indices.ndim > 1 \
+                if indices is None or reader.attrs.get("axis", 0) != 0 or indices.ndim > 1 \
                         or indices.dtype.kind not in "iu" or any(not -rank <= int(i) < rank for i in indices.flat):
                     break
                 axes = [_dimension_before(view, int(i) % rank) for i in indices.flat]

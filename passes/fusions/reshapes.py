@@ -616,10 +616,8 @@ class ReshapedMatMulBiasToGemm(RewriteRule):
         weight, bias = m.value("w"), m.value("c")
         rows = op.Reshape(m["x"], op.const(np.array([-1, weight.shape[0]], np.int64), "rows_shape"),
                           _name=m.node("flatten").name)
-        if bias.ndim > 1:
-            bias = op.const(bias.reshape(-1), f"{m['c'].name}_row")
-        else:
-            bias = m["c"]
+        # Gemm's C broadcasts one way to [M, N]: a bias of leading 1s becomes a row.
+        bias = m["c"] if bias.ndim <= 1 else op.const(bias.reshape(-1), f"{m['c'].name}_row")
         product = op.Gemm(rows, m["w"], bias, _name=m.node("MatMul").name)
         return op.Reshape(product, m["t"], _name=m.node("unflatten").name, **m.attrs("unflatten"))
 
