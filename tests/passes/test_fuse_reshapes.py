@@ -541,6 +541,7 @@ def test_static_flattened_gemm_for_onnxruntime_keeps_its_constant_target():
     assert result.stats["flattened_gemm_leading_shape"] == 0
     run = optimize_model(model, target="ort", verify=False)
     assert run.report.converged and run.report.iterations <= 2
+    assert_same_outputs(model, run.model, feeds_for(model))
 
 
 def windows_model(bias: str = "float[3] c = {0.5, -1.0, 2.0}", back: str = "{-1, 7, 7, 3}",
