@@ -39,8 +39,9 @@ left is still converted.
 
 A drop is *declined* where onnxopt wrote the pattern in a form the engine does not fuse, on purpose,
 because the fused kernel is the slower one (``DECLINED``): onnxruntime's CPU SkipLayerNormalization, whose
-Add onnxopt writes as Sum (see ``ort_fuse``). It is declined when the unfused operators it stands for
-gained at least as many nodes as it lost.
+Add onnxopt writes as Sum, and BiasGelu, whose Add stays beside a ``com.microsoft.Gelu`` (see ``ort_fuse``;
+an Add of zeros, which the engine fuses into BiasGelu in the original, is simply gone). It is declined
+when the unfused operators it stands for gained at least as many nodes as it lost.
 
 Usage::
 
@@ -95,6 +96,7 @@ ABSORBERS: dict[str, dict[str, int]] = {
 DECLINED: dict[str, tuple[tuple[str, ...], str]] = {
     "SkipLayerNormalization": (("Sum", "LayerNormalization"),
                                "its CPU kernel is the slower"),
+    "BiasGelu": (("Gelu",), "Gelu beside its Add is the faster on CPU; a bias of zeros is gone"),
 }
 
 # Runtime-graph node types of OpenVINO's CPU plugin that are no fusion: graph ends, constants, layout

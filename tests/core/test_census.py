@@ -167,3 +167,31 @@ def test_fewer_blocked_layout_convs_are_no_loss_while_no_conv_stays_unconverted(
     # A Conv that the engine no longer converts is a lost conversion.
     unconverted = RuntimeGraph({(NCHWC_DOMAIN, "Conv"): 183, ("", "Conv"): 1})
     assert [row.label for row in Census.compare(original, unconverted).regressions] == ["com.microsoft.nchwc.Conv"]
+
+
+def _gelu_of_projection(bias: np.ndarray | None) -> onnx.ModelProto:
+    """Gelu written with erf, of ``x @ W (+ bias)``: what onnxruntime fuses into (Bias)Gelu."""
+    rng = np.random.default_rng(1)
+    inits = [tensor("w", rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32)),
+             tensor("half", np.float32(0.5)), tensor("one", np.float32(1.0)), tensor("root2", np.float32(2 ** 0.5))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    if bias is not None:
+        inits.append(tensor("b", bias))
+        nodes.append(helper.make_node("Add", ["h", "b"], ["hb"]))
+    h = "hb" if bias is not None else "h"
+    nodes += [helper.make_node("Div", [h, "root2"], ["scaled"]), helper.make_node("Erf", ["scaled"], ["erf"]),
+              helper.make_node("Add", ["erf", "one"], ["shifted"]), helper.make_node("Mul", [h, "shifted"], ["p"]),
+              helper.make_node("Mul", ["p", "half"], ["y"])]
+    return make_model(nodes, [value("x", shape=["batch", "sequence", HIDDEN])],
+                      [value("y", shape=["batch", "sequence", HIDDEN])], inits)
+
+
+def test_a_bias_gelu_whose_bias_of_zeros_is_gone_is_declined_not_a_regression():
+    # transformers initializes biases to zeros: the original's BiasGelu adds nothing that onnxopt kept.
+    census = fusion_census(_gelu_of_projection(np.zeros(HIDDEN, np.float32)), _gelu_of_projection(None))
+    rows = {row.op_type: row for row in census.rows}
+    assert (rows["BiasGelu"].original, rows["BiasGelu"].ours) == (1, 0)
+    assert rows["BiasGelu"].declined and census.regressions == []
+    # Without a Gelu in its place, the drop is a regression.
+    lost = Census.compare(RuntimeGraph({("com.microsoft", "BiasGelu"): 2}), RuntimeGraph({("", "Add"): 2}))
+    assert [row.op_type for row in lost.regressions] == ["BiasGelu"]
