@@ -12,7 +12,9 @@ int8 weights back into floats).
 Shapes: with onnx shape inference, ``Shape`` and ``Size`` of tensors with static dimensions, and the
 shape arithmetic after them, fold even when other dimensions are dynamic (see ``fold_shapes``); a
 Reshape whose target is computed from its own input's shape gets a constant target that copies the
-input's dynamic dimensions, ``allowzero=1`` included (see ``_reshape_with_copied_dims``). An
+input's dynamic dimensions, ``allowzero=1`` included (see ``_reshape_with_copied_dims``). A named
+dynamic dimension is read from the graph input that declares it (``read_shapes_from_inputs``), so that
+``cse`` merges what every layer computes from its own activations' shape. An
 ``If`` whose condition is constant is replaced by the branch it takes. Folding runs inside subgraph
 bodies too, where values captured from enclosing graphs count as constants when they are.
 
@@ -232,8 +234,9 @@ def _as_partial(tensor: gs.Tensor, partials: dict[int, PartialValue]) -> Partial
     return PartialValue(tuple(int(v) for v in value.reshape(-1)), scalar=value.ndim == 0, dtype=value.dtype)
 
 
-def _shape_of(node: gs.Node) -> PartialValue | None:
-    shape = node.inputs[0].shape
+def _shape_of(node: gs.Node, shape: list | None = None) -> PartialValue | None:
+    """What Shape ``node`` gives: of its input's inferred shape, or of ``shape`` where given."""
+    shape = node.inputs[0].shape if shape is None else shape
     if shape is None:
         return None
     dims = [d if (isinstance(d, int) and d >= 0) or (isinstance(d, str) and d) else None for d in shape]
@@ -570,6 +573,116 @@ def read_shapes_before_views(graph: gs.Graph) -> int:
     return moved
 
 
+def _input_dims(graph: gs.Graph) -> dict[tuple, tuple[gs.Tensor, int]]:
+    """For each run of named dimensions of the graph's inputs, the first input (and axis) that holds it."""
+    runs: dict[tuple, tuple[gs.Tensor, int]] = {}
+    for tensor in graph.inputs:
+        shape = tensor.shape or []
+        for start in range(len(shape)):
+            for end in range(start + 1, len(shape) + 1):
+                if not isinstance(shape[end - 1], str) or not shape[end - 1]:
+                    break
+                runs.setdefault(tuple(shape[start:end]), (tensor, start))
+    return runs
+
+
+def read_shapes_from_inputs(graph: gs.Graph) -> int:
+    """Reads named dynamic dimensions from the graph input that declares them.
+
+    Inputs that share a ``dim_param`` have equal dimensions by the ONNX specification, and inference
+    carries the names on without merging two names on a guess (see ``onnxopt.shapes``), so a dimension
+    it names ``sequence`` is the ``sequence`` of the first input that declares it. Values computed from
+    a graph output are left alone: an output keeps the symbols the exporter declared for it.
+
+    ``Shape(x, start, end)`` whose selected dimensions such an input declares in a row (``[batch,
+    sequence]`` of ``input_ids``) reads that input instead, and so does a ``Gather`` of constant indices
+    from a ``Shape`` (through a full ``Shape`` of the input, which any opset has). Every layer of a
+    transformer then reads its sizes from the same input, ``cse`` merges the per-layer shape arithmetic
+    into one, and values read only to size something may die. Returns how many reads moved.
+    """
+    runs = _input_dims(graph)
+    if not runs:
+        return 0
+    declared = _computed_from_outputs(graph)
+    return _move_ranged_shapes(graph, runs, declared) + _move_gathered_dims(graph, runs, declared)
+
+
+def _computed_from_outputs(graph: gs.Graph) -> set[int]:
+    """Ids of the graph's outputs and of every value computed from one (a cache's ``present_key`` read
+    by attention): inference keeps an output's declared symbols, which the exporter chose, and onnx's
+    carries them on."""
+    found = {id(t) for t in graph.outputs}
+    for node in graph.nodes:  # in topological order
+        if any(id(t) in found for t in node.inputs):
+            found.update(id(t) for t in node.outputs)
+    return found
+
+
+def _dims_read(shape_node: gs.Node, declared: set[int]) -> PartialValue | None:
+    """What a Shape node reads, unless its input is computed from a graph output."""
+    return None if id(shape_node.inputs[0]) in declared else _shape_of(shape_node)
+
+
+def _move_ranged_shapes(graph: gs.Graph, runs: dict[tuple, tuple[gs.Tensor, int]], declared: set[int]) -> int:
+    ranged = (ir.opset_version(graph) or 0) >= 15  # Shape's start and end
+    moved = 0
+    for node in graph.nodes:
+        if node.op != "Shape" or node.domain not in ("", None, "ai.onnx"):
+            continue
+        partial = _dims_read(node, declared)
+        found = None if partial is None else runs.get(tuple(partial.elements))
+        if found is None or found[0] is node.inputs[0]:
+            continue
+        source, start = found
+        whole = start == 0 and len(partial.elements) == len(source.shape)
+        if not (whole or ranged):
+            continue
+        node.inputs[0] = source
+        node.attrs.pop("start", None)
+        node.attrs.pop("end", None)
+        if not whole:
+            node.attrs["start"], node.attrs["end"] = start, start + len(partial.elements)
+        moved += 1
+    return moved
+
+
+def _move_gathered_dims(graph: gs.Graph, runs: dict[tuple, tuple[gs.Tensor, int]], declared: set[int]) -> int:
+    full_shapes: dict[int, gs.Tensor] = {
+        id(node.inputs[0]): node.outputs[0] for node in graph.nodes
+        if node.op == "Shape" and node.domain in ("", None, "ai.onnx") and not node.attrs}
+    moved = 0
+    for node in list(graph.nodes):
+        if node.op != "Gather" or node.attrs.get("axis", 0) != 0 or len(node.inputs) != 2:
+            continue
+        producer = node.inputs[0].inputs[0] if len(node.inputs[0].inputs) == 1 else None
+        indices = ir.constant_value(node.inputs[1])
+        if producer is None or producer.op != "Shape" or producer.domain not in ("", None, "ai.onnx") \
+                or indices is None or indices.dtype.kind not in "iu" or indices.ndim > 1:
+            continue
+        partial = _dims_read(producer, declared)
+        rank = 0 if partial is None else len(partial.elements)
+        if not rank or any(not -rank <= int(i) < rank for i in indices.flat):
+            continue
+        found = [runs.get((partial.elements[int(i) % rank],)) for i in indices.flat]
+        if not found or None in found or len({id(source) for source, _ in found}) != 1:
+            continue
+        source = found[0][0]
+        axes = np.array([axis for _, axis in found], dtype=indices.dtype).reshape(indices.shape)
+        if producer.inputs[0] is source and not producer.attrs and np.array_equal(axes % rank, indices % rank):
+            continue
+        if id(source) not in full_shapes:
+            shape = gs.Variable(ir.unique_name(graph, f"{source.name}_shape"), dtype=np.int64,
+                                shape=[len(source.shape)])
+            graph.nodes.insert(0, gs.Node("Shape", name=shape.name, inputs=[source], outputs=[shape]))
+            full_shapes[id(source)] = shape
+        node.inputs[0] = full_shapes[id(source)]
+        node.inputs[1] = ir.make_constant(graph, axes, f"{node.name or 'gather'}_indices")
+        moved += 1
+    if moved:
+        ir.toposort(graph)  # a Shape of the input that was there already may come after its new readers
+    return moved
+
+
 def _tensors_outside(root: gs.Graph, branch: gs.Graph) -> list[gs.Tensor]:
     """Every tensor of ``root`` and its subgraphs, except those only seen inside ``branch``."""
     tensors: list[gs.Tensor] = []
@@ -667,18 +780,21 @@ class ConstantFolding(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"folded": 0, "shapes_folded": 0, "ifs_inlined": 0, "kept_by_size_guard": 0,
-                 "shapes_read_before_views": 0}
+                 "shapes_read_before_views": 0, "shapes_read_from_inputs": 0}
         stats["ifs_inlined"] += _inline_everywhere(graph, graph)
         ir.infer_shapes(graph)
         for sub in list(ir.all_graphs(graph)):
             stats["shapes_read_before_views"] += read_shapes_before_views(sub)
+            if sub is graph:
+                stats["shapes_read_from_inputs"] += read_shapes_from_inputs(sub)
             stats["shapes_folded"] += fold_shapes(sub, in_subgraph=sub is not graph)
             folded, kept = self._fold_constants(sub, in_subgraph=sub is not graph)
             stats["folded"] += folded
             stats["kept_by_size_guard"] += len(kept)
             for node in kept:
                 ctx.log.info("fold: kept %s '%s' as a node (size guard)", node.op, node.name)
-        modified = any(stats[key] for key in ("folded", "shapes_folded", "ifs_inlined", "shapes_read_before_views"))
+        modified = any(stats[key] for key in ("folded", "shapes_folded", "ifs_inlined", "shapes_read_before_views",
+                                              "shapes_read_from_inputs"))
         return PassResult(modified=modified, stats=stats)
 
     def _fold_constants(self, graph: gs.Graph, in_subgraph: bool) -> tuple[int, list[gs.Node]]:

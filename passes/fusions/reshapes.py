@@ -570,10 +570,14 @@ class FlattenedGemmLeadingShape(FlattenedGemmToMatMul):
         if ir.is_constant(target):
             # A constant target costs no node; computing it would only be folded back (static shapes).
             return m.fail("the leading dimensions are constant")
-        if target.inputs and target.inputs[0].op == "Concat" and any(
-                t.inputs and t.inputs[0].op == "Shape" and t.inputs[0].inputs[0] is m["x"]
-                for t in target.inputs[0].inputs):
+        concat = target.inputs[0] if target.inputs and target.inputs[0].op == "Concat" else None
+        if concat is not None and any(t.inputs and t.inputs[0].op == "Shape" and t.inputs[0].inputs[0] is m["x"]
+                                      for t in concat.inputs):
             return m.fail("the leading dimensions are already read from x's shape in one piece")
+        if concat is not None and len(concat.inputs) == 2 and concat.inputs[0].inputs \
+                and concat.inputs[0].inputs[0].op == "Shape" and ir.is_constant(concat.inputs[1]):
+            # fold's read_shapes_from_inputs moves that Shape to the graph input that names the dimensions.
+            return m.fail("the leading dimensions are already read by one Shape")
         return m.ok()
 
     def rewrite(self, op, m: Match):

@@ -668,14 +668,92 @@ def test_dimensions_are_read_before_transposes_and_copying_reshapes():
 
 def test_dimensions_a_reshape_does_not_copy_are_read_after_it():
     # With -1 for the sequence, the Reshape's dimension 1 is computed, not copied: read through the
-    # Transpose only.
+    # Transpose only. Inference still knows the -1 to be S (8 elements a row either side), and B and S are
+    # dimensions the input names: the Gathers then read them from the input.
     model = parse("g " + VIEWED_KEYS.replace("{0, 0, 2, 4}", "{0, -1, 2, 4}"))
     optimized, result = fold(model)
+    assert result.stats["shapes_read_before_views"] == 1 and result.stats["shapes_read_from_inputs"] == 2
     shape = next(n for n in optimized.graph.node if n.op_type == "Shape")
-    assert list(shape.input) == ["kh"] and result.stats["shapes_read_before_views"] == 1
+    assert list(shape.input) == ["k"]
     for batch, length in ((1, 3), (2, 5)):
         feeds = {"k": np.random.default_rng(length).standard_normal((batch, length, 8)).astype(np.float32)}
         assert_same_outputs(model, optimized, feeds)
+
+
+LAYERS_SIZED_BY_SHAPES = """(int64[batch, seq] ids, float[batch, seq, 8] x, float[8] m)
+    => (float[batch, seq, 8] a, float[batch, seq, 8] b, float[batch, seq2, 8] c, float[batch, seq, 8] c2)
+    <int64[1] eight = {8}, int64 one = {1}, int64[1] ones = {1}, int64[1] axis0 = {0}> {
+      y = Relu(x)
+      z = Sigmoid(x)
+      sy = Shape<start = 0, end = 2>(y)
+      sz = Shape<start = 0, end = 2>(z)
+      ty = Concat<axis = 0>(sy, eight)
+      tz = Concat<axis = 0>(sz, eight)
+      my = Expand(m, ty)
+      mz = Expand(m, tz)
+      a = Add(y, my)
+      b = Add(z, mz)
+      yy = Concat<axis = 1>(y, y)
+      syy = Shape(yy)
+      long = Gather(syy, one)
+      long1 = Unsqueeze(long, axis0)
+      sb = Shape<start = 0, end = 1>(z)
+      tc = Concat<axis = 0>(sb, long1, eight)
+      c = Expand(m, tc)
+      sz2 = Shape(z)
+      short = Gather(sz2, ones)
+      tc2 = Concat<axis = 0>(sb, short, eight)
+      c2 = Expand(m, tc2)
+    }"""
+
+
+def _layer_feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(batch * 10 + seq)
+    return {"ids": rng.integers(0, 9, (batch, seq)), "x": rng.standard_normal((batch, seq, 8)).astype(np.float32),
+            "m": rng.standard_normal(8).astype(np.float32)}
+
+
+def test_named_dimensions_are_read_from_the_input_that_declares_them():
+    # Each "layer" sizes its Expand from its own activations: read from ids, the per-layer shape arithmetic
+    # merges into one. A dimension no input declares (yy's 2 * seq) is read where it is.
+    model = parse("g " + LAYERS_SIZED_BY_SHAPES)
+    optimized, result = fold(model)
+    assert result.stats["shapes_read_from_inputs"] == 4  # sy, sz, sb and the Gather of z's sequence
+    readers = {n.output[0]: list(n.input) for n in optimized.graph.node if n.op_type == "Shape"}
+    assert readers["sy"] == ["ids"] and readers["sz"] == ["ids"] and any(r == ["yy"] for r in readers.values())
+    merged = onnxopt.optimize(model, passes="fold,cse,dce", verify=False)
+    assert op_counts(merged)["Shape"] == 3 and op_counts(merged)["Expand"] == 3  # ids whole, ids[:1], yy
+    for batch, seq in ((1, 1), (2, 5), (3, 2)):
+        assert_same_outputs(model, merged, _layer_feeds(batch, seq))
+
+
+def test_named_dimensions_before_shape_has_start_and_end():
+    # Opset 13: a Shape cannot select [batch, seq] of ids, so only a Gather of one dimension moves.
+    text = LAYERS_SIZED_BY_SHAPES
+    for old, new in (("sy = Shape<start = 0, end = 2>(y)", "fy = Shape(y)\n sy = Slice(fy, zero, two)"),
+                     ("sz = Shape<start = 0, end = 2>(z)", "fz = Shape(z)\n sz = Slice(fz, zero, two)"),
+                     ("sb = Shape<start = 0, end = 1>(z)", "sb = Slice(fz, zero, ones)"),
+                     ("int64[1] axis0 = {0}>", "int64[1] axis0 = {0}, int64[1] zero = {0}, int64[1] two = {2}>")):
+        text = text.replace(old, new)
+    model = parse("g " + text, opset=13)
+    optimized, result = fold(model)
+    gathers = [n for n in optimized.graph.node if n.op_type == "Gather" and n.output[0] == "short"]
+    shape_of = {n.output[0]: list(n.input) for n in optimized.graph.node if n.op_type == "Shape"}
+    assert shape_of[gathers[0].input[0]] == ["ids"] and result.stats["shapes_read_from_inputs"] == 1
+    for batch, seq in ((1, 1), (2, 5)):
+        assert_same_outputs(model, optimized, _layer_feeds(batch, seq))
+
+
+def test_dimensions_of_a_graph_output_are_read_where_they_are():
+    # An output's declared symbols are the exporter's word, not inference's: z stays the Shapes' input.
+    model = parse("g " + LAYERS_SIZED_BY_SHAPES.replace("=> (float[batch, seq, 8] a,", "=> (float[batch, seq, 8] z,")
+                  .replace("b = Add(z, Expand(m, tz))", "b = Add(y, Expand(m, tz))").replace(
+                      "float[batch, seq, 8] b,", "float[batch, seq, 8] b, float[batch, seq, 8] a,"))
+    optimized, _ = fold(model)
+    shape_of = {n.output[0]: list(n.input) for n in optimized.graph.node if n.op_type == "Shape"}
+    assert shape_of["sz"] == ["z"] and shape_of["sy"] == ["ids"]
+    for batch, seq in ((1, 1), (2, 5)):
+        assert_same_outputs(model, optimized, _layer_feeds(batch, seq))
 
 
 def test_cast_of_a_shape_element_that_overflows_the_target_type_is_not_folded():
