@@ -26,6 +26,11 @@ dynamo exporter, ``K' = Reshape(Transpose(Reshape(K, [-1, T, D]), [0, 2, 1]), [B
 targets are read from ``Shape(K)`` (those Shape nodes may read values of the match: they die with it);
 and a Reshape of the attended heads to the shape they have. Rules (stats keys in brackets):
 
+* ``score_biases_summed``: ``Softmax((scores + a) + b)`` -> ``Softmax(scores + (a + b))``, so that a relative
+  position bias and a padding mask added one after the other (MPNet, T5) make the one mask an operator
+  takes; every layer adds the same two, so ``cse`` leaves one sum for all. Addition is exact up to
+  rounding in either order, and the broadcast of three shapes does not depend on the order either
+  (any target, any opset);
 * ``sdpa_to_attention``: for the generic, OpenVINO and TensorRT targets on models of opset 23 or later,
   the standard ``Attention``: with ``q_num_heads``/``kv_num_heads`` on the 3-D ``q``, ``k``, ``v`` when
   the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K_kv``, ``V_kv`` (the repeat
@@ -1090,8 +1095,55 @@ def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
         graph.import_domains = [*(graph.import_domains or []), onnx.helper.make_opsetid(domain, version)]
 
 
-# For onnxruntime, MultiHeadAttention first: the standard operator takes what it leaves.
-RULES = (SdpaToAttention(), SdpaToMultiHeadAttention(), OrtSdpaToAttention())
+def _broadcast(a: list | None, b: list | None) -> list | None:
+    """The multidirectional broadcast of two inferred shapes, where every dimension of it is known."""
+    if a is None or b is None:
+        return None
+    rank = max(len(a), len(b))
+    result = []
+    for x, y in zip([1] * (rank - len(a)) + list(a), [1] * (rank - len(b)) + list(b)):
+        if x == y or y == 1:
+            result.append(x)
+        elif x == 1:
+            result.append(y)
+        else:
+            return None
+    return None if any(d is None for d in result) else result
+
+
+class ScoreBiasesSummed(RewriteRule):
+    """Replaces Softmax((scores + a) + b) with Softmax(scores + (a + b)): one additive mask for attention."""
+
+    name = "score_biases_summed"
+
+    def pattern(self, op, query, key_transposed, scale, divisor, bias, mask):
+        scores = op.MatMul(query, key_transposed, _tag="scores")
+        scaled = op.either(op.Mul(scores, scale, _tag="scores_scale"), op.Div(scores, divisor, _tag="scores_divisor"),
+                           scores)
+        return op.Softmax(op.Add(op.Add(scaled, bias, _tag="bias_add"), mask, _tag="mask_add"))
+
+    def check(self, m: Match) -> MatchResult:
+        dtype = m.dtype("bias")
+        if dtype is None or dtype.kind != "f" or m.dtype("mask") != dtype:
+            return m.fail("the two addends are not floats of one type")
+        if m.node("scores").outputs[0].dtype is None or np.dtype(m.node("scores").outputs[0].dtype) != dtype:
+            return m.fail("the scores are not of the addends' type")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        inner = m.node("bias_add")
+        scaled = next(t for t in inner.inputs if t is not m["bias"])
+        biases = typed(op.Add(m["bias"], m["mask"]), np.dtype(m.dtype("bias")),
+                       _broadcast(m.shape("bias"), m.shape("mask")))
+        softmax = m.node("Softmax")
+        output = op.Add(scaled, biases, _name=m.node("mask_add").name)
+        return typed(op.Softmax(output, _name=softmax.name, **m.attrs("Softmax")), softmax.outputs[0].dtype,
+                     softmax.outputs[0].shape)
+
+
+# The biases first, so that attention finds one mask; for onnxruntime, MultiHeadAttention before the
+# standard operator, which takes what it leaves.
+RULES = (ScoreBiasesSummed(), SdpaToAttention(), SdpaToMultiHeadAttention(), OrtSdpaToAttention())
 
 
 @dataclass(frozen=True)

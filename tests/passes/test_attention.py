@@ -80,6 +80,8 @@ class Spec:
     # ("consecutive"); or, wrongly for grouped heads, at axis 1 ("tiled": heads 0, 1, 0, 1).
     query_4d: bool = False
     repeat_kv: str | None = None
+    # MPNet and T5: a relative position bias, an input "position_bias" of this shape, added before the mask.
+    position_bias: tuple | None = None
 
 
 def attention_model(spec: Spec) -> onnx.ModelProto:
@@ -165,6 +167,9 @@ def attention_model(spec: Spec) -> onnx.ModelProto:
     elif spec.scale_at == "scores_input":
         inputs.append(value("scale", elem, []))
         scores = node("Mul", scores, "scale")
+    if spec.position_bias is not None:
+        inputs.append(value("position_bias", elem, list(spec.position_bias)))
+        scores = node("Add", scores, "position_bias")
     # The mask is always the value named "mask" (see softmaxes_over_scores).
     if spec.bool_mask:
         inputs.append(value("keep", TensorProto.BOOL, list(spec.mask)))
@@ -249,6 +254,8 @@ def softmaxes_over_scores(model: onnx.ModelProto) -> list[str]:
 
     def over_mask(name: str) -> bool:
         made_by = producers.get(name)
+        if made_by is not None and made_by.op_type == "Add" and set(made_by.input) == {"mask", "position_bias"}:
+            return True  # the position bias and the mask summed into one mask
         return name == "mask" or (made_by is not None and made_by.op_type == "Unsqueeze" and made_by.input[0] == "mask")
 
     return [node.output[0] for node in model.graph.node if node.op_type == "Softmax" and not over_mask(node.input[0])]
@@ -257,7 +264,7 @@ def softmaxes_over_scores(model: onnx.ModelProto) -> list[str]:
 def check_fires(spec: Spec, target: Target, fused_op: str) -> onnx.ModelProto:
     model = attention_model(spec)
     optimized, stats = attention(model, target)
-    assert sum(stats.values()) == 1, stats
+    assert sum(stats.values()) == 1 + (spec.position_bias is not None), stats
     counts = op_counts(optimized)
     assert counts.get(fused_op) == 1 and "MatMul" not in counts and not softmaxes_over_scores(optimized), counts
     feeds = feeds_for(model, spec)
@@ -296,6 +303,8 @@ ORT_CASES = {
     "sdpa_dynamo_dynamic": Spec(batch="B", seq="S", kv_seq="S", mask=("B", 1, "S", "S"), bool_mask=True,
                                 nan_guard=True, key_through_matrices=True),
     "sdpa_dynamo_heads_view": Spec(key_through_matrices=True, heads_view=(-1, 3, 5, 4)),
+    "mpnet_position_bias": Spec(position_bias=(2, 3, 5, 5), mask=(2, 1, 1, 5)),
+    "t5_position_bias_no_scale": Spec(scale_at="none", position_bias=(1, 3, 5, 5), mask=(2, 1, 1, 5)),
 }
 
 
@@ -308,6 +317,7 @@ def test_multi_head_attention_for_onnxruntime(case):
 STANDARD_CASES = {
     "bert": Spec(opset=23, mask=(2, 1, 5, 5)),
     "padding_mask": Spec(opset=23, mask=(2, 1, 1, 5)),
+    "position_bias": Spec(opset=23, position_bias=(1, 3, 5, 5), mask=(2, 1, 1, 5)),
     "gpt2_cache": Spec(opset=23, cache=True, kv_seq=7, mask=(2, 1, 5, 7)),
     "dynamo": Spec(opset=23, scale_at="both_heads", scale=0.3, mask=(5, 5)),
     "float16": Spec(opset=23, dtype=np.float16, mask=(2, 1, 5, 5)),
@@ -643,6 +653,21 @@ def test_intermediate_read_elsewhere_is_not_fused(read):
     optimized, stats = attention(model, Target.ORT)
     assert not any(stats.values())
     assert op_counts(optimized) == op_counts(model)
+
+
+@pytest.mark.parametrize("target", [Target.GENERIC, Target.ORT])
+def test_position_bias_read_elsewhere_stays_added_first(target):
+    # scores + position_bias is an output too: summing the two addends first would lose it, so neither
+    # the biases nor the attention change (the mask of an operator must be one tensor).
+    spec = Spec(position_bias=(2, 3, 5, 5), mask=(2, 1, 1, 5))
+    model = attention_model(spec)
+    biased = next(n.output[0] for n in model.graph.node if n.op_type == "Add" and "position_bias" in n.input)
+    model.graph.output.append(value(biased, TensorProto.FLOAT, [None] * 4))
+    optimized, stats = attention(model, target)
+    assert not any(stats.values())
+    assert op_counts(optimized) == op_counts(model)
+    feeds = feeds_for(model, spec)
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-6)
 
 
 def test_golden_bert_block():
