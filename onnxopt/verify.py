@@ -9,7 +9,10 @@ passes and not onnxruntime's. Inputs are generated from the model's declared inp
   dimension; other integer inputs: uniform in [0, 4); booleans: random;
 * dynamic dimensions: ``DEFAULT_DYNAMIC_DIM`` (2); if the original model cannot run with that, 1; if
   not with that either, each named dimension in turn takes the sizes in ``SEARCHED_SIZES`` while the
-  others stay 2 (a decoder's mask spans past + new tokens: ``total_sequence`` must be 4 when both are 2).
+  others stay 2 (a decoder's mask spans past + new tokens: ``total_sequence`` must be 4 when both are 2),
+  then the sizes in ``LONG_SIZES`` (audio: wav2vec2's convolutions need 400 samples), and last every
+  dynamic dimension together takes the sizes in ``JOINT_SIZES`` (an image of dynamic height and width
+  through a stack of strided convolutions).
   ``--input-shape name:1x3x224x224`` fixes an input's shape and ``--inputs FILE.npz`` gives real inputs.
 
 Tolerance is by dtype: an element passes when ``|got - want| <= atol * scale + rtol * |want|``, where
@@ -35,6 +38,8 @@ from onnxopt.errors import InputSpecError
 
 DEFAULT_DYNAMIC_DIM = 2
 SEARCHED_SIZES = (1, 3, 4, 5, 6, 8)
+LONG_SIZES = (16, 64, 256, 1024, 4096, 16384)
+JOINT_SIZES = (16, 32, 64, 128, 256)
 MAX_SEARCHED_SYMBOLS = 8
 DEFAULT_SEED = 0
 
@@ -365,9 +370,12 @@ def _input_size_trials(model: onnx.ModelProto, input_shapes: dict[str, list[int]
         for dim in vi.type.tensor_type.shape.dim:
             if dim.dim_param and dim.dim_param not in symbols:
                 symbols.append(dim.dim_param)
-    for symbol in symbols[:MAX_SEARCHED_SYMBOLS]:
-        for size in SEARCHED_SIZES:
-            yield DEFAULT_DYNAMIC_DIM, {symbol: size}
+    for sizes in (SEARCHED_SIZES, LONG_SIZES):
+        for symbol in symbols[:MAX_SEARCHED_SYMBOLS]:
+            for size in sizes:
+                yield DEFAULT_DYNAMIC_DIM, {symbol: size}
+    for size in JOINT_SIZES:
+        yield size, {}
 
 
 def _short(error: BaseException | None) -> str:

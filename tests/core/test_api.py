@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from cli_harness import TINY_CNN
 from helpers import assert_same_outputs, make_model, tensor, value
-from onnx import helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnxopt
 from onnxopt import Pass, PassContext, PassResult, ir
@@ -491,3 +491,27 @@ def test_outputs_of_verification_runs_own_their_memory():
     feeds, expected = reference_run(model)
     assert expected and all(value.flags.owndata for value in expected.values())
     assert all(value.flags.owndata for value in run_model(model, feeds).values())
+
+
+def _conv_model(rank: int, kernel: int, dims: list) -> onnx.ModelProto:
+    """A convolution whose input must be at least ``kernel`` long along each dynamic spatial dimension."""
+    weight = np.random.default_rng(0).standard_normal([2, 1] + [kernel] * rank).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[kernel] * rank)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * (rank + 2))],
+                              [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("rank", "kernel", "dims"), [
+    (1, 400, ["batch", 1, "samples"]),  # wav2vec2's feature encoder needs 400 samples
+    (2, 20, ["batch", 1, "height", "width"]),  # both spatial sizes at once
+], ids=["long_audio", "height_and_width"])
+def test_verification_finds_sizes_a_convolution_accepts(rank, kernel, dims):
+    from onnxopt.verify import reference_run
+
+    model = _conv_model(rank, kernel, dims)
+    feeds, expected = reference_run(model)
+    assert isinstance(expected, dict) and all(size >= kernel for size in feeds["x"].shape[2:])
+    result = onnxopt.optimize_model(model, passes="fold")
+    assert result.report.verification.ok and not result.report.verification.skipped
