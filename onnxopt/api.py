@@ -107,6 +107,7 @@ def optimize_model(
     target = _parse_target(target)
     pipeline = parse_pipeline(passes if passes is not None else default_pipeline(target), registry)
     ctx = PassContext(target=target, input_shapes=dict(input_shapes or {}))
+    model = ir.model_source(model)
     original = ir.load_model(model)
     source_path = None if isinstance(model, onnx.ModelProto) else model
     manager = PassManager(pipeline, max_iterations=max_iterations, verify_each=mode == "each", instruments=instruments)
@@ -187,7 +188,8 @@ def optimize(
     verify: bool | str = True,
     **options,
 ) -> onnx.ModelProto:
-    """Optimizes a model (a path or a ModelProto) and returns the optimized ``onnx.ModelProto``.
+    """Optimizes a model (a path, a ModelProto, or the ``ONNXProgram`` that ``torch.onnx.export`` returns)
+    and returns the optimized ``onnx.ModelProto``.
 
     The input is never changed. See ``optimize_model`` for the options and the report.
     """

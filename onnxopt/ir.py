@@ -345,8 +345,16 @@ class LoadedModel:
     external_data: bool
 
 
+def model_source(source):
+    """``source`` as given (a path or a ``ModelProto``), or the ``ModelProto`` of an exporter's program:
+    ``torch.onnx.export(..., dynamo=True)`` returns an ``ONNXProgram``, whose ``model_proto`` is the model."""
+    proto = getattr(source, "model_proto", None)
+    return proto if isinstance(proto, onnx.ModelProto) else source
+
+
 def load_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) -> onnx.ModelProto:
-    """Loads a model from a path (with its external data) or returns a given ``ModelProto``, validated.
+    """Loads a model from a path (with its external data) or returns a given ``ModelProto`` (or an
+    ``ONNXProgram``'s, see ``model_source``), validated.
 
     Raises ``ModelLoadError`` with a one-line message for anything that is not a usable ONNX model.
     """
@@ -355,6 +363,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) 
 
 def read_model(source: str | os.PathLike | onnx.ModelProto, check: bool = True) -> LoadedModel:
     """Like ``load_model``, also telling where the model came from and whether it used external data."""
+    source = model_source(source)
     if isinstance(source, onnx.ModelProto):
         model, base_dir = source, None
     else:

@@ -44,6 +44,26 @@ def test_optimize_accepts_a_path_or_a_modelproto(tmp_path):
     assert_same_outputs(proto, from_path)
 
 
+class _ExportedProgram:
+    """What ``torch.onnx.export(..., dynamo=True)`` returns, as far as onnxopt reads it: ``model_proto``."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+
+    @property
+    def model_proto(self) -> onnx.ModelProto:
+        return self._model
+
+
+def test_optimize_accepts_the_program_an_exporter_returns():
+    proto = onnx.load(TINY_CNN)
+    result = onnxopt.optimize_model(_ExportedProgram(proto))
+    assert result.report.verification.ok
+    assert result.model.SerializeToString() == onnxopt.optimize(proto).SerializeToString()
+    with pytest.raises(onnxopt.UserError, match="not an ONNX model"):
+        onnxopt.optimize(_ExportedProgram(onnx.ModelProto()))
+
+
 def test_optimize_does_not_mutate_the_given_model():
     model = onnx.load(TINY_CNN)
     before = model.SerializeToString()
