@@ -56,6 +56,7 @@ __all__ = [
     "load_model",
     "make_constant",
     "model_skeleton",
+    "model_source",
     "outer_scope_names",
     "purge_detached",
     "remove_nodes",
@@ -65,6 +66,7 @@ __all__ = [
     "save_model",
     "tensor_nbytes",
     "toposort",
+    "unlink",
     "upgrade_opset",
 ]
 
@@ -1283,14 +1285,14 @@ def remove_nodes(graph: gs.Graph, nodes: list[gs.Node]) -> None:
     them and skip them. Export, statistics and sorting drop them first (``purge_detached``).
     """
     for node in nodes:
-        _unlink(node)
+        unlink(node)
     pending = vars(graph).get("_onnxopt_detached", 0) + len(nodes)
     setattr(graph, "_onnxopt_detached", pending)
     if pending * 8 >= len(graph.nodes):
         purge_detached(graph)
 
 
-def _unlink(node: gs.Node) -> None:
+def unlink(node: gs.Node) -> None:
     """Unlinks ``node`` from the tensors it reads and writes, matching it by identity.
 
     graphsurgeon keeps producer and consumer lists in step with ``list.remove``, which compares nodes by

@@ -426,9 +426,9 @@ def _splice(sub: gs.Graph, root: gs.Node, pairs: list[tuple[gs.Tensor, gs.Tensor
                         if id(producer) not in walk_back:
                             walk_back.add(id(producer))
                             candidates.append(producer)
-                # Detached now, dropped from the node list when the sweep of this graph ends.
-                node.inputs.clear()
-                node.outputs.clear()
+                # Detached now, dropped from the node list when the sweep of this graph ends. Unlinked by
+                # identity: graphsurgeon's own removal compares every reader of an input by value.
+                ir.unlink(node)
                 gone.add(id(node))
                 state.members.pop(id(node), None)
                 state.removed.add(id(node))
