@@ -694,7 +694,8 @@ def test_golden_bert_block():
         }
     """)
     optimized, stats = attention(model, Target.ORT)
-    assert stats == {"sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1, "sdpa_to_attention_for_ort": 0}
+    assert stats == {"score_biases_summed": 0, "sdpa_to_attention": 0, "sdpa_to_multi_head_attention": 1,
+                     "sdpa_to_attention_for_ort": 0}
     (fused,) = [n for n in optimized.graph.node if n.op_type != "Constant"]
     assert (fused.op_type, fused.domain, list(fused.input)) == ("MultiHeadAttention", "com.microsoft",
                                                                ["q", "k", "v", "", "", "mask"])
