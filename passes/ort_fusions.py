@@ -26,6 +26,11 @@ Only for ``--target ort``; on other targets the pass changes nothing. Rules (sta
   an offset of 0 when ``B'`` is 1 (row ``s`` for every batch), else ``b * S + s`` computed at run time
   (``Range`` over ``Shape``). Measured exact (2e-7) against the decomposed form on onnxruntime 1.32 CPU,
   float32 and float16, batches 1 to 3.
+* ``contrib_rotary_before_head_split``: a contrib RotaryEmbedding of ``Transpose(Reshape(x, [B, S, H, D]),
+  [0, 2, 1, 3])``, the heads of a 3-D projection ``x``, rotates ``x`` itself (the operator's 3-D form, with
+  ``num_heads=H``) before the split: the same rotation of each head at the same positions. Llama's query
+  is then a head split of a 3-D value, which ``MultiHeadAttention`` takes where the model's opset has no
+  standard ``Attention``.
 * ``packed_attention``: ``MultiHeadAttention`` (from the ``attention`` pass) whose query, key and value
   are projections ``x @ Wq + bq``, ``x @ Wk + bk``, ``x @ Wv + bv`` of one ``x`` with constant weights ->
   ``com.microsoft.Attention(x, [Wq | Wk | Wv], [bq | bk | bv])``, one GEMM for the three (a missing bias
@@ -44,7 +49,7 @@ from typing import ClassVar
 import numpy as np
 
 from onnxopt.pass_infra import Target
-from onnxopt.passes.attention import ORT_DOMAIN, ContribRewritePass, typed
+from onnxopt.passes.attention import HEADS_FIRST, ORT_DOMAIN, ContribRewritePass, head_split, typed
 from onnxopt.passes.fusions.activations import check_activation, gelu_erf_pattern, gelu_tanh_pattern
 from onnxopt.passes.fusions.rotary import (HalfCache, check_caches, check_partial_rotation, check_rotary,
                                            first_half, head_layout, rotary_pattern, slice_range)
@@ -258,6 +263,39 @@ class ContribRotaryEmbeddingPartial(_ContribRotaryRule):
         return typed(output, m["x"].dtype, m.shape("x"))
 
 
+class ContribRotaryBeforeHeadSplit(_OrtRule):
+    """Rotates a projection before its split into heads: RotaryEmbedding(heads(x)) -> heads(RotaryEmbedding(x))."""
+
+    name = "contrib_rotary_before_head_split"
+
+    def pattern(self, op, x, target, position_ids, cos, sin):
+        heads = op.Transpose(op.Reshape(x, target, _tag="split"), perm=HEADS_FIRST, _tag="heads")
+        return op.RotaryEmbedding(heads, position_ids, cos, sin, _domain=ORT_DOMAIN)
+
+    def check(self, m: Match) -> MatchResult:
+        split = head_split(m, "split", "x")
+        if isinstance(split, str):
+            return m.fail(split)
+        attrs = m.attrs("RotaryEmbedding")
+        if attrs.get("interleaved", 0) or attrs.get("is_packed_batching", 0):
+            return m.fail("the rotation is interleaved or packed")
+        if attrs.get("num_heads", split.heads) != split.heads:
+            return m.fail(f"the rotation is of {attrs['num_heads']} heads, the split makes {split.heads}")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        split = head_split(m, "split", "x")
+        attrs = m.attrs("RotaryEmbedding")
+        attrs["num_heads"] = split.heads
+        rotated = typed(op.RotaryEmbedding(m["x"], m["position_ids"], m["cos"], m["sin"], _domain=ORT_DOMAIN,
+                                           **attrs), m["x"].dtype, m.shape("x"))
+        reshape = m.node("split")
+        heads = op.Transpose(op.Reshape(rotated, m["target"], _name=reshape.name, **m.attrs("split")),
+                             perm=HEADS_FIRST, _name=m.node("heads").name)
+        output = m.node("RotaryEmbedding").outputs[0]
+        return typed(heads, output.dtype, output.shape)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Attention with its input projections
 
@@ -328,7 +366,7 @@ class MultiHeadAttentionToAttention(_OrtRule):
 
 RULES = (ResidualSumBeforeNorm(), ErfGeluToGelu(), TanhGeluToFastGeluWithBias(),
          TanhGeluToFastGelu(), RotateHalfToContribRotaryEmbedding(), ContribRotaryEmbeddingPartial(),
-         MultiHeadAttentionToAttention())
+         ContribRotaryBeforeHeadSplit(), MultiHeadAttentionToAttention())
 
 
 @dataclass(frozen=True)

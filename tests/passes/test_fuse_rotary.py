@@ -56,6 +56,9 @@ class Rope:
     slice_axis: int = 3
     cos_halves: str = "same"  # or "different": concat(f, 2 * f)
     unsqueeze_axis: int = 1  # 2: the (B, S, N, d) layout, x then given as (B, S, N, d)
+    # Llama's heads: x is Transpose(Reshape(x3, [0, 0, N, d]), [0, 2, 1, 3]) of a 3-D input x3 (B, S, N * d);
+    # "read_elsewhere": those heads are an output too.
+    from_3d: str | None = None
 
 
 class Graph:
@@ -143,6 +146,8 @@ def rope_model(rope: Rope = Rope()) -> onnx.ModelProto:
     g = Graph(rope)
     rotated_size = rope.rotary_dim or rope.head_size
     x = "x"
+    if rope.from_3d:
+        x = g.node("Transpose", g.node("Reshape", "x", g.ints([0, 0, rope.heads, rope.head_size])), perm=[0, 2, 1, 3])
     if rope.rotary_dim:
         x = g.node("Slice", "x", g.ints([0]), g.ints([rope.rotary_dim]), g.ints([-1]))
     cos, sin = cos_sin(g, rotated_size)
@@ -154,11 +159,15 @@ def rope_model(rope: Rope = Rope()) -> onnx.ModelProto:
         y = g.node("Concat", y, passed, axis=-1)
     g.nodes[-1].output[0] = "y"
     elem = ELEM[rope.dtype]
-    inputs = [value("x", elem, x_shape(rope))]
+    inputs = [value("x", elem, [rope.batch, rope.seq, rope.heads * rope.head_size] if rope.from_3d else x_shape(rope))]
     if not rope.constant_cos:
         batch = 1 if rope.positions_batch == "one" else rope.batch
         inputs.append(value("positions", TensorProto.INT64, [batch, rope.seq]))
-    return make_model(g.nodes, inputs, [value("y", elem, x_shape(rope))], g.inits, opset=rope.opset, ir_version=10)
+    outputs = [value("y", elem, x_shape(rope))]
+    if rope.from_3d == "read_elsewhere":
+        heads = next(node.output[0] for node in g.nodes if node.op_type == "Transpose")
+        outputs.append(value(heads, elem, x_shape(rope)))
+    return make_model(g.nodes, inputs, outputs, g.inits, opset=rope.opset, ir_version=10)
 
 
 def fuse(model: onnx.ModelProto, target: Target = Target.GENERIC):
@@ -495,6 +504,24 @@ def test_contrib_rotation_does_not_fire(rope, target):
     model = rope_model(rope)
     optimized, result = ort_fuse(model, target)
     assert not result.stats.get("contrib_rotary_embedding") and not rotary_nodes(optimized)
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+@pytest.mark.parametrize("positions_batch", ["one", "x"])
+def test_contrib_rotation_of_split_heads_rotates_the_projection_before_the_split(positions_batch):
+    # Llama's query: RotaryEmbedding(Transpose(Reshape(q))) becomes Transpose(Reshape(RotaryEmbedding(q))),
+    # the operator's 3-D form with num_heads, which makes the query a head split for MultiHeadAttention.
+    node = contrib_fuses(Rope(opset=17, from_3d="plain", positions_batch=positions_batch),
+                         contrib_rotary_before_head_split=1)
+    assert node.input[0] == "x" and attribute(node, "num_heads") == 4
+
+
+def test_contrib_rotation_of_heads_read_elsewhere_stays_after_the_split():
+    model = rope_model(Rope(opset=17, from_3d="read_elsewhere"))
+    optimized, result = ort_fuse(model)
+    assert result.stats["contrib_rotary_embedding"] == 1 and not result.stats["contrib_rotary_before_head_split"]
+    (node,) = rotary_nodes(optimized)
+    assert node.input[0] != "x"
     assert_same_outputs(model, optimized, feeds_for(model))
 
 
