@@ -31,6 +31,11 @@ and a Reshape of the attended heads to the shape they have. Rules (stats keys in
   takes; every layer adds the same two, so ``cse`` leaves one sum for all. Addition is exact up to
   rounding in either order, and the broadcast of three shapes does not depend on the order either
   (any target, any opset);
+* ``interleaved_heads_split`` and ``interleaved_heads_split_in_three``: for onnxruntime, GPT-NeoX's fused
+  projection viewed as ``[B, S, H, 3D]`` (each head's query, key and value side by side), transposed heads
+  first and cut on the last axis into equal parts by Slices or a Split, becomes one projection per part
+  with the weight's (and bias's) columns of that part, ``[B, S, H*D]``, split into heads: the same
+  products, so that each part is a head split of a 3-D value as the attention rules want it;
 * ``sdpa_to_attention``: for the generic, OpenVINO and TensorRT targets on models of opset 23 or later,
   the standard ``Attention``: with ``q_num_heads``/``kv_num_heads`` on the 3-D ``q``, ``k``, ``v`` when
   the keys and values are split from 3-D values, else on the 4-D ``Q``, ``K_kv``, ``V_kv`` (the repeat
@@ -1141,9 +1146,127 @@ class ScoreBiasesSummed(RewriteRule):
                      softmax.outputs[0].shape)
 
 
+def _last_axis_part(node: gs.Node, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` that a Slice takes of the last of 4 axes (of ``size`` elements), step 1, bounds constant."""
+    inputs = node.inputs + [gs.Variable.empty()] * (5 - len(node.inputs))
+    values = [ir.constant_value(t) if t.name else None for t in inputs[1:]]
+    starts, ends = values[0], values[1]
+    axes = values[2] if inputs[3].name else np.array([3])
+    steps = values[3] if inputs[4].name else np.array([1])
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.reshape(-1)[0]) != 1 \
+            or int(axes.reshape(-1)[0]) not in (3, -1):
+        return None
+    start, end = (min(max(int(v.reshape(-1)[0]) + (size if int(v.reshape(-1)[0]) < 0 else 0), 0), size)
+                  for v in (starts, ends))
+    return (start, end) if start < end else None
+
+
+class InterleavedHeadsSplit(RewriteRule):
+    """Replaces a Slice of the heads of x @ W (+ b) with the heads of x @ W' (+ b'): GPT-NeoX's fused Q/K/V."""
+
+    name = "interleaved_heads_split"
+    targets = frozenset({Target.ORT})
+    allow_shared_intermediates = True  # the other parts read the same heads until they are split too
+
+    def pattern(self, op, x, w, b, target):
+        product = op.MatMul(x, w, _tag="project")
+        projected = op.either(op.Add(product, b, _tag="bias_add"), product)
+        heads = op.Transpose(op.Reshape(projected, target, _tag="split"), perm=HEADS_FIRST, _tag="heads")
+        return op.Slice(heads, _allow_other_inputs=True, _tag="part")
+
+    def check(self, m: Match) -> MatchResult:
+        weight = m.value("w")
+        if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
+            return m.fail("W is not a constant float matrix")
+        projected = m.node("split").inputs[0]
+        split = reshape_head_split(m.node("split"), projected.shape)
+        if isinstance(split, str):
+            return m.fail(split)
+        bias = m.value("b") if m["b"] is not None else None
+        if m["b"] is not None and (bias is None or bias.shape != (weight.shape[1],) or bias.dtype != weight.dtype):
+            return m.fail("the bias is not a constant with one value per column")
+        heads = m.node("heads").outputs[0]
+        parts = [_last_axis_part(reader, split.head_size) if reader.op == "Slice" else None for reader in heads.outputs]
+        if any(part is None for part in parts) or ir.is_graph_output(m.graph, heads):
+            return m.fail("the heads are read by more than Slices of their last axis")
+        # Query, key and value of each head side by side: parts of one size that tile the head (those split
+        # off already read it no more).
+        size = parts[0][1] - parts[0][0]
+        if size == split.head_size or split.head_size % size or any(
+                end - start != size or start % size for start, end in parts):
+            return m.fail(f"the Slices {sorted(set(parts))} do not cut each head of {split.head_size} into equal parts")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        split = reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
+        start, end = _last_axis_part(m.node("part"), split.head_size)
+        output = m.node("part").outputs[0]
+        return typed(_heads_of_columns(op, m, split, start, end), output.dtype, output.shape)
+
+
+def _equal_thirds(node: gs.Node, size: int) -> bool:
+    """Whether a Split of 3 outputs cuts the last of 4 axes (of ``size`` elements) into equal thirds."""
+    if int(node.attrs.get("axis", 0)) not in (3, -1) or len(node.outputs) != 3 or size % 3:
+        return False
+    sizes = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+    if sizes is None:
+        sizes = node.attrs.get("split")
+    if sizes is None:  # num_outputs (opset 18), or an even split by default
+        return True
+    return [int(v) for v in np.asarray(sizes).reshape(-1)] == [size // 3] * 3
+
+
+class InterleavedHeadsSplitInThree(RewriteRule):
+    """Replaces a Split in three of the heads of x @ W (+ b) with the heads of three products (GPT-NeoX, dynamo)."""
+
+    name = "interleaved_heads_split_in_three"
+    targets = frozenset({Target.ORT})
+
+    def pattern(self, op, x, w, b, target):
+        product = op.MatMul(x, w, _tag="project")
+        projected = op.either(op.Add(product, b, _tag="bias_add"), product)
+        heads = op.Transpose(op.Reshape(projected, target, _tag="split"), perm=HEADS_FIRST, _tag="heads")
+        return op.Split(heads, _outputs=3, _allow_other_inputs=True, _tag="parts")
+
+    def check(self, m: Match) -> MatchResult:
+        weight = m.value("w")
+        if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
+            return m.fail("W is not a constant float matrix")
+        split = reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
+        if isinstance(split, str):
+            return m.fail(split)
+        bias = m.value("b") if m["b"] is not None else None
+        if m["b"] is not None and (bias is None or bias.shape != (weight.shape[1],) or bias.dtype != weight.dtype):
+            return m.fail("the bias is not a constant with one value per column")
+        if not _equal_thirds(m.node("parts"), split.head_size):
+            return m.fail("the Split does not cut each head's last axis in equal thirds")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        split = reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
+        size = split.head_size // 3
+        parts = []
+        for index, output in enumerate(m.node("parts").outputs):
+            part = _heads_of_columns(op, m, split, index * size, (index + 1) * size)
+            parts.append(typed(part, output.dtype, output.shape))
+        return tuple(parts)
+
+
+def _heads_of_columns(op, m: Match, split: HeadSplit, start: int, end: int) -> gs.Tensor:
+    """The heads of ``x @ W[:, cols] (+ b[cols])``, ``cols`` the elements ``[start, end)`` of each head."""
+    weight = m.value("w")
+    columns = np.array([h * split.head_size + j for h in range(split.heads) for j in range(start, end)])
+    product = op.MatMul(m["x"], op.const(np.ascontiguousarray(weight[:, columns]), "part_weight"))
+    if m["b"] is not None:
+        product = op.Add(product, op.const(np.ascontiguousarray(m.value("b")[columns]), "part_bias"))
+    target = op.const(np.array([0, 0, split.heads, end - start], np.int64), "part_heads")
+    return op.Transpose(op.Reshape(product, target), perm=HEADS_FIRST)
+
+
 # The biases first, so that attention finds one mask; for onnxruntime, MultiHeadAttention before the
 # standard operator, which takes what it leaves.
-RULES = (ScoreBiasesSummed(), SdpaToAttention(), SdpaToMultiHeadAttention(), OrtSdpaToAttention())
+RULES = (ScoreBiasesSummed(), InterleavedHeadsSplit(), InterleavedHeadsSplitInThree(), SdpaToAttention(),
+         SdpaToMultiHeadAttention(), OrtSdpaToAttention())
 
 
 @dataclass(frozen=True)
