@@ -192,8 +192,10 @@ def _check_opsets(model: onnx.ModelProto) -> None:
             )
         if opset.domain in ("", "ai.onnx") and opset.version < 1:
             raise ModelLoadError(f"model declares invalid ONNX opset {opset.version}")
-    if not any(opset.domain in ("", "ai.onnx") for opset in model.opset_import) and model.graph.node:
-        raise ModelLoadError("model imports no ONNX opset")
+    # A model of ai.onnx.ml operators alone (onnxmltools' XGBoost) needs no default-domain import.
+    if not any(opset.domain in ("", "ai.onnx") for opset in model.opset_import) and any(
+            node.domain in ("", "ai.onnx") for node in model.graph.node):
+        raise ModelLoadError("model uses ONNX operators but imports no ONNX opset")
 
 
 _TEXT_FIELDS: dict = {}

@@ -395,6 +395,37 @@ def test_two_versions_of_one_opset_domain_are_refused(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out.onnx").exists()
 
 
+def _ml_only_model(path):
+    """A model of ai.onnx.ml operators alone, as onnxmltools writes XGBoost: no default-domain import."""
+    node = onnx.helper.make_node("Normalizer", ["x"], ["y"], domain="ai.onnx.ml", norm="L2")
+    graph = onnx.helper.make_graph([node], "ml", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                                      ["N", 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def test_a_model_of_ml_operators_alone_needs_no_default_opset(tmp_path):
+    path = _ml_only_model(tmp_path / "m.onnx")
+    result = run_cli("run", path, "-o", tmp_path / "out.onnx")
+    assert result.code == 0 and "verified" in result.stdout + result.stderr, result.stderr
+    optimized = onnx.load(tmp_path / "out.onnx")
+    assert [(op.domain, op.version) for op in optimized.opset_import] == [("ai.onnx.ml", 1)]
+
+
+def test_onnx_operators_without_a_default_opset_are_refused(tmp_path):
+    path = _ml_only_model(tmp_path / "m.onnx")
+    model = onnx.load(path)
+    model.graph.node.append(onnx.helper.make_node("Relu", ["y"], ["z"]))
+    model.graph.output[0].name = "z"
+    onnx.save(model, path)
+    result = run_cli("run", path, "-o", tmp_path / "out.onnx")
+    assert result.code == 2 and "imports no ONNX opset" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.onnx").exists()
+
+
 @pytest.mark.parametrize(("version", "message"), [("10", "only goes up"), ("99", "knows opsets up to")])
 def test_upgrade_opset_refuses_going_down_or_past_onnx(tmp_path, version, message):
     model = _split_model_opset11(tmp_path / "m.onnx")
