@@ -574,9 +574,14 @@ def read_shapes_before_views(graph: gs.Graph) -> int:
 
 
 def _input_dims(graph: gs.Graph) -> dict[tuple, tuple[gs.Tensor, int]]:
-    """For each run of named dimensions of the graph's inputs, the first input (and axis) that holds it."""
+    """For each run of named dimensions of the graph's inputs, the first input (and axis) that holds it.
+
+    Inputs no node reads are left out: a caller may feed anything there, the model never looks at it.
+    """
     runs: dict[tuple, tuple[gs.Tensor, int]] = {}
     for tensor in graph.inputs:
+        if not tensor.outputs:
+            continue
         shape = tensor.shape or []
         for start in range(len(shape)):
             for end in range(start + 1, len(shape) + 1):

@@ -714,17 +714,29 @@ def _layer_feeds(batch: int, seq: int) -> dict[str, np.ndarray]:
 
 
 def test_named_dimensions_are_read_from_the_input_that_declares_them():
-    # Each "layer" sizes its Expand from its own activations: read from ids, the per-layer shape arithmetic
-    # merges into one. A dimension no input declares (yy's 2 * seq) is read where it is.
+    # Each "layer" sizes its Expand from its own activations: read from x (ids, declared first, is read by
+    # no node), the per-layer shape arithmetic merges into one. A dimension no input declares (yy's 2 * seq)
+    # is read where it is.
     model = parse("g " + LAYERS_SIZED_BY_SHAPES)
     optimized, result = fold(model)
     assert result.stats["shapes_read_from_inputs"] == 4  # sy, sz, sb and the Gather of z's sequence
     readers = {n.output[0]: list(n.input) for n in optimized.graph.node if n.op_type == "Shape"}
-    assert readers["sy"] == ["ids"] and readers["sz"] == ["ids"] and any(r == ["yy"] for r in readers.values())
+    assert readers["sy"] == ["x"] and readers["sz"] == ["x"] and any(r == ["yy"] for r in readers.values())
     merged = onnxopt.optimize(model, passes="fold,cse,dce", verify=False)
-    assert op_counts(merged)["Shape"] == 3 and op_counts(merged)["Expand"] == 3  # ids whole, ids[:1], yy
+    assert op_counts(merged)["Shape"] == 4 and op_counts(merged)["Expand"] == 3  # x[:2], x[:1], x whole, yy
     for batch, seq in ((1, 1), (2, 5), (3, 2)):
         assert_same_outputs(model, merged, _layer_feeds(batch, seq))
+
+
+def test_named_dimensions_are_not_read_from_an_input_no_node_reads():
+    # "unused" declares [batch, seq] first, but the model never looks at it: a caller may feed anything.
+    text = LAYERS_SIZED_BY_SHAPES.replace("(int64[batch, seq] ids,",
+                                          "(float[batch, seq] unused, int64[batch, seq] ids,")
+    model = parse("g " + text)
+    optimized, _ = fold(model)
+    assert all(list(n.input) != ["unused"] for n in optimized.graph.node if n.op_type == "Shape")
+    feeds = _layer_feeds(2, 5) | {"unused": np.zeros((1, 1), np.float32)}
+    assert_same_outputs(model, optimized, feeds)
 
 
 def test_named_dimensions_before_shape_has_start_and_end():
@@ -739,7 +751,7 @@ def test_named_dimensions_before_shape_has_start_and_end():
     optimized, result = fold(model)
     gathers = [n for n in optimized.graph.node if n.op_type == "Gather" and n.output[0] == "short"]
     shape_of = {n.output[0]: list(n.input) for n in optimized.graph.node if n.op_type == "Shape"}
-    assert shape_of[gathers[0].input[0]] == ["ids"] and result.stats["shapes_read_from_inputs"] == 1
+    assert shape_of[gathers[0].input[0]] == ["x"] and result.stats["shapes_read_from_inputs"] == 1
     for batch, seq in ((1, 1), (2, 5)):
         assert_same_outputs(model, optimized, _layer_feeds(batch, seq))
 
@@ -751,7 +763,7 @@ def test_dimensions_of_a_graph_output_are_read_where_they_are():
                       "float[batch, seq, 8] b,", "float[batch, seq, 8] b, float[batch, seq, 8] a,"))
     optimized, _ = fold(model)
     shape_of = {n.output[0]: list(n.input) for n in optimized.graph.node if n.op_type == "Shape"}
-    assert shape_of["sz"] == ["z"] and shape_of["sy"] == ["ids"]
+    assert shape_of["sz"] == ["z"] and shape_of["sy"] == ["x"]
     for batch, seq in ((1, 1), (2, 5)):
         assert_same_outputs(model, optimized, _layer_feeds(batch, seq))
 
