@@ -39,7 +39,7 @@ from onnxopt.errors import InputSpecError
 DEFAULT_DYNAMIC_DIM = 2
 SEARCHED_SIZES = (1, 3, 4, 5, 6, 8)
 LONG_SIZES = (16, 64, 256, 1024, 4096, 16384)
-JOINT_SIZES = (16, 32, 64, 128, 256)
+JOINT_SIZES = (16, 32, 64, 128)  # every dimension at once: 256 would give a text model 65k tokens
 MAX_SEARCHED_SYMBOLS = 8
 DEFAULT_SEED = 0
 
