@@ -115,6 +115,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext, PassResult, Target
+from onnxopt.passes.fusions.rotary import slice_range
 from onnxopt.pattern import Match, MatchResult, Replacement, RewritePass, RewriteRule
 
 ORT_DOMAIN = "com.microsoft"
@@ -1147,18 +1148,9 @@ class ScoreBiasesSummed(RewriteRule):
 
 
 def _last_axis_part(node: gs.Node, size: int) -> tuple[int, int] | None:
-    """``[start, end)`` that a Slice takes of the last of 4 axes (of ``size`` elements), step 1, bounds constant."""
-    inputs = node.inputs + [gs.Variable.empty()] * (5 - len(node.inputs))
-    values = [ir.constant_value(t) if t.name else None for t in inputs[1:]]
-    starts, ends = values[0], values[1]
-    axes = values[2] if inputs[3].name else np.array([3])
-    steps = values[3] if inputs[4].name else np.array([1])
-    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(steps.reshape(-1)[0]) != 1 \
-            or int(axes.reshape(-1)[0]) not in (3, -1):
-        return None
-    start, end = (min(max(int(v.reshape(-1)[0]) + (size if int(v.reshape(-1)[0]) < 0 else 0), 0), size)
-                  for v in (starts, ends))
-    return (start, end) if start < end else None
+    """``[start, end)`` that a Slice takes of the last of 4 axes (of ``size`` elements), if not empty."""
+    part = slice_range(node, 4, size)
+    return part if part is not None and part[0] < part[1] else None
 
 
 class InterleavedHeadsSplit(RewriteRule):

@@ -910,9 +910,11 @@ def test_multi_head_attention_keeps_the_cache(case):
         assert_close(run(model, feeds), run(optimized, feeds), 1e-5)
 
 
-def fused_qkv_model(parts: str = "slices", sizes: tuple[int, int, int] = (4, 4, 4), heads: int = 3) -> onnx.ModelProto:
+def fused_qkv_model(parts: str = "slices", sizes: tuple[int, int, int] = (4, 4, 4), heads: int = 3,
+                    axes: bool = True) -> onnx.ModelProto:
     """GPT-NeoX's attention: one projection viewed as [B, S, H, 3D] (each head's q, k, v side by side),
-    transposed heads first and cut on the last axis by three Slices, or by one Split (the dynamo exporter)."""
+    transposed heads first and cut on the last axis by three Slices, or by one Split (the dynamo exporter).
+    Without ``axes`` the Slices name no axes and so cut the first axis (the batch) instead."""
     rng = np.random.default_rng(3)
     hidden, width = 8, sum(sizes)
     inits = [tensor("w", rng.standard_normal((hidden, heads * width)).astype(np.float32)),
@@ -931,7 +933,8 @@ def fused_qkv_model(parts: str = "slices", sizes: tuple[int, int, int] = (4, 4, 
             inits += [tensor(f"{name}_start", np.array([start], np.int64)),
                       tensor(f"{name}_end", np.array([end], np.int64)),
                       tensor(f"{name}_axis", np.array([-1], np.int64))]
-            nodes.append(helper.make_node("Slice", ["heads", f"{name}_start", f"{name}_end", f"{name}_axis"], [name]))
+            nodes.append(helper.make_node("Slice", ["heads", f"{name}_start", f"{name}_end"]
+                                          + [f"{name}_axis"] * axes, [name]))
     nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
               helper.make_node("MatMul", ["q", "kt"], ["scores"]),
               helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
@@ -941,7 +944,8 @@ def fused_qkv_model(parts: str = "slices", sizes: tuple[int, int, int] = (4, 4, 
               helper.make_node("Transpose", ["attended"], ["merged"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["merged", "merge"], ["y"])]
     inputs = [value("x", TensorProto.FLOAT, ["B", "S", hidden]), value("mask", TensorProto.FLOAT, ["B", 1, "S", "S"])]
-    return make_model(nodes, inputs, [value("y", TensorProto.FLOAT, ["B", "S", heads * sizes[2]])], inits, opset=18)
+    out_width = heads * (sizes[2] if axes else width)
+    return make_model(nodes, inputs, [value("y", TensorProto.FLOAT, ["B", "S", out_width])], inits, opset=18)
 
 
 @pytest.mark.parametrize("parts", ["slices", "split"])
@@ -954,6 +958,16 @@ def test_interleaved_query_key_value_become_multi_head_attention(parts):
         feeds = {"x": np.random.default_rng(seq).standard_normal((batch, seq, 8)).astype(np.float32),
                  "mask": np.random.default_rng(batch).uniform(-1, 0, (batch, 1, seq, seq)).astype(np.float32)}
         assert_close(run(model, feeds), run(optimized, feeds), 1e-5)
+
+
+def test_slices_without_axes_cut_the_batch_not_the_heads():
+    # Slice's axes default to the first ones: these take batch rows 0-3, 4-7 and 8-11, not parts of each head.
+    model = fused_qkv_model(axes=False)
+    optimized, stats = attention(model, Target.ORT)
+    assert not stats.get("interleaved_heads_split")
+    feeds = {"x": np.random.default_rng(0).standard_normal((12, 5, 8)).astype(np.float32),
+             "mask": np.zeros((4, 1, 5, 5), np.float32)}
+    assert_close(run(model, feeds), run(optimized, feeds), 1e-5)
 
 
 @pytest.mark.parametrize(("parts", "sizes", "target"), [
