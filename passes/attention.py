@@ -115,6 +115,7 @@ import onnx_graphsurgeon as gs
 
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext, PassResult, Target
+from onnxopt.passes.fusions.common import broadcast_dims
 from onnxopt.passes.fusions.rotary import slice_range
 from onnxopt.pattern import Match, MatchResult, Replacement, RewritePass, RewriteRule
 
@@ -1101,22 +1102,6 @@ def import_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:
         graph.import_domains = [*(graph.import_domains or []), onnx.helper.make_opsetid(domain, version)]
 
 
-def _broadcast(a: list | None, b: list | None) -> list | None:
-    """The multidirectional broadcast of two inferred shapes, where every dimension of it is known."""
-    if a is None or b is None:
-        return None
-    rank = max(len(a), len(b))
-    result = []
-    for x, y in zip([1] * (rank - len(a)) + list(a), [1] * (rank - len(b)) + list(b)):
-        if x == y or y == 1:
-            result.append(x)
-        elif x == 1:
-            result.append(y)
-        else:
-            return None
-    return None if any(d is None for d in result) else result
-
-
 class ScoreBiasesSummed(RewriteRule):
     """Replaces Softmax((scores + a) + b) with Softmax(scores + (a + b)): one additive mask for attention."""
 
@@ -1139,8 +1124,9 @@ class ScoreBiasesSummed(RewriteRule):
     def rewrite(self, op, m: Match):
         inner = m.node("bias_add")
         scaled = next(t for t in inner.inputs if t is not m["bias"])
+        shapes = (m.shape("bias"), m.shape("mask"))
         biases = typed(op.Add(m["bias"], m["mask"]), np.dtype(m.dtype("bias")),
-                       _broadcast(m.shape("bias"), m.shape("mask")))
+                       None if None in shapes else broadcast_dims(*shapes))
         softmax = m.node("Softmax")
         output = op.Add(scaled, biases, _name=m.node("mask_add").name)
         return typed(op.Softmax(output, _name=softmax.name, **m.attrs("Softmax")), softmax.outputs[0].dtype,
@@ -1153,30 +1139,47 @@ def _last_axis_part(node: gs.Node, size: int) -> tuple[int, int] | None:
     return part if part is not None and part[0] < part[1] else None
 
 
-class InterleavedHeadsSplit(RewriteRule):
-    """Replaces a Slice of the heads of x @ W (+ b) with the heads of x @ W' (+ b'): GPT-NeoX's fused Q/K/V."""
+def _interleaved_heads_pattern(op, x, w, b, target):
+    """The heads ``[B, H, S, G]`` of ``x @ W (+ b)``: a projection reshaped to ``[B, S, H, G]``, heads first."""
+    product = op.MatMul(x, w, _tag="project")
+    projected = op.either(op.Add(product, b, _tag="bias_add"), product)
+    return op.Transpose(op.Reshape(projected, target, _tag="split"), perm=HEADS_FIRST, _tag="heads")
 
-    name = "interleaved_heads_split"
+
+class _InterleavedHeadsRule(RewriteRule):
+    """Cuts of the heads of a projection by constant weights, made projections of their own (for onnxruntime)."""
+
     targets = frozenset({Target.ORT})
-    allow_shared_intermediates = True  # the other parts read the same heads until they are split too
 
-    def pattern(self, op, x, w, b, target):
-        product = op.MatMul(x, w, _tag="project")
-        projected = op.either(op.Add(product, b, _tag="bias_add"), product)
-        heads = op.Transpose(op.Reshape(projected, target, _tag="split"), perm=HEADS_FIRST, _tag="heads")
-        return op.Slice(heads, _allow_other_inputs=True, _tag="part")
+    def split(self, m: Match) -> HeadSplit | str:
+        return reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
 
     def check(self, m: Match) -> MatchResult:
         weight = m.value("w")
         if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
             return m.fail("W is not a constant float matrix")
-        projected = m.node("split").inputs[0]
-        split = reshape_head_split(m.node("split"), projected.shape)
+        split = self.split(m)
         if isinstance(split, str):
             return m.fail(split)
         bias = m.value("b") if m["b"] is not None else None
         if m["b"] is not None and (bias is None or bias.shape != (weight.shape[1],) or bias.dtype != weight.dtype):
             return m.fail("the bias is not a constant with one value per column")
+        return self.check_parts(m, split)
+
+    def check_parts(self, m: Match, split: HeadSplit) -> MatchResult:
+        raise NotImplementedError
+
+
+class InterleavedHeadsSplit(_InterleavedHeadsRule):
+    """Replaces a Slice of the heads of x @ W (+ b) with the heads of x @ W' (+ b'): GPT-NeoX's fused Q/K/V."""
+
+    name = "interleaved_heads_split"
+    allow_shared_intermediates = True  # the other parts read the same heads until they are split too
+
+    def pattern(self, op, x, w, b, target):
+        return op.Slice(_interleaved_heads_pattern(op, x, w, b, target), _allow_other_inputs=True, _tag="part")
+
+    def check_parts(self, m: Match, split: HeadSplit) -> MatchResult:
         heads = m.node("heads").outputs[0]
         parts = [_last_axis_part(reader, split.head_size) if reader.op == "Slice" else None for reader in heads.outputs]
         if any(part is None for part in parts) or ir.is_graph_output(m.graph, heads):
@@ -1190,7 +1193,7 @@ class InterleavedHeadsSplit(RewriteRule):
         return m.ok()
 
     def rewrite(self, op, m: Match):
-        split = reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
+        split = self.split(m)
         start, end = _last_axis_part(m.node("part"), split.head_size)
         output = m.node("part").outputs[0]
         return typed(_heads_of_columns(op, m, split, start, end), output.dtype, output.shape)
@@ -1208,34 +1211,22 @@ def _equal_thirds(node: gs.Node, size: int) -> bool:
     return [int(v) for v in np.asarray(sizes).reshape(-1)] == [size // 3] * 3
 
 
-class InterleavedHeadsSplitInThree(RewriteRule):
+class InterleavedHeadsSplitInThree(_InterleavedHeadsRule):
     """Replaces a Split in three of the heads of x @ W (+ b) with the heads of three products (GPT-NeoX, dynamo)."""
 
     name = "interleaved_heads_split_in_three"
-    targets = frozenset({Target.ORT})
 
     def pattern(self, op, x, w, b, target):
-        product = op.MatMul(x, w, _tag="project")
-        projected = op.either(op.Add(product, b, _tag="bias_add"), product)
-        heads = op.Transpose(op.Reshape(projected, target, _tag="split"), perm=HEADS_FIRST, _tag="heads")
-        return op.Split(heads, _outputs=3, _allow_other_inputs=True, _tag="parts")
+        return op.Split(_interleaved_heads_pattern(op, x, w, b, target), _outputs=3, _allow_other_inputs=True,
+                        _tag="parts")
 
-    def check(self, m: Match) -> MatchResult:
-        weight = m.value("w")
-        if weight is None or weight.ndim != 2 or weight.dtype.kind != "f":
-            return m.fail("W is not a constant float matrix")
-        split = reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
-        if isinstance(split, str):
-            return m.fail(split)
-        bias = m.value("b") if m["b"] is not None else None
-        if m["b"] is not None and (bias is None or bias.shape != (weight.shape[1],) or bias.dtype != weight.dtype):
-            return m.fail("the bias is not a constant with one value per column")
+    def check_parts(self, m: Match, split: HeadSplit) -> MatchResult:
         if not _equal_thirds(m.node("parts"), split.head_size):
             return m.fail("the Split does not cut each head's last axis in equal thirds")
         return m.ok()
 
     def rewrite(self, op, m: Match):
-        split = reshape_head_split(m.node("split"), m.node("split").inputs[0].shape)
+        split = self.split(m)
         size = split.head_size // 3
         parts = []
         for index, output in enumerate(m.node("parts").outputs):

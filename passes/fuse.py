@@ -72,6 +72,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import ir
 from onnxopt.pass_infra import PassContext
 from onnxopt.passes.fusions import activations, affine, horizontal, normalization, reshapes, rotary, transposes
+from onnxopt.passes.fusions.common import broadcast_dims
 from onnxopt.pattern import Match, MatchResult, RewritePass, RewriteRule
 
 
@@ -391,18 +392,6 @@ class NoopExpand(RewriteRule):
         return m["x"]
 
 
-def _broadcast_dims(*shapes: list) -> list | None:
-    """The shape ``shapes`` broadcast to, where every axis is decided (numbers, or one symbol); else ``None``."""
-    rank = max(len(shape) for shape in shapes)
-    result = []
-    for axis in range(rank):
-        dims = {shape[axis - rank + len(shape)] for shape in shapes if axis - rank + len(shape) >= 0} - {1}
-        if len(dims) > 1 or None in dims:
-            return None
-        result.append(dims.pop() if dims else 1)
-    return result
-
-
 class ConstantConditionWhere(RewriteRule):
     """Replaces Where(c, x, y) whose condition is the constant true (or false) everywhere by x (or y)."""
 
@@ -426,7 +415,7 @@ class ConstantConditionWhere(RewriteRule):
         shapes = [list(m.value("condition").shape), m.shape("x"), m.shape("y")]
         if any(shape is None for shape in shapes):
             return m.fail("an operand's shape is unknown")
-        if _broadcast_dims(*shapes) != list(m.shape(chosen)):
+        if broadcast_dims(*shapes) != list(m.shape(chosen)):
             return m.fail("the other operands broadcast the chosen one to another shape")
         return m.ok()
 

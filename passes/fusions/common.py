@@ -1,4 +1,5 @@
-"""Checks the fusion rules share: constants read within float32's precision, ranks, normalized axes."""
+"""Checks the fusion rules share: constants read within float32's precision, ranks, normalized axes,
+broadcast shapes."""
 
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ NOT_TENSORRT = frozenset(Target) - {Target.TENSORRT}
 # Operators that broadcast their operands numpy-style: a constant operand with more axes than the other
 # raises the result's rank, which a fused operator would not.
 BROADCASTING_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"})
+
+
+def broadcast_dims(*shapes: list) -> list | None:
+    """The shape ``shapes`` broadcast to, where every axis is decided (numbers, or one symbol); else ``None``."""
+    rank = max(len(shape) for shape in shapes)
+    result = []
+    for axis in range(rank):
+        dims = {shape[axis - rank + len(shape)] for shape in shapes if axis - rank + len(shape) >= 0} - {1}
+        if len(dims) > 1 or None in dims:
+            return None
+        result.append(dims.pop() if dims else 1)
+    return result
 
 
 def close(value: float | None, expected: float, dtype: np.dtype | None = None) -> bool:
