@@ -119,6 +119,15 @@ def run_ort_basic(src: str, dst: str) -> dict:
     return {}
 
 
+def run_load_save(src: str, dst: str) -> dict:
+    """``onnx.load`` then save, nothing else: the time any tool that reads and writes models with onnx's
+    Python API pays before it optimizes anything (a floor for the time ratios, not a peer)."""
+    import onnx
+
+    _save(onnx.load(src), dst)
+    return {}
+
+
 TOOLS = {
     "onnxopt": run_onnxopt,
     "onnxopt-noverify": run_onnxopt_noverify,
@@ -128,6 +137,7 @@ TOOLS = {
     "onnxoptimizer": run_onnxoptimizer,
     "graphsurgeon": run_graphsurgeon,
     "ort-basic": run_ort_basic,
+    "load-save": run_load_save,
 }
 
 # onnxopt imports its passes and onnx's reference evaluator on first use, in every run, where onnxsim and
@@ -147,6 +157,7 @@ TOOL_PACKAGES = {
     "onnxoptimizer": ["onnxoptimizer"],
     "graphsurgeon": ["onnx_graphsurgeon"],
     "ort-basic": ["onnxruntime"],
+    "load-save": ["onnx"],
 }
 
 PEERS = ["onnxsim", "onnxslim", "onnxoptimizer", "graphsurgeon", "ort-basic"]
