@@ -41,6 +41,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxopt import ir
 from onnxopt.pass_infra import Pass, PassContext, PassResult
+from onnxopt.verify import plain_session_options
 
 NEVER_FOLDED = {
     "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
@@ -78,10 +79,7 @@ def _may_fold(node: gs.Node) -> bool:
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), plain_session_options(), providers=["CPUExecutionProvider"])
 
 
 def _evaluation_model(graph: gs.Graph, nodes: list[gs.Node],
