@@ -20,7 +20,8 @@ bodies too, where values captured from enclosing graphs count as constants when 
 
 Size guard: a node whose result is over ``max_expansion`` times larger than its inputs (and over
 ``small_bytes``) stays a node (a ConstantOfShape, Expand or Tile that would write a huge tensor). Then
-folding may not grow the constants of the model by more than ``max_growth`` bytes in total.
+folding may not grow the constants of the model by more than ``max_growth`` bytes in total: over the
+original model's, across every run of the pass.
 Growth counts the bytes of new initializers minus the bytes of constants that lose their last reader and
 of folded ``Constant`` nodes (whose values only move from an attribute to an initializer).
 While the budget is exceeded, the node whose output grows the model most stays a node (for example a
@@ -57,6 +58,14 @@ def _held_bytes(node: gs.Node, values: dict[str, np.ndarray]) -> int:
     if node.op != "Constant":
         return 0
     return sum(values[t.name].nbytes for t in node.outputs if t.name in values)
+
+
+def _constant_bytes(graph: gs.Graph) -> int:
+    """Bytes of the constants of ``graph`` and its subgraphs, ``Constant`` nodes' values included (as
+    ``ir.model_weight_bytes`` counts them in a model)."""
+    held = sum(ir.tensor_nbytes(node.attrs["value"]) for sub in ir.all_graphs(graph) for node in sub.nodes
+               if node.op == "Constant" and isinstance(node.attrs.get("value"), gs.Constant))
+    return ir.graph_stats(graph).bytes + held
 
 
 def _inferred_nbytes(tensor: gs.Tensor) -> int | None:
@@ -779,19 +788,21 @@ class ConstantFolding(Pass):
     name: ClassVar[str] = "fold"
     max_growth: int = 1 << 20
     max_expansion: int = 16
-    small_bytes: int = 1 << 16
+    small_bytes: int = 1 << 20
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         stats = {"folded": 0, "shapes_folded": 0, "ifs_inlined": 0, "kept_by_size_guard": 0,
                  "shapes_read_before_views": 0, "shapes_read_from_inputs": 0}
         stats["ifs_inlined"] += _inline_everywhere(graph, graph)
         ir.infer_shapes(graph)
+        budget = self._growth_budget(graph, ctx)
         for sub in list(ir.all_graphs(graph)):
             stats["shapes_read_before_views"] += read_shapes_before_views(sub)
             if sub is graph:
                 stats["shapes_read_from_inputs"] += read_shapes_from_inputs(sub)
             stats["shapes_folded"] += fold_shapes(sub, in_subgraph=sub is not graph)
-            folded, kept = self._fold_constants(sub, in_subgraph=sub is not graph)
+            folded, kept, growth = self._fold_constants(sub, sub is not graph, budget)
+            budget -= max(growth, 0)
             stats["folded"] += folded
             stats["kept_by_size_guard"] += len(kept)
             for node in kept:
@@ -800,7 +811,16 @@ class ConstantFolding(Pass):
                                               "shapes_read_from_inputs"))
         return PassResult(modified=modified, stats=stats)
 
-    def _fold_constants(self, graph: gs.Graph, in_subgraph: bool) -> tuple[int, list[gs.Node]]:
+    def _growth_budget(self, graph: gs.Graph, ctx: PassContext) -> int:
+        """Bytes the constants may still grow by: ``max_growth`` over the original model's, across every run
+        of the pass (each iteration of the pipeline would otherwise spend a fresh budget)."""
+        if ctx.original is None:
+            return self.max_growth
+        grown = _constant_bytes(graph) - ir.model_weight_bytes(ctx.original)
+        return max(self.max_growth - max(grown, 0), 0)
+
+    def _fold_constants(self, graph: gs.Graph, in_subgraph: bool, budget: int) -> tuple[int, list[gs.Node], int]:
+        """Folds what it can of ``graph``; returns how many nodes went, the nodes kept, and the growth."""
         ir.purge_detached(graph)
         constant_names: set[str] = set()
         candidates: list[gs.Node] = []
@@ -815,7 +835,7 @@ class ConstantFolding(Pass):
                 candidates.append(node)
                 constant_names |= {t.name for t in node.outputs if t.name}
         if not candidates:
-            return 0, unevaluated
+            return 0, unevaluated, 0
         values = evaluate(graph, candidates)
         folded: list[gs.Node] = []
         folded_names: set[str] = set()
@@ -824,7 +844,7 @@ class ConstantFolding(Pass):
             if inputs_known and all(not t.name or t.name in values for t in node.outputs):
                 folded.append(node)
                 folded_names |= {t.name for t in node.outputs if t.name}
-        kept_ids = self._apply_size_guard(graph, folded, values)
+        kept_ids, growth = self._apply_size_guard(graph, folded, values, budget)
         removed = [n for n in folded if id(n) not in kept_ids]
         kept = [n for n in folded if id(n) in kept_ids]
         if in_subgraph:
@@ -837,7 +857,7 @@ class ConstantFolding(Pass):
                                     or any(id(c) not in removed_ids for c in tensor.outputs)):
                     ir.replace_with_constant(graph, tensor, values[tensor.name])
         ir.remove_nodes(graph, removed)
-        return len(removed), unevaluated + kept
+        return len(removed), unevaluated + kept, growth
 
     def _surely_expands(self, node: gs.Node) -> bool:
         """Whether the inferred shapes already show that the size guard would keep ``node``.
@@ -863,12 +883,14 @@ class ConstantFolding(Pass):
         read += _held_bytes(node, values)
         return produced > self.small_bytes and produced > self.max_expansion * max(read, 1)
 
-    def _apply_size_guard(self, graph: gs.Graph, folded: list[gs.Node], values: dict[str, np.ndarray]) -> set[int]:
-        """Ids of folded nodes that stay nodes so that folding does not blow the model up.
+    def _apply_size_guard(self, graph: gs.Graph, folded: list[gs.Node], values: dict[str, np.ndarray],
+                          budget: int) -> tuple[set[int], int]:
+        """Ids of folded nodes that stay nodes so that folding does not blow the model up, and the growth of
+        the rest.
 
         A node whose output is more than ``max_expansion`` times larger than its inputs (and larger than
-        ``small_bytes``) stays; then, while the constants would grow by more than ``max_growth`` bytes in
-        total, the node that grows them most stays.
+        ``small_bytes``) stays; then, while the constants would grow by more than ``budget`` bytes, the
+        node that grows them most stays.
         """
         kept: set[int] = {id(n) for n in folded if self._expands(n, values)}
         while True:
@@ -894,8 +916,8 @@ class ConstantFolding(Pass):
             held = sum(_held_bytes(n, values) for n in folded if id(n) in active)
             growth = (sum(values[t.name].nbytes for t in needed) - sum(ir.tensor_nbytes(c) for c in freed.values())
                       - held)
-            if growth <= self.max_growth or not needed:
-                return kept
+            if growth <= budget or not needed:
+                return kept, growth
 
             def local_growth(tensor: gs.Tensor) -> int:
                 producer = tensor.inputs[0]
