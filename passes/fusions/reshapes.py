@@ -4,6 +4,8 @@ operators that change nothing removed.
 * ``reshape_chain``: two of Reshape, Flatten, Squeeze, Unsqueeze in a row -> one ``Reshape`` (or nothing
   when the pair gives back the input's shape). Longer chains collapse a pair at a time.
 * ``noop_reshape``: a Reshape or Flatten whose result has its input's shape -> its input.
+* ``nested_concat``: ``Concat(a, Concat(b, c), d)`` on one axis, the inner Concat read only by Concats on
+  that axis -> ``Concat(a, b, c, d)`` (concatenation is associative).
 * ``noop_concat``: Concat of one input, and Sum, Mean, Max, Min of one input [``noop_variadic``]; Split
   into a single output without explicit sizes [``noop_split``]; Tile by ones [``noop_tile``]; Identity
   [``noop_identity``] -> the input.
@@ -276,6 +278,59 @@ class NoopConcat(RewriteRule):
 
     def rewrite(self, op, m: Match):
         return m["x"]
+
+
+def _same_concat_axis(outer: gs.Node, inner: gs.Node) -> bool:
+    axes = [outer.attrs.get("axis"), inner.attrs.get("axis")]
+    if None in axes:
+        return False
+    if axes[0] == axes[1]:
+        return True
+    shape = inner.outputs[0].shape
+    return shape is not None and axes[0] % len(shape) == axes[1] % len(shape)
+
+
+def _is_concat(node: gs.Node) -> bool:
+    return node.op == "Concat" and node.domain in ("", None, "ai.onnx")
+
+
+def _inner_concat(graph: gs.Graph, tensor: gs.Tensor) -> gs.Node | None:
+    """The Concat that computes ``tensor`` if only Concats on its axis read it (each then takes its
+    inputs, and it dies), else ``None``."""
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or not _is_concat(producer) or ir.is_graph_output(graph, tensor):
+        return None
+    if not all(_is_concat(reader) and _same_concat_axis(reader, producer) for reader in tensor.outputs):
+        return None
+    return producer
+
+
+class NestedConcat(RewriteRule):
+    """``Concat(a, Concat(b, c), d)`` on one axis -> ``Concat(a, b, c, d)``, where only Concats on that axis
+    read the inner one (RAFT's update block feeds one to two).
+
+    Concatenation is associative: the same elements in the same order, copied once instead of twice. The
+    inner Concat is left unread for ``dce`` (it is not part of the pattern, which cannot say "any input")."""
+
+    name = "nested_concat"
+    targets = ALL_TARGETS
+
+    def pattern(self, op):
+        return op.Concat(_allow_other_inputs=True, _tag="outer")
+
+    def check(self, m: Match) -> MatchResult:
+        outer = m.node("outer")
+        if all(_inner_concat(m.graph, tensor) is None for tensor in outer.inputs):
+            return m.fail("no input is a Concat on the same axis that only such Concats read")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        outer = m.node("outer")
+        inputs: list[gs.Tensor] = []
+        for tensor in outer.inputs:
+            inner = _inner_concat(m.graph, tensor)
+            inputs.extend(inner.inputs if inner is not None else [tensor])
+        return op.Concat(*inputs, _name=outer.name, **m.attrs("outer"))
 
 
 class NoopVariadic(RewriteRule):
@@ -626,6 +681,6 @@ class ReshapedMatMulBiasToGemm(RewriteRule):
         return op.Reshape(product, m["t"], _name=m.node("unflatten").name, **m.attrs("unflatten"))
 
 
-RULES = (ReshapeChainToReshape(), NoopReshape(), NoopConcat(), NoopVariadic(), NoopSplit(), NoopTile(),
+RULES = (ReshapeChainToReshape(), NoopReshape(), NoopConcat(), NestedConcat(), NoopVariadic(), NoopSplit(), NoopTile(),
          NoopIdentity(), ReshapesAroundElementwise(), FlattenedGemmToMatMul(), FlattenedGemmLeadingShape(),
          ReshapedMatMulBiasToGemm())

@@ -243,6 +243,59 @@ def test_two_input_concat_stays():
     assert result.stats["noop_concat"] == 0 and op_counts(optimized) == op_counts(model)
 
 
+@pytest.mark.parametrize("inner_axis", ["1", "-1"])
+def test_nested_concat_is_merged(inner_axis):
+    # RAFT's correlation features: Concat(corr, Concat(flow, hidden)) on channels, twice nested.
+    model = parse(f"""
+        g (float[1, 2, 3] a, float[1, 3, 3] b, float[1, 4, 3] c) => (float[1, 13, 3] y) {{
+            bc = Concat <axis = {inner_axis}> (b, c)
+            abc = Concat <axis = 1> (a, bc, a)
+            y = Concat <axis = 1> (abc, a)
+        }}""".replace("axis = -1", "axis = -2"))
+    optimized, result = fuse_and_dce(model)  # the inner Concats are left unread
+    assert op_counts(optimized) == {"Concat": 1} and result.stats["nested_concat"] == 2
+    assert_same_outputs(model, optimized, feeds_for(model))
+    concat = optimized.graph.node[0]
+    assert list(concat.input) == ["a", "b", "c", "a", "a"]
+
+
+def test_concat_read_by_two_concats_is_merged_into_both():
+    model = parse("""
+        g (float[2, 3] a, float[2, 3] b) => (float[2, 9] y, float[2, 9] z) {
+            ab = Concat <axis = 1> (a, b)
+            y = Concat <axis = 1> (ab, a)
+            z = Concat <axis = -1> (b, ab)
+        }""")
+    optimized, result = fuse_and_dce(model)
+    assert op_counts(optimized) == {"Concat": 2} and result.stats["nested_concat"] == 2
+    assert [list(n.input) for n in optimized.graph.node] == [["a", "b", "a"], ["b", "a", "b"]]
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_nested_concat_on_another_axis_or_read_elsewhere_stays():
+    model = parse("""
+        g (float[2, 3] a, float[2, 3] b) => (float[4, 6] y, float[2, 9] w, float[2, 6] z) {
+            aa = Concat <axis = 0> (a, a)
+            y = Concat <axis = 1> (aa, aa)
+            ab = Concat <axis = 1> (a, b)
+            w = Concat <axis = 1> (ab, a)
+            z = Relu(ab)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["nested_concat"] == 0 and op_counts(optimized) == op_counts(model)
+    assert_same_outputs(model, optimized, feeds_for(model))
+
+
+def test_nested_concat_that_is_a_graph_output_stays():
+    model = parse("""
+        g (float[2, 3] a, float[2, 3] b) => (float[4, 3] ab, float[6, 3] y) {
+            ab = Concat <axis = 0> (a, b)
+            y = Concat <axis = 0> (ab, a)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["nested_concat"] == 0 and op_counts(optimized) == op_counts(model)
+
+
 def test_identity_that_names_a_graph_output_stays():
     model = parse("""
         g (float[3, 4] x) => (float[3, 4] y) {
