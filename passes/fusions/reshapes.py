@@ -35,7 +35,8 @@ rank) symbolically, each dimension a known size, "dimension ``i`` of the input",
 Reshape's target says a known size as itself, dimension ``j`` of the input at position ``j`` as ``0`` (copy),
 and at most one other dimension as ``-1`` (what the element count leaves; exporters write it the same
 way). Anything else - two unknown dimensions, an empty dimension (``0`` would mean copy), axes or shapes
-that are not constants, Reshape's ``allowzero`` - is left alone. Squeeze without axes needs every
+that are not constants, a Reshape with ``allowzero`` and a 0 in its target - is left alone (without a 0,
+``allowzero``, which the dynamo exporter writes on every Reshape, changes nothing). Squeeze without axes needs every
 dimension known. Element counts never change, so the ``-1`` is the same size the chain computes.
 
 When a region is exact: reshaping never reorders elements, so an element-wise region computes the same
@@ -134,9 +135,11 @@ def through(node: gs.Node, spec: Spec) -> Spec | None:
     rank = len(spec)
     if node.op == "Reshape":
         target = ir.constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        if target is None or node.attrs.get("allowzero", 0):
+        if target is None:
             return None
         target = [int(v) for v in target.reshape(-1)]
+        if node.attrs.get("allowzero", 0) and 0 in target:
+            return None  # an empty dimension, not a copy; without a 0, allowzero changes nothing
         if target.count(-1) > 1 or any(v < -1 for v in target):
             return None
         out: Spec = []

@@ -85,6 +85,31 @@ def test_dynamic_batch_chain_copies_the_batch_dimension():
     assert target_of(optimized) == [-1, 2, 4]
 
 
+def test_reshape_with_allowzero_and_no_zero_in_its_target_collapses():
+    # The dynamo exporter writes allowzero=1 on every Reshape (torchvision's in-projection unflatten).
+    model = parse("""
+        g (float[197, 1, 2304] x) => (float[1, 197, 1, 3, 768] y) {
+            s = Constant <value = int64[4] {197, 1, 3, 768}> ()
+            a = Reshape <allowzero = 1> (x, s)
+            axes = Constant <value = int64[1] {0}> ()
+            y = Unsqueeze(a, axes)
+        }""")
+    optimized = collapses(model, {"Reshape": 1})
+    assert target_of(optimized) == [1, 197, 1, 3, 768]
+
+
+def test_reshape_with_allowzero_and_a_zero_in_its_target_is_left_alone():
+    model = parse("""
+        g (float[2, 0, 3] x) => (float[1, 2, 0, 3] y) {
+            s = Constant <value = int64[3] {2, 0, 3}> ()
+            a = Reshape <allowzero = 1> (x, s)
+            axes = Constant <value = int64[1] {0}> ()
+            y = Unsqueeze(a, axes)
+        }""")
+    optimized, result = fuse(model)
+    assert result.stats["reshape_chain"] == 0 and op_counts(optimized) == op_counts(model)
+
+
 def test_squeeze_unsqueeze_pair_cancels():
     model = parse("""
         g (float[B, 1, 5] x) => (float[B, 1, 5] y) {
