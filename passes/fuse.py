@@ -16,7 +16,8 @@ Each is a rule of ``onnxopt.pattern`` (its stats key in brackets):
   are all 0, in any mode [``noop_pad``]; Where whose condition is the constant true (false) everywhere, by
   the operand it picks when the others do not broadcast it to a larger shape [``constant_where``].
 * Slice of a Slice along other axes -> one Slice with both axes' bounds [``slice_slice``]: slicing one
-  axis does not change another's size, so the two commute and compose exactly.
+  axis does not change another's size, so the two commute and compose exactly. An inner Slice that
+  several such Slices read merges into each.
 * Cast(Cast(x, wider), back to x's type) -> x [``noop_cast_pair``], when every value of x's type is
   exactly representable in the wider type (e.g. float16 -> float32, int8 -> float16, int32 -> float64,
   bool -> any number), so the round trip gives back each value.
@@ -469,11 +470,32 @@ class NoopSlice(RewriteRule):
         return m["x"]
 
 
+def _slice_axes(node: gs.Node, rank: int | None) -> set[int] | None:
+    """The axes a Slice node cuts (non-negative), or ``None`` when its bounds are not all constant."""
+    inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
+    starts = ir.constant_value(inputs[1]) if inputs[1] is not None and inputs[1].name else None
+    ends = ir.constant_value(inputs[2]) if inputs[2] is not None and inputs[2].name else None
+    if starts is None or ends is None:
+        return None
+    if inputs[4] is not None and inputs[4].name and ir.constant_value(inputs[4]) is None:
+        return None
+    if inputs[3] is None or not inputs[3].name:
+        return set(range(starts.size))
+    axes = ir.constant_value(inputs[3])
+    if axes is None or (rank is None and (axes < 0).any()):
+        return None
+    return {int(a) + (rank if a < 0 else 0) for a in axes.reshape(-1)}
+
+
 class SliceSliceToSlice(RewriteRule):
-    """Merges a Slice of a Slice along other axes into one Slice of both axes' bounds."""
+    """Merges a Slice of a Slice along other axes into one Slice of both axes' bounds.
+
+    An inner Slice read by several Slices, each along other axes (Swin's patch merging takes rows 0::2 once
+    for two column slices), merges into each of them and then dies."""
 
     name = "slice_slice"
     min_opset = 10
+    allow_shared_intermediates = True
 
     def pattern(self, op, x, starts, ends, axes, steps, outer_starts, outer_ends, outer_axes, outer_steps):
         inner = op.Slice(x, starts, ends, op.optional(axes), op.optional(steps), _tag="inner")
@@ -500,6 +522,18 @@ class SliceSliceToSlice(RewriteRule):
                 return m.fail(part)
         if set(inner[2].tolist()) & set(outer[2].tolist()):
             return m.fail("both Slices cut one axis")
+        sliced = m.node("inner").outputs[0]
+        if ir.is_graph_output(m.graph, sliced):
+            return m.fail("the inner Slice's result is a graph output")
+        shape = m.shape("x")
+        for reader in sliced.outputs:
+            if reader is m.node("outer"):
+                continue
+            axes = _slice_axes(reader, None if shape is None else len(shape)) \
+                if reader.op == "Slice" and reader.domain in ("", None, "ai.onnx") and reader.inputs[0] is sliced \
+                and sum(t is sliced for t in reader.inputs) == 1 else None
+            if axes is None or axes & set(inner[2].tolist()):
+                return m.fail("something other than a Slice along other axes reads the inner Slice")
         return m.ok()
 
     def rewrite(self, op, m: Match):

@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
+from onnxopt import ir
+from onnxopt.pass_infra import PassContext
+from onnxopt.passes.dce import DeadCodeElimination
 from onnxopt.passes.fuse import Fuse
 from onnxopt.passes.fusions.affine import fold_batchnorm
 
@@ -970,6 +973,41 @@ def test_slice_of_a_slice_along_other_axes_becomes_one(inner, outer, merged):
     assert result.stats["slice_slice"] == int(merged)
     assert op_counts(optimized)["Slice"] == (1 if merged else 2)
     assert_same_outputs(model, optimized, {"x": np.random.default_rng(0).standard_normal((2, 6, 6)).astype(np.float32)})
+
+
+def test_slice_read_by_slices_along_other_axes_merges_into_each():
+    # Swin's patch merging (dynamo): rows 0::2 and 1::2 taken once each, then columns 0::2 and 1::2 of each.
+    model = parse("""
+    g (float[1,4,4,3] x) => (float[1,2,2,12] y)
+      <int64[1] zero = {0}, int64[1] one = {1}, int64[1] end = {9223372036854775807},
+       int64[1] ax1 = {1}, int64[1] ax2 = {2}, int64[1] two = {2}> {
+      r0 = Slice(x, zero, end, ax1, two)
+      r1 = Slice(x, one, end, ax1, two)
+      a = Slice(r0, zero, end, ax2, two)
+      b = Slice(r1, zero, end, ax2, two)
+      c = Slice(r0, one, end, ax2, two)
+      d = Slice(r1, one, end, ax2, two)
+      y = Concat <axis = -1> (a, b, c, d)
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["slice_slice"] == 4
+    graph = ir.import_model(optimized)
+    DeadCodeElimination()(graph, PassContext(original=optimized))
+    assert op_counts(ir.export_model(graph, optimized)) == {"Slice": 4, "Concat": 1}
+    assert_same_outputs(model, optimized)
+
+
+def test_slice_read_by_a_slice_of_the_same_axis_stays():
+    model = parse("""
+    g (float[4,6] x) => (float[a, b] y, float[c, d] z) <int64[1] s = {1}, int64[1] e = {3}, int64[1] a0 = {0},
+                                                          int64[1] a1 = {1}> {
+      i = Slice(x, s, e, a0)
+      y = Slice(i, s, e, a1)
+      z = Slice(i, s, e, a0)
+    }""")
+    optimized, result = fuse(model)
+    assert result.stats["slice_slice"] == 0
+    assert_same_outputs(model, optimized)
 
 
 def test_slice_of_a_slice_read_elsewhere_stays():
