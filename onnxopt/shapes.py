@@ -232,7 +232,7 @@ def _symbolic_inference(model: onnx.ModelProto) -> SymbolicResult | None:
     if engine_class is None:
         return None
     try:
-        engine = _with_bounded_broadcasts(engine_class)(2**31 - 1, False, False, 0)
+        engine = _bounded_engine(engine_class)(2**31 - 1, False, False, 0)
         engine._preprocess(model)
         # Slice bounds near the int64 limits overflow in its numpy arithmetic: such results are wrong,
         # and onnx's inference, which contradicts them, takes over.
@@ -245,9 +245,18 @@ def _symbolic_inference(model: onnx.ModelProto) -> SymbolicResult | None:
         return None
 
 
+# A dimension the symbolic engine writes longer than this becomes a fresh symbol. Sizes of deep CNNs with
+# dynamic height and width nest a floor per stride (torchvision's Faster R-CNN: 700 characters by its
+# region proposals), and sympy's simplification of such sizes took 10 s per Slice there (500 s for the
+# model); transformers' sizes are under 60 characters.
+MAX_SYMBOLIC_DIM_CHARS = 100
+
+
 @cache
-def _with_bounded_broadcasts(engine_class: type) -> type:
-    """The symbolic engine, knowing that ``d`` broadcast with ``Min(c, d)`` (a whole number ``c >= 1``) is ``d``.
+def _bounded_engine(engine_class: type) -> type:
+    """The symbolic engine, knowing that ``d`` broadcast with ``Min(c, d)`` (a whole number ``c >= 1``) is ``d``,
+    and naming a dimension whose expression grows past ``MAX_SYMBOLIC_DIM_CHARS`` with a fresh symbol (unknown,
+    as onnx's inference leaves it) so that no later node's sympy work grows with it.
 
     Exporters slice position tables to the sequence length, which gives ``Min(32, S)``; the engine cannot
     broadcast that with ``S`` and stops, leaving every later shape unknown. In any run that does not fail
@@ -255,12 +264,33 @@ def _with_bounded_broadcasts(engine_class: type) -> type:
     ``Min(c, d)`` is 1 for every ``d``: the result is always ``d``.
     """
 
-    class BoundedBroadcasts(engine_class):
+    class BoundedEngine(engine_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            for op_type, infer in list(self.dispatcher_.items()):
+                self.dispatcher_[op_type] = self._bounded(infer)
+
+        def _bounded(self, infer):
+            def bounded_infer(node):
+                infer(node)
+                self._rename_long_dims(node)
+            return bounded_infer
+
+        def _rename_long_dims(self, node):
+            for index, name in enumerate(node.output):
+                value_info = self.known_vi_.get(name) if name else None
+                if value_info is None or not value_info.type.HasField("tensor_type"):
+                    continue
+                for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
+                    if len(dim.dim_param) > MAX_SYMBOLIC_DIM_CHARS:
+                        dim.dim_param = str(self._new_symbolic_dim_from_output(node, index, axis))
+
         def _onnx_infer_single_node(self, node):
             # The engine leaves element-wise broadcasts to onnx's inference, which knows no Min(c, d).
             super()._onnx_infer_single_node(node)
             if node.op_type in _BROADCASTING and _is_standard(node) and len(node.output) == 1 and node.output[0]:
                 self._fill_broadcast_dims(node)
+            self._rename_long_dims(node)
 
         def _fill_broadcast_dims(self, node):
             value_info = self.known_vi_.get(node.output[0])
@@ -292,7 +322,7 @@ def _with_bounded_broadcasts(engine_class: type) -> type:
                     padded1[axis] = dim2
             return super()._broadcast_shapes(padded1, padded2)
 
-    return BoundedBroadcasts
+    return BoundedEngine
 
 
 # Operators whose output shape is the multidirectional broadcast of all their inputs' shapes.

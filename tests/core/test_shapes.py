@@ -118,6 +118,28 @@ def test_sizes_only_the_symbolic_engine_computes_are_kept_with_the_graphs_symbol
     assert claimed["t"] == ["B", "S", 2, 4]
 
 
+def test_deeply_nested_sizes_become_fresh_symbols():
+    """Five strided pools of a dynamic height and width, flattened: the size nests five floors of each
+    (119 characters), which sympy's simplification at later nodes grows with (a detection model took
+    minutes). Past ``MAX_SYMBOLIC_DIM_CHARS`` a size is a fresh symbol, and what inference claims still
+    holds."""
+    pools = "\n".join(f"p{i + 1} = MaxPool<kernel_shape = [3, 3], strides = [2, 2], pads = [1, 1, 1, 1]>(p{i})"
+                      for i in range(5))
+    original = parse("""
+    g (float[1, 2, H, W] p0) => (float[1, n] y)
+        <int64[2] rows = {1, -1}, int64[1] start = {1}, int64[1] end = {9223372036854775807}, int64[1] axes = {1}> {
+      %s
+      f = Reshape(p5, rows)
+      s = Shape(f)
+      y = Slice(f, start, end, axes)
+    }""" % pools)
+    claimed = assert_shapes_hold(original, {"p0": floats(1, 2, 300, 700)}, {"p0": floats(1, 2, 513, 1030)})
+    assert claimed["p1"] == [1, 2, "floor(H/2 - 1/2) + 1", "floor(W/2 - 1/2) + 1"]
+    sizes = [d for shape in claimed.values() if shape for d in shape if isinstance(d, str)]
+    assert max(len(d) for d in sizes) <= shapes.MAX_SYMBOLIC_DIM_CHARS
+    assert claimed["f"][0] == 1 and "floor" not in claimed["f"][1]
+
+
 def test_a_ceil_mode_pool_without_a_dropped_window_keeps_its_shape():
     original = model(
         [
