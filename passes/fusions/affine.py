@@ -22,6 +22,9 @@ adding ``t`` is the same as adding ``t`` to the bias. Rules (stats keys in brack
 * ``matmul_mul``: ``MatMul(a, W) * s`` -> ``MatMul(a, W * s)`` for a constant 2-D ``W`` and ``s`` one value
   per column of the ``[..., N]`` result; ``s`` must not raise the rank, so it has at most one axis unless
   ``a``'s rank is known. ``MatMul + Add`` becomes a Gemm through ``matmul_add_to_gemm``.
+* ``matmul_bias_mul``: ``(MatMul(a, W) + b) * s`` -> ``MatMul(a, W * s) + b * s`` under the same conditions, for
+  a finite constant bias ``b`` that does not raise the rank (ConvNeXt's layer scale): ``(aW + b) s = a(Ws) + bs``
+  per column.
 * ``matmul_add_to_gemm``: ``MatMul(A, B) + C`` -> ``Gemm(A, B, C)`` when ``A`` is known to be 2-D, ``B`` is a
   constant 2-D matrix and ``C`` a constant that broadcasts to the ``[M, N]`` result one way; float32/float64.
 
@@ -517,6 +520,38 @@ class MatMulMulToMatMul(RewriteRule):
                          _name=m.node("MatMul").name)
 
 
+class MatMulBiasMulToMatMulBias(MatMulMulToMatMul):
+    """Replaces (MatMul(a, W) + b) * s, with ``W`` a constant matrix, ``b`` a constant and ``s`` a constant per
+    column, by MatMul(a, W * s) + b * s: ConvNeXt's layer scale after its second pointwise Linear."""
+
+    name = "matmul_bias_mul"
+
+    def pattern(self, op, a, w, b, s):
+        return op.Mul(op.Add(op.MatMul(a, w), b), s)
+
+    def check(self, m: Match) -> MatchResult:
+        found = super().check(m)
+        if not found:
+            return found
+        bias = m.value("b")
+        if bias is None or bias.dtype != m.value("w").dtype or not np.all(np.isfinite(bias)):
+            return m.fail("the bias is not a finite constant of the weight's type")
+        a_shape = m.shape("a")
+        rank = None if a_shape is None else max(len(a_shape), 1)
+        if bias.ndim > (rank if rank is not None else 1):
+            return m.fail("the bias may raise the result's rank")
+        if joint_shape(bias.shape, m.value("s").shape) is None:
+            return m.fail("the bias and the constant do not broadcast together")
+        return m.ok()
+
+    def rewrite(self, op, m: Match):
+        bias = m.value("b")
+        scaled_bias = bias.astype(np.float64) * m.value("s").astype(np.float64)
+        product = super().rewrite(op, m)
+        return op.Add(product, op.const(scaled_bias.astype(bias.dtype), f"{m['b'].name}_{self.name}"),
+                      _name=m.node("Add").name)
+
+
 class MatMulAddToGemm(RewriteRule):
     """Replaces Add(MatMul(a, B), C) with Gemm(a, B, C) for a 2-D ``a`` and constant 2-D ``B``."""
 
@@ -555,4 +590,5 @@ class MatMulAddToGemm(RewriteRule):
 
 RULES = (ConvBatchNormToConv(), ConvTransposeBatchNormToConvTranspose(), ConvMulToConv(), ConvAddToConv(),
          ConvTransposeMulToConvTranspose(), ConvTransposeAddToConvTranspose(), BatchNormMulToBatchNorm(),
-         BatchNormAddToBatchNorm(), GemmMulToGemm(), GemmAddToGemm(), MatMulMulToMatMul(), MatMulAddToGemm())
+         BatchNormAddToBatchNorm(), GemmMulToGemm(), GemmAddToGemm(), MatMulMulToMatMul(), MatMulBiasMulToMatMulBias(),
+         MatMulAddToGemm())

@@ -494,6 +494,51 @@ def test_matmul_mul_with_unknown_input_rank_folds_only_a_vector():
             assert_same_outputs(model, optimized, feeds)
 
 
+def matmul_bias_mul_model(a_shape=(1, 3, 3, 4), s_shape=(5,), bias_shape=(5,), runtime_bias=False,
+                          add_read_elsewhere=False):
+    """ConvNeXt's block end: a channels-last Linear, then the layer scale."""
+    rng = np.random.default_rng(7)
+    inputs = [value("a", TensorProto.FLOAT, list(a_shape))]
+    inits = [tensor("w", rng.standard_normal((4, 5)).astype(np.float32)),
+             tensor("s", rng.uniform(0.5, 2.0, s_shape).astype(np.float32))]
+    if runtime_bias:
+        inputs.append(value("b", TensorProto.FLOAT, list(bias_shape)))
+    else:
+        inits.append(tensor("b", rng.standard_normal(bias_shape).astype(np.float32)))
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["mm"], name="mm"),
+             helper.make_node("Add", ["b", "mm"], ["biased"], name="bias"),
+             helper.make_node("Mul", ["biased", "s"], ["y"], name="scale")]
+    rank = max(len(a_shape), len(bias_shape), len(s_shape))
+    outputs = [symbolic("y", TensorProto.FLOAT, rank)]
+    if add_read_elsewhere:
+        nodes.append(helper.make_node("Relu", ["biased"], ["r"]))
+        outputs.append(symbolic("r", TensorProto.FLOAT, rank))
+    return make_model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.parametrize("a_shape,s_shape,bias_shape", [
+    ((1, 3, 3, 4), (5,), (5,)), ((2, 3, 4), (1, 5), (5,)), ((2, 3, 4), (), (1, 5)), (("B", "S", 4), (5,), (5,)),
+], ids=["convnext", "3d-1xN", "scalar-scale", "symbolic"])  # 2-D inputs become Gemm + gemm_mul instead
+def test_matmul_plus_bias_times_per_column_constant_folds(a_shape, s_shape, bias_shape):
+    model = matmul_bias_mul_model(a_shape, s_shape, bias_shape)
+    optimized, result = fuse(model)
+    assert result.stats["matmul_bias_mul"] == 1
+    assert "Mul" not in op_counts(optimized)
+    assert_same_outputs(model, optimized, runtime_feeds(model))
+
+
+@pytest.mark.parametrize("case", ["per-row-scale", "runtime-bias", "sum-read-elsewhere", "bias-raises-rank"])
+def test_matmul_plus_bias_times_constant_that_cannot_fold_stays(case):
+    kwargs = {"per-row-scale": {"a_shape": (3, 4), "s_shape": (3, 1)}, "runtime-bias": {"runtime_bias": True},
+              "sum-read-elsewhere": {"add_read_elsewhere": True},
+              "bias-raises-rank": {"a_shape": (3, 4), "bias_shape": (1, 1, 5)}}[case]
+    model = matmul_bias_mul_model(**kwargs)
+    optimized, result = fuse(model)
+    assert result.stats["matmul_bias_mul"] == 0
+    assert op_counts(optimized)["Mul"] == 1
+    assert_same_outputs(model, optimized, runtime_feeds(model))
+
+
 def test_constant_matrix_on_the_left_of_matmul_stays():
     # W @ a scaled per column scales a's columns, not W's.
     model = onnx.parser.parse_model("""<ir_version: 8, opset_import: ["" : 17]>
