@@ -470,16 +470,17 @@ class NoopSlice(RewriteRule):
         return m["x"]
 
 
-def _slice_axes(node: gs.Node, rank: int | None) -> set[int] | None:
-    """The axes a Slice node cuts (non-negative), or ``None`` when its bounds are not all constant."""
-    inputs = list(node.inputs) + [None] * (5 - len(node.inputs))
-    starts = ir.constant_value(inputs[1]) if inputs[1] is not None and inputs[1].name else None
-    ends = ir.constant_value(inputs[2]) if inputs[2] is not None and inputs[2].name else None
-    if starts is None or ends is None:
+def _slice_axes(node: gs.Node, data: gs.Tensor, rank: int | None) -> set[int] | None:
+    """The axes (non-negative) a standard Slice of ``data`` cuts with constant bounds, or ``None`` when ``node``
+    is no such Slice."""
+    if node.op != "Slice" or node.domain not in ("", None, "ai.onnx") or node.inputs[0] is not data \
+            or any(t is data for t in node.inputs[1:]):
         return None
-    if inputs[4] is not None and inputs[4].name and ir.constant_value(inputs[4]) is None:
+    inputs = node.inputs + [gs.Variable.empty()] * (5 - len(node.inputs))
+    starts, ends = ir.constant_value(inputs[1]), ir.constant_value(inputs[2])
+    if starts is None or ends is None or (inputs[4].name and ir.constant_value(inputs[4]) is None):
         return None
-    if inputs[3] is None or not inputs[3].name:
+    if not inputs[3].name:
         return set(range(starts.size))
     axes = ir.constant_value(inputs[3])
     if axes is None or (rank is None and (axes < 0).any()):
@@ -529,9 +530,7 @@ class SliceSliceToSlice(RewriteRule):
         for reader in sliced.outputs:
             if reader is m.node("outer"):
                 continue
-            axes = _slice_axes(reader, None if shape is None else len(shape)) \
-                if reader.op == "Slice" and reader.domain in ("", None, "ai.onnx") and reader.inputs[0] is sliced \
-                and sum(t is sliced for t in reader.inputs) == 1 else None
+            axes = _slice_axes(reader, sliced, None if shape is None else len(shape))
             if axes is None or axes & set(inner[2].tolist()):
                 return m.fail("something other than a Slice along other axes reads the inner Slice")
         return m.ok()
